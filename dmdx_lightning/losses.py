@@ -1,0 +1,61 @@
+"""Pure loss functions (tensors in, scalar out). No module state, no randomness.
+
+Equation references are to PAPER.md (Lu et al., 2025, arXiv 2507.18569) and DMD2 (Yin et al., 2024).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def hinge_d(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Discriminator hinge loss ``E[max(0, 1 - D(real))] + E[max(0, 1 + D(fake))]`` (ADM step 4)."""
+    return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+
+
+def hinge_g(fake_logits: Tensor) -> Tensor:
+    """Generator hinge loss ``-E[D(fake)]`` (ADM step 5)."""
+    return -fake_logits.mean()
+
+
+def nonsaturating_d(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Non-saturating GAN discriminator loss ``E[softplus(-D(real))] + E[softplus(D(fake))]`` (DMD2)."""
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def nonsaturating_g(fake_logits: Tensor) -> Tensor:
+    """Non-saturating GAN generator loss ``E[softplus(-D(fake))]`` (DMD2)."""
+    return F.softplus(-fake_logits).mean()
+
+
+def dmd_gradient(x0_hat: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
+    """DMD2's normalised distribution-matching gradient at ``x0_hat``.
+
+    ``grad = (x0_fake - x0_real) / mean|x0_hat - x0_real|`` with the mean taken per sample; a
+    step against ``grad`` moves the sample from where the fake score points to where the real
+    score points (the reverse-KL gradient in x0 space).
+    """
+    dims = tuple(range(1, x0_hat.ndim))
+    weight = (x0_hat - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+    return torch.nan_to_num((x0_fake - x0_real) / weight)
+
+
+def dmd_loss(x0_hat: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
+    """``0.5 ||x0_hat - sg(x0_hat - grad)||^2`` (mean): its gradient w.r.t. ``x0_hat`` is
+    ``grad / numel``, so the generator receives exactly the DMD gradient."""
+    grad = dmd_gradient(x0_hat.detach(), x0_real.detach(), x0_fake.detach())
+    return 0.5 * F.mse_loss(x0_hat, (x0_hat - grad).detach())
+
+
+def denoising_loss(prediction: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean squared error between a network's prediction and its training target.
+
+    ``weight`` (per sample, shape ``(B,)``) rescales each sample's error (e.g. SNR weighting).
+    """
+    err = (prediction.float() - target.float()) ** 2
+    err = err.flatten(1).mean(dim=1)
+    if weight is not None:
+        err = err * weight
+    return err.mean()

@@ -1,0 +1,239 @@
+"""Noise schedules, prediction conversions, the one-step ODE move and timestep samplers.
+
+Every teacher family speaks one common language here (k-diffusion style): a continuous
+schedule time ``t`` in ``[0, 1]`` (0 = data, 1 = noise), the forward process
+``x_t = alpha(t) * x0 + sigma(t) * eps`` and, whatever the network predicts, the pair
+``(x0_pred, eps_pred)``. The one-step PF-ODE move from ``t`` to ``s`` is then the DDIM step
+``x_s = alpha(s) * x0_pred + sigma(s) * eps_pred`` (PAPER.md, Notation); for flow matching it
+is exactly the Euler step ``x_s = x_t + (s - t) * v``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+PredictionType = Literal["flow", "v", "eps", "x0"]
+PREDICTION_TYPES: tuple[str, ...] = ("flow", "v", "eps", "x0")
+
+# Divisions by alpha or sigma blow up at the ends of the schedule (alpha(1) = 0 for flow
+# matching, sigma(0) = 0 everywhere); this floor keeps them finite without changing any value
+# the samplers and losses actually visit.
+_EPS = 1e-6
+
+
+def expand_like(t: Tensor | float, x: Tensor) -> Tensor:
+    """Broadcast a per-sample time ``(B,)`` (or a scalar) against ``x`` of shape ``(B, ...)``."""
+    t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
+    if t.ndim == 0:
+        return t
+    if t.shape[0] != x.shape[0]:
+        raise ValueError(f"time has batch {t.shape[0]} but x has batch {x.shape[0]}")
+    return t.reshape(t.shape[0], *([1] * (x.ndim - 1)))
+
+
+class NoiseSchedule:
+    """Base schedule: subclasses give ``alpha(t)``, ``sigma(t)`` and the network's timestep input."""
+
+    def alpha(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sigma(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def model_timestep(self, t: Tensor) -> Tensor:
+        """The timestep value the denoiser was trained with (e.g. ``1000 * t`` for SD3)."""
+        raise NotImplementedError
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """Forward process ``x_t = alpha(t) x0 + sigma(t) eps``."""
+        return expand_like(self.alpha(t), x0) * x0 + expand_like(self.sigma(t), x0) * eps
+
+    def to_x0_eps(
+        self, model_output: Tensor, x_t: Tensor, t: Tensor, prediction_type: str
+    ) -> tuple[Tensor, Tensor]:
+        """Convert a network output of ``prediction_type`` into ``(x0_pred, eps_pred)``.
+
+        ``flow``: velocity ``v = eps - x0`` (SD3, FLUX); ``v``: ``v = alpha eps - sigma x0``
+        (CogVideoX); ``eps``: noise (SDXL); ``x0``: the clean sample.
+        """
+        a = expand_like(self.alpha(t), x_t)
+        s = expand_like(self.sigma(t), x_t)
+        if prediction_type == "flow":
+            # x_t = a x0 + s (v + x0)  =>  x0 = (x_t - s v) / (a + s)
+            x0 = (x_t - s * model_output) / (a + s)
+            return x0, model_output + x0
+        if prediction_type == "v":
+            norm = a * a + s * s
+            return (a * x_t - s * model_output) / norm, (s * x_t + a * model_output) / norm
+        if prediction_type == "eps":
+            return (x_t - s * model_output) / a.clamp_min(_EPS), model_output
+        if prediction_type == "x0":
+            return model_output, (x_t - a * model_output) / s.clamp_min(_EPS)
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+    def training_target(self, x0: Tensor, eps: Tensor, t: Tensor, prediction_type: str) -> Tensor:
+        """The regression target a ``prediction_type`` network is trained on (fake-score loss)."""
+        if prediction_type == "flow":
+            return eps - x0
+        if prediction_type == "v":
+            return expand_like(self.alpha(t), x0) * eps - expand_like(self.sigma(t), x0) * x0
+        if prediction_type == "eps":
+            return eps
+        if prediction_type == "x0":
+            return x0
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+    def ode_step(self, x0: Tensor, eps: Tensor, s: Tensor) -> Tensor:
+        """One deterministic PF-ODE (DDIM) move to time ``s``: ``alpha(s) x0 + sigma(s) eps``.
+
+        ``x_t`` and ``t`` are not arguments: the DDIM move is fully determined by the
+        prediction pair, and ``(x0, eps)`` already encodes ``x_t`` exactly.
+        """
+        return self.add_noise(x0, eps, s)
+
+
+class FlowMatchSchedule(NoiseSchedule):
+    """Rectified flow: ``alpha = 1 - t``, ``sigma = t`` (SD3, SD3.5, FLUX, the digits teacher).
+
+    Args:
+        shift: SD3's timestep shift ``t -> shift t / (1 + (shift - 1) t)``, applied by
+            :meth:`shift_time` to uniform times (samplers, inference grids), never to ``t`` itself.
+        num_train_timesteps: the network is fed ``t * num_train_timesteps``.
+    """
+
+    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000) -> None:
+        if shift <= 0:
+            raise ValueError(f"shift must be positive, got {shift}")
+        self.shift = shift
+        self.num_train_timesteps = num_train_timesteps
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return 1.0 - t
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return t
+
+    def model_timestep(self, t: Tensor) -> Tensor:
+        return t * self.num_train_timesteps
+
+    def shift_time(self, u: Tensor) -> Tensor:
+        return self.shift * u / (1.0 + (self.shift - 1.0) * u)
+
+    def __repr__(self) -> str:
+        return f"FlowMatchSchedule(shift={self.shift})"
+
+
+class VPSchedule(NoiseSchedule):
+    """Discrete variance-preserving schedule (SDXL, CogVideoX) read at continuous ``t``.
+
+    ``alpha^2 + sigma^2 = 1``; ``alphas_cumprod`` is interpolated linearly between the
+    ``num_train_timesteps`` training indices, and the network is fed ``t * (N - 1)``.
+
+    Args:
+        beta_start, beta_end, beta_schedule: as diffusers' ``DDPMScheduler`` (``linear`` or
+            ``scaled_linear``).
+    """
+
+    def __init__(
+        self,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        num_train_timesteps: int = 1000,
+    ) -> None:
+        n = num_train_timesteps
+        if beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+        elif beta_schedule == "scaled_linear":
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
+        else:
+            raise ValueError(f"beta_schedule must be 'linear' or 'scaled_linear', got {beta_schedule!r}")
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.num_train_timesteps = n
+
+    def _acp(self, t: Tensor) -> Tensor:
+        pos = t.double() * (self.num_train_timesteps - 1)
+        lo = pos.floor().long().clamp(0, self.num_train_timesteps - 1)
+        hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
+        acp = self.alphas_cumprod.to(t.device)
+        w = pos - lo
+        return ((1 - w) * acp[lo] + w * acp[hi]).to(t.dtype)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return self._acp(torch.as_tensor(t)).sqrt()
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return (1.0 - self._acp(torch.as_tensor(t))).sqrt()
+
+    def model_timestep(self, t: Tensor) -> Tensor:
+        return t * (self.num_train_timesteps - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timestep samplers: small pure functions (diffusers' training_utils style).
+# ----------------------------------------------------------------------------------------------
+
+TimeSampler = Literal["uniform", "shifted", "cubic", "logit_normal"]
+
+
+def sample_t(
+    kind: str,
+    n: int,
+    *,
+    t_min: float = 0.0,
+    t_max: float = 1.0,
+    shift: float = 1.0,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw ``n`` schedule times in ``[t_min, t_max]``.
+
+    - ``uniform``: ``t ~ U(t_min, t_max)``.
+    - ``shifted``: uniform ``u`` through SD3's shift ``shift u / (1 + (shift - 1) u)``.
+    - ``cubic``: ``t = 1 - u^3``, favouring high noise (ADP's student times, PAPER.md Stage 1).
+    - ``logit_normal``: ``t = sigmoid(N(0, 1))`` (SD3's training density).
+    Non-uniform kinds are mapped affinely into ``[t_min, t_max]``.
+    """
+    if not 0.0 <= t_min <= t_max <= 1.0:
+        raise ValueError(f"need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
+    u = torch.rand(n, device=device, generator=generator)
+    if kind == "uniform":
+        base = u
+    elif kind == "shifted":
+        base = shift * u / (1.0 + (shift - 1.0) * u)
+    elif kind == "cubic":
+        base = 1.0 - u**3
+    elif kind == "logit_normal":
+        base = torch.sigmoid(torch.randn(n, device=device, generator=generator))
+    else:
+        raise ValueError(f"time sampler must be uniform | shifted | cubic | logit_normal, got {kind!r}")
+    return t_min + (t_max - t_min) * base
+
+
+def student_timesteps(num_steps: int, *, shift: float = 1.0, t_max: float = 1.0) -> list[float]:
+    """Evenly spaced student times from ``t_max`` down (before shift), e.g. 4 steps ->
+    ``[1, 0.75, 0.5, 0.25]`` (DMD2's ``[999, 749, 499, 249]`` on a 1000-step schedule)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    grid = [t_max * (1.0 - i / num_steps) for i in range(num_steps)]
+    return [shift * u / (1.0 + (shift - 1.0) * u) for u in grid]
+
+
+def sample_discrete(
+    timesteps: Sequence[float], n: int, *, device=None, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Pick one of a student's discrete times per sample; returns ``(index, t)``."""
+    idx = torch.randint(len(timesteps), (n,), device=device, generator=generator)
+    return idx, torch.tensor(list(timesteps), device=device)[idx]
+
+
+def euler_grid(num_steps: int, schedule: NoiseSchedule, t_max: float = 1.0) -> list[float]:
+    """Teacher sampling grid ``t_max -> 0`` with ``num_steps`` moves (shifted for flow matching)."""
+    u = [t_max * (1.0 - i / num_steps) for i in range(num_steps + 1)]
+    if isinstance(schedule, FlowMatchSchedule):
+        u = [float(schedule.shift_time(torch.tensor(x))) for x in u]
+    return u
+

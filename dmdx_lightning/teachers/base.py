@@ -1,0 +1,351 @@
+"""The `Teacher` base: one frozen many-step diffusion model and the roles distillation plays on it.
+
+Roles, not copies (DESIGN.md): the real score ``F_phi``, the fake score ``f_psi`` and the
+generator ``G_theta`` are three roles on one architecture.
+
+- ``mode="full"``: the student and the fake score are trainable deep copies of the teacher network.
+- ``mode="lora"``: the student and the fake score are peft named adapters (``"student"``,
+  ``"fake"``) on ONE frozen base; the real score is that base with adapters disabled. A run then
+  holds a single copy of the base weights.
+
+The discriminator backbone is the real score's network (frozen), never another copy.
+
+A family subclass (one file per family in ``teachers/``) overrides only what differs:
+:meth:`encode_prompts`, :meth:`model_output`, :meth:`feature_blocks` / :meth:`block_to_map`,
+:meth:`decode` / :meth:`encode`, :meth:`latent_shape`. Prediction conversion, CFG, the ODE step,
+samplers and role switching are written once here.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Iterator, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dmdx_lightning.schedules import NoiseSchedule, euler_grid
+
+Role = Literal["real", "fake", "student"]
+ROLES: tuple[str, ...] = ("real", "fake", "student")
+TRAINABLE_ROLES: tuple[str, ...] = ("student", "fake")
+
+
+class Conditioning:
+    """Encoded prompts: named tensors with the batch first.
+
+    ``pooled`` (``(B, P)``) is the one vector every family provides; the discriminator heads are
+    conditioned on it. Other entries are whatever the family's network consumes.
+    """
+
+    def __init__(self, **tensors: Tensor) -> None:
+        if "pooled" not in tensors:
+            raise ValueError("Conditioning needs a 'pooled' (B, P) tensor for the discriminator heads")
+        sizes = {k: v.shape[0] for k, v in tensors.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"Conditioning tensors disagree on batch size: {sizes}")
+        self.tensors = tensors
+
+    def __getattr__(self, name: str) -> Tensor:
+        try:
+            return self.__dict__["tensors"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __len__(self) -> int:
+        return self.pooled.shape[0]
+
+    def __getitem__(self, index) -> "Conditioning":
+        return Conditioning(**{k: v[index] for k, v in self.tensors.items()})
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return Conditioning(**{k: v.to(*args, **kwargs) for k, v in self.tensors.items()})
+
+    def repeat(self, n: int) -> "Conditioning":
+        return Conditioning(**{k: v.repeat_interleave(n, dim=0) for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(items: Sequence["Conditioning"]) -> "Conditioning":
+        keys = items[0].tensors.keys()
+        return Conditioning(**{k: torch.cat([c.tensors[k] for c in items]) for k in keys})
+
+
+class _StopForward(Exception):
+    """Raised by a feature hook once the last needed block has run: the rest of the forward is skipped."""
+
+
+class Teacher(nn.Module):
+    """Base class of every teacher family.
+
+    Args:
+        mode: ``"full"`` (separate trainable copies for student and fake score) or ``"lora"``
+            (named peft adapters on one shared frozen base).
+        lora_rank, lora_alpha: LoRA size, used in ``lora`` mode.
+        lora_target_modules: module names the adapters wrap (family default when ``None``).
+        gradient_checkpointing: trade compute for memory in the trainable roles.
+    """
+
+    #: one of ``flow | v | eps | x0`` (see :mod:`dmdx_lightning.schedules`)
+    prediction_type: str = "flow"
+    #: short family name stored in checkpoints, to refuse a checkpoint of another family
+    family: str = "base"
+    schedule: NoiseSchedule
+    default_lora_targets: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        mode: Literal["full", "lora"] = "full",
+        lora_rank: int = 16,
+        lora_alpha: float | None = None,
+        lora_target_modules: list[str] | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if mode not in ("full", "lora"):
+            raise ValueError(f"mode must be 'full' or 'lora', got {mode!r}")
+        self.mode = mode
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha if lora_alpha is not None else float(lora_rank)
+        self.lora_target_modules = lora_target_modules
+        self.gradient_checkpointing = gradient_checkpointing
+        self._null_cache: Conditioning | None = None
+
+    # ------------------------------------------------------------------ roles
+    def setup_roles(self, denoiser: nn.Module) -> None:
+        """Register the teacher network and create the student / fake-score roles on it.
+
+        Subclasses call this once after loading their denoiser.
+        """
+        denoiser.requires_grad_(False).eval()
+        self.denoiser = denoiser
+        self.roles = nn.ModuleDict()
+        if self.mode == "full":
+            for role in TRAINABLE_ROLES:
+                net = copy.deepcopy(denoiser).requires_grad_(True).train()
+                self.roles[role] = net
+        else:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            targets = self.lora_target_modules or list(self.default_lora_targets)
+            if not targets:
+                raise ValueError(f"{type(self).__name__}: lora mode needs lora_target_modules")
+            config = LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, target_modules=targets,
+                                init_lora_weights=True)
+            for role in TRAINABLE_ROLES:
+                inject_adapter_in_model(config, denoiser, adapter_name=role)
+            for name, p in denoiser.named_parameters():
+                p.requires_grad_(_lora_role_of(name) is not None)
+        if self.gradient_checkpointing:
+            for role in TRAINABLE_ROLES:
+                self.enable_gradient_checkpointing(self.network(role))
+
+    def network(self, role: str) -> nn.Module:
+        """The module that computes ``role`` (in lora mode the shared base for every role)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if role == "real" or self.mode == "lora":
+            return self.denoiser
+        return self.roles[role]
+
+    def trainable_parameters(self, role: str) -> list[nn.Parameter]:
+        """Parameters an optimizer of ``role`` owns (adapters only in lora mode)."""
+        if role not in TRAINABLE_ROLES:
+            raise ValueError(f"only {TRAINABLE_ROLES} are trainable, got {role!r}")
+        if self.mode == "full":
+            return list(self.roles[role].parameters())
+        return [p for n, p in self.denoiser.named_parameters() if _lora_role_of(n) == role]
+
+    def named_trainable_parameters(self, role: str) -> Iterator[tuple[str, nn.Parameter]]:
+        wanted = {id(p) for p in self.trainable_parameters(role)}
+        for name, p in self.named_parameters():
+            if id(p) in wanted:
+                yield name, p
+
+    @contextmanager
+    def as_role(self, role: str):
+        """Activate ``role``'s adapter (lora mode); a no-op in full mode.
+
+        peft's ``set_adapter`` also rewrites ``requires_grad``; the flags are restored so that
+        optimizer toggling stays the only thing that decides what trains.
+        """
+        if self.mode == "full":
+            yield
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        flags = [(p, p.requires_grad) for p in self.denoiser.parameters()]
+        for layer in self.denoiser.modules():
+            if isinstance(layer, BaseTunerLayer):
+                if role == "real":
+                    layer.enable_adapters(False)
+                else:
+                    layer.enable_adapters(True)
+                    layer.set_adapter(role)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        yield
+
+    def train(self, mode: bool = True) -> "Teacher":
+        super().train(mode)
+        if self.mode == "full":
+            self.denoiser.eval()  # the real score is frozen: no dropout / norm-statistics updates
+        return self
+
+    # ------------------------------------------------------------------ family hooks
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        raise NotImplementedError
+
+    def model_output(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """Run the family's network at schedule time ``t``; returns its raw ``prediction_type`` output."""
+        raise NotImplementedError
+
+    def feature_blocks(self, net: nn.Module) -> Sequence[nn.Module]:
+        """The blocks whose outputs can feed discriminator heads (indexable by layer number)."""
+        raise NotImplementedError
+
+    def block_to_map(self, output, x_t: Tensor) -> Tensor:
+        """Turn one block's output into a ``(B, C, H, W)`` (or ``(B, C, F, H, W)``) feature map."""
+        return output
+
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images in ``[-1, 1]``, ``(B, 3 or 1, H, W)``."""
+        raise NotImplementedError
+
+    def encode(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def enable_gradient_checkpointing(self, net: nn.Module) -> None:
+        if hasattr(net, "enable_gradient_checkpointing"):
+            net.enable_gradient_checkpointing()
+
+    # ------------------------------------------------------------------ shared machinery
+    def null_conditioning(self, batch_size: int) -> Conditioning:
+        """The empty prompt, encoded once and repeated (the unconditional branch of CFG)."""
+        if self._null_cache is None:
+            self._null_cache = self.encode_prompts([""])
+        device = self.denoiser_device
+        return self._null_cache.to(device).repeat(batch_size)
+
+    @property
+    def denoiser_device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def forward_role(self, role: str, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        with self.as_role(role):
+            return self.model_output(self.network(role), x_t, t, cond)
+
+    def predict(
+        self, role: str, x_t: Tensor, t: Tensor, cond: Conditioning, cfg_scale: float = 1.0
+    ) -> tuple[Tensor, Tensor]:
+        """``(x0_pred, eps_pred)`` of ``role`` at ``(x_t, t)``.
+
+        With ``cfg_scale != 1``: ``pred_uncond + w (pred_cond - pred_uncond)`` in x0/eps space
+        (both branches in one batched call).
+        """
+        if t.ndim != 1 or t.shape[0] != x_t.shape[0]:
+            raise ValueError(f"t must have shape ({x_t.shape[0]},), got {tuple(t.shape)}")
+        if len(cond) != x_t.shape[0]:
+            raise ValueError(f"conditioning has batch {len(cond)} but x_t has batch {x_t.shape[0]}")
+        if cfg_scale == 1.0:
+            out = self.forward_role(role, x_t, t, cond)
+            return self._checked(self.schedule.to_x0_eps(out, x_t, t, self.prediction_type), x_t)
+        both = Conditioning.cat([cond, self.null_conditioning(len(cond)).to(x_t.device)])
+        x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
+        out = self.forward_role(role, x2, t2, both)
+        x0, eps = self.schedule.to_x0_eps(out, x2, t2, self.prediction_type)
+        x0_c, x0_u = x0.chunk(2)
+        eps_c, eps_u = eps.chunk(2)
+        guided = (x0_u + cfg_scale * (x0_c - x0_u), eps_u + cfg_scale * (eps_c - eps_u))
+        return self._checked(guided, x_t)
+
+    def _checked(self, pair: tuple[Tensor, Tensor], x_t: Tensor) -> tuple[Tensor, Tensor]:
+        for name, value in zip(("x0", "eps"), pair):
+            if value.shape != x_t.shape:
+                raise RuntimeError(
+                    f"{type(self).__name__}.model_output gave {name} of shape {tuple(value.shape)} "
+                    f"for x_t of shape {tuple(x_t.shape)}: check the family's output unpacking")
+        return pair
+
+    def feature_maps(
+        self, role: str, x_t: Tensor, t: Tensor, cond: Conditioning, layers: Sequence[int]
+    ) -> list[Tensor]:
+        """Outputs of ``feature_blocks(net)[i]`` for ``i`` in ``layers``, as maps.
+
+        Forward hooks capture the blocks; the forward stops right after the deepest one needed.
+        Gradients flow through the captured maps (to ``x_t``, and to trainable roles).
+        """
+        net = self.network(role)
+        blocks = self.feature_blocks(net)
+        wanted = sorted(set(layers))
+        bad = [i for i in wanted if not -len(blocks) <= i < len(blocks)]
+        if bad:
+            raise ValueError(f"{type(self).__name__} has {len(blocks)} feature blocks; layers {bad} do not exist")
+        wanted = sorted({i % len(blocks) for i in wanted})
+        captured: dict[int, Tensor] = {}
+
+        def hook_for(i: int):
+            def hook(_module, _inputs, output):
+                if i in captured:  # recomputation under gradient checkpointing
+                    return
+                captured[i] = self.block_to_map(output, x_t)
+                if len(captured) == len(wanted):
+                    raise _StopForward
+
+            return hook
+
+        handles = [blocks[i].register_forward_hook(hook_for(i)) for i in wanted]
+        try:
+            self.forward_role(role, x_t, t, cond)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return [captured[i % len(blocks)] for i in layers]
+
+    @torch.no_grad()
+    def sample_ode(
+        self, noise: Tensor, cond: Conditioning, num_steps: int, cfg_scale: float, role: str = "real",
+        progress: bool = False,
+    ) -> Tensor:
+        """Deterministic PF-ODE sampling (DDIM / Euler) with CFG: the teacher's own sampler."""
+        grid = euler_grid(num_steps, self.schedule)
+        x = noise
+        steps = zip(grid[:-1], grid[1:])
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(list(steps), desc="teacher ODE", leave=False)
+        for t, s in steps:
+            tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+            x0, eps = self.predict(role, x, tt, cond, cfg_scale)
+            x = self.schedule.ode_step(x0, eps, torch.full_like(tt, s))
+        return x
+
+    def sample_student(
+        self, noise: Tensor, cond: Conditioning, timesteps: Sequence[float],
+        generator: torch.Generator | None = None, role: str = "student",
+    ) -> Tensor:
+        """Few-step student sampling (DMD2): predict x0, re-noise with fresh noise to the next time."""
+        x = noise
+        for i, t in enumerate(timesteps):
+            tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+            x0, _ = self.predict(role, x, tt, cond)
+            if i == len(timesteps) - 1:
+                return x0
+            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = self.schedule.add_noise(x0, eps, torch.full_like(tt, timesteps[i + 1]))
+        raise ValueError("timesteps must not be empty")
+
+
+def _lora_role_of(param_name: str) -> str | None:
+    """``"student"`` / ``"fake"`` for peft LoRA parameter names such as ``...lora_A.fake.weight``."""
+    parts = param_name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("lora_") and parts[i + 1] in TRAINABLE_ROLES:
+            return parts[i + 1]
+    return None
