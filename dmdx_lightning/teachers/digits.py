@@ -190,6 +190,7 @@ class DigitsTeacher(Teacher):
     family = "digits"
     prediction_type = "flow"
     default_lora_targets = ("conv1", "conv2", "film")
+    example_prompts = DIGIT_PROMPTS
 
     def __init__(self, weights: str | None = None, sample_steps: int = 16, cfg_scale: float = 2.0, **kwargs) -> None:
         super().__init__(**kwargs)

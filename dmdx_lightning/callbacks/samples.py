@@ -1,0 +1,104 @@
+"""Sample grids: fixed prompts and seeds, student (and once, teacher) grids to TensorBoard and PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import lightning.pytorch as pl
+import torch
+import torchvision
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+
+def fixed_noise(shape: Sequence[int], seeds: Sequence[int]) -> Tensor:
+    """One noise tensor per seed, drawn on the CPU so the grid is identical on every machine."""
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def to_grid(images: Tensor, nrow: int) -> Tensor:
+    """``[-1, 1]`` images (video: first frame) -> one ``(3, H, W)`` grid in ``[0, 1]``."""
+    if images.ndim == 5:  # (B, C, F, H, W)
+        images = images[:, :, 0]
+    return torchvision.utils.make_grid(((images.float().clamp(-1, 1) + 1) / 2).cpu(), nrow=nrow, padding=1)
+
+
+class SampleGrid(pl.Callback):
+    """Every ``every_n_steps`` optimizer steps (and at the end of fit) draw the student's samples
+    for fixed prompts and seeds; log them to TensorBoard (``samples/student``) and save a PNG under
+    ``<log_dir>/samples/``. The teacher's grid (``samples/teacher``) is drawn once.
+
+    Args:
+        prompts: the grid's rows (default: the teacher's own example prompts, if it has them).
+        samples_per_prompt: columns; seeds are ``seed, seed + 1, ...`` per column.
+        seed: first noise seed.
+        every_n_steps: cadence in Lightning ``global_step`` units (optimizer steps); 0 = only at fit end.
+        teacher_steps, teacher_cfg_scale: the teacher's own sampler for its reference grid
+            (default: the teacher's ``sample_steps`` / ``cfg_scale`` attributes).
+        log_teacher: draw the teacher grid once.
+    """
+
+    def __init__(self, prompts: list[str] | None = None, samples_per_prompt: int = 8, seed: int = 0,
+                 every_n_steps: int = 0, teacher_steps: int | None = None,
+                 teacher_cfg_scale: float | None = None, log_teacher: bool = True) -> None:
+        self.prompts = prompts
+        self.samples_per_prompt = samples_per_prompt
+        self.seed = seed
+        self.every_n_steps = every_n_steps
+        self.teacher_steps, self.teacher_cfg_scale = teacher_steps, teacher_cfg_scale
+        self.log_teacher = log_teacher
+        self._teacher_done = False
+        self._last_step = -1
+
+    def _inputs(self, module):
+        teacher = module.teacher
+        prompts = self.prompts or list(getattr(teacher, "example_prompts", ()))
+        if not prompts:
+            raise ValueError("SampleGrid needs `prompts` (this teacher has no example_prompts)")
+        rows = [p for p in prompts for _ in range(self.samples_per_prompt)]
+        seeds = [self.seed + j for _ in prompts for j in range(self.samples_per_prompt)]
+        cond = teacher.encode_prompts(rows)
+        noise = fixed_noise(teacher.latent_shape(len(rows)), seeds).to(module.device)
+        return cond, noise
+
+    @rank_zero_only
+    def draw(self, trainer: pl.Trainer, module) -> Path:
+        cond, noise = self._inputs(module)
+        teacher = module.teacher
+        was_training = module.training
+        module.eval()
+        try:
+            student = teacher.decode(module.sample(cond, noise, generator=torch.Generator(module.device).manual_seed(self.seed)))
+            self._emit(trainer, "student", to_grid(student, self.samples_per_prompt))
+            if self.log_teacher and not self._teacher_done:
+                steps = self.teacher_steps or getattr(teacher, "sample_steps", 25)
+                cfg = self.teacher_cfg_scale or getattr(teacher, "cfg_scale", 1.0)
+                images = teacher.decode(teacher.sample_ode(noise, cond, steps, cfg))
+                self._emit(trainer, "teacher", to_grid(images, self.samples_per_prompt))
+                self._teacher_done = True
+        finally:
+            module.train(was_training)
+        return self._png_path(trainer, "student")
+
+    def _png_path(self, trainer, name: str) -> Path:
+        root = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        return root / f"{name}_step{trainer.global_step:07d}.png"
+
+    def _emit(self, trainer, name: str, grid: Tensor) -> None:
+        path = self._png_path(trainer, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torchvision.utils.save_image(grid, path)
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                experiment.add_image(f"samples/{name}", grid, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step // self.every_n_steps != self._last_step // self.every_n_steps:
+            self._last_step = step
+            self.draw(trainer, module)
+
+    def on_fit_end(self, trainer, module) -> None:
+        self.draw(trainer, module)

@@ -1,0 +1,370 @@
+"""Prompt files, a deterministic train/val split, and the prompt DataModule.
+
+Distillation here is data-free apart from prompts: the student is trained on text prompts
+only, and the teacher supplies the targets. A prompt file is ``.txt`` (one prompt a line),
+``.jsonl`` (one JSON object a line) or ``.csv`` (one row a prompt, with a header).
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".csv")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading prompt files
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    # Spreadsheet tools often prepend a UTF-8 byte-order mark; it is not part of the first prompt.
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = start + e.start
+        line = data[:offset].count(b"\n") + 1
+        raise ValueError(
+            f"prompt file {path} is not UTF-8 text: byte 0x{data[offset]:02x} at byte offset "
+            f"{offset} (line {line}); re-save the file with UTF-8 encoding"
+        ) from None
+
+
+def _lines(text: str) -> list[str]:
+    # Split on "\n" only: str.splitlines also breaks on U+2028 and friends, which JSON allows
+    # inside strings and which would shift line numbers away from the byte-offset count.
+    return text.split("\n")
+
+
+def _prompts_from_txt(text: str) -> list[str]:
+    lines = (line.strip() for line in _lines(text))
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _prompts_from_jsonl(text: str, path: Path, field: str) -> list[str]:
+    prompts = []
+    for lineno, line in enumerate(_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"prompt file {path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno})"
+            ) from None
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"prompt file {path}, line {lineno}: expected a JSON object with key {field!r}, "
+                f"got {type(record).__name__}"
+            )
+        if field not in record:
+            raise ValueError(
+                f"prompt file {path}, line {lineno}: missing key {field!r} "
+                f"(keys present: {sorted(record)}); choose the key with `field`"
+            )
+        prompts.append(_as_prompt(record[field], path, lineno, field))
+    return [p for p in prompts if p]
+
+
+def _prompts_from_csv(text: str, path: Path, field: str) -> list[str]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    prompts = []
+    try:
+        if reader.fieldnames is None:
+            return []
+        if field not in reader.fieldnames:
+            raise ValueError(
+                f"prompt file {path}, line 1: missing column {field!r} in the header "
+                f"(columns present: {reader.fieldnames}); choose the column with `field`"
+            )
+        for row in reader:
+            # reader.line_num counts physical lines, so quoted multi-line prompts stay right.
+            if row[field] is None:
+                raise ValueError(
+                    f"prompt file {path}, line {reader.line_num}: row is too short to have "
+                    f"column {field!r}"
+                )
+            prompts.append(_as_prompt(row[field], path, reader.line_num, field))
+    except csv.Error as e:
+        raise ValueError(
+            f"prompt file {path}, line {reader.line_num}: malformed CSV ({e})"
+        ) from None
+    return [p for p in prompts if p]
+
+
+def _as_prompt(value: Any, path: Path, lineno: int, field: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(
+            f"prompt file {path}, line {lineno}: {field!r} must be a string, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return value.strip()
+
+
+def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
+    """Read the prompts of a ``.txt``, ``.jsonl`` or ``.csv`` file, in file order.
+
+    - ``.txt``: one prompt a line; blank lines and lines starting with ``#`` are skipped.
+    - ``.jsonl``: one JSON object a line; the prompt is ``object[field]``.
+    - ``.csv``: a header row, then one prompt a row in column ``field``.
+
+    Prompts are stripped of surrounding whitespace and empty ones are skipped in every format
+    (an empty prompt is the unconditional CFG branch, never a training prompt). Duplicates are
+    kept; see :func:`dedupe`.
+
+    Args:
+        path: the prompt file.
+        field: the JSON key (``.jsonl``) or column name (``.csv``) holding the prompt.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: unsupported extension, bytes that are not UTF-8, malformed JSON/CSV, a
+            missing key or column, a non-string prompt, or a file without any prompt. Every
+            message names the file (and the line, where there is one).
+    """
+    path = Path(path)
+    if not path.is_file():
+        hint = "it is a directory" if path.is_dir() else "no such file"
+        raise FileNotFoundError(
+            f"prompt file {path} not found ({hint}; resolved to {path.resolve()}); pass an "
+            f"existing {'/'.join(SUPPORTED_SUFFIXES)} file, e.g. configs/prompts/digits.txt"
+        )
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise ValueError(
+            f"prompt file {path} has unsupported extension {path.suffix!r}; "
+            f"supported: {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    text = _read_text(path)
+    if suffix == ".txt":
+        prompts = _prompts_from_txt(text)
+    elif suffix == ".jsonl":
+        prompts = _prompts_from_jsonl(text, path, field)
+    else:
+        prompts = _prompts_from_csv(text, path, field)
+    if not prompts:
+        raise ValueError(f"prompt file {path} contains no prompts")
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure list operations
+# ----------------------------------------------------------------------------------------------
+
+
+def dedupe(prompts: Sequence[str]) -> list[str]:
+    """Strip whitespace and drop repeated prompts, keeping each one's first position."""
+    # dict keeps insertion order, so this is order-preserving.
+    return list(dict.fromkeys(p.strip() for p in prompts))
+
+
+def _unit_hash(prompt: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{prompt}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_prompts(
+    prompts: Sequence[str], val_fraction: float, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """Split prompts into ``(train, val)``, each keeping the input order.
+
+    Each prompt's side is decided by its own hash ``sha256(f"{seed}:{prompt}")`` alone, so the
+    split does not depend on file order, on the other prompts, or on how many processes read the
+    file; duplicates of a prompt always land on the same side (no train/val leak). The val share
+    is ``val_fraction`` in expectation, not exactly.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    train, val = [], []
+    for p in prompts:
+        (val if _unit_hash(p, seed) < val_fraction else train).append(p)
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset, collate and DataModule
+# ----------------------------------------------------------------------------------------------
+
+
+class PromptDataset(Dataset):
+    """Prompts as items ``{"prompt": str, "index": int}``.
+
+    ``index`` is the prompt's position in ``prompts`` (the de-duplicated list), so it names the
+    prompt itself whatever the epoch, repeat or rank, and can seed per-prompt noise.
+
+    Args:
+        prompts: the prompt list (de-duplicated by the DataModule).
+        repeat: how many times the list is seen per epoch; useful when a small prompt file
+            (e.g. 20 digit prompts) must fill several batches per epoch.
+    """
+
+    def __init__(self, prompts: Sequence[str], repeat: int = 1) -> None:
+        if repeat < 1:
+            raise ValueError(f"repeat must be >= 1, got {repeat}")
+        self.prompts = list(prompts)
+        self.repeat = repeat
+
+    def __len__(self) -> int:
+        return len(self.prompts) * self.repeat
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} items")
+        j = (i % n) % len(self.prompts)
+        return {"prompt": self.prompts[j], "index": j}
+
+
+def collate_prompts(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch items into ``{"prompt": list[str], "index": LongTensor (B,)}``."""
+    return {
+        "prompt": [item["prompt"] for item in items],
+        "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+    }
+
+
+class PromptDataModule(pl.LightningDataModule):
+    """Prompts for distillation, read from a file and split into train and val.
+
+    Batches are ``{"prompt": list[str], "index": LongTensor}``; ``index`` is the prompt's
+    position in the de-duplicated train (or val) list.
+
+    DDP: the train loader is a plain ``DataLoader(shuffle=True)``; under DDP Lightning swaps in
+    a ``DistributedSampler`` (seeded from ``seed_everything``), so every rank sees a disjoint
+    share of each epoch. That sampler pads the epoch with a few repeated prompts when the
+    dataset size is not divisible by the number of ranks. Outside DDP the shuffle order also
+    follows the global seed.
+
+    Args:
+        train_file: prompt file (``.txt``, ``.jsonl`` or ``.csv``) for training.
+        val_file: separate prompt file for validation; if given, ``val_fraction`` must be 0.
+        val_fraction: share of ``train_file``'s prompts held out for validation, chosen per
+            prompt by a seeded hash (independent of file order and process count).
+        field: JSON key (``.jsonl``) or CSV column (``.csv``) holding the prompt.
+        batch_size: prompts per batch and per process.
+        repeat: times the train list is seen per epoch; raise it when the file has fewer
+            prompts than a batch.
+        num_workers: DataLoader worker processes (0 reads in the main process; prompts are
+            cheap, so 0 is usually enough).
+        seed: seed of the train/val hash split.
+        shuffle: shuffle the train prompts every epoch.
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str | None = None,
+        val_fraction: float = 0.0,
+        field: str = "prompt",
+        batch_size: int = 8,
+        repeat: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__()
+        if val_file is not None and val_fraction > 0:
+            raise ValueError(
+                f"give either val_file ({val_file}) or val_fraction ({val_fraction}), not both"
+            )
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if repeat < 1:
+            raise ValueError(f"repeat must be >= 1, got {repeat}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.train_file = train_file
+        self.val_file = val_file
+        self.val_fraction = val_fraction
+        self.field = field
+        self.batch_size = batch_size
+        self.repeat = repeat
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle = shuffle
+        self.train_prompts: list[str] | None = None
+        self.val_prompts: list[str] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        # Lightning calls setup once per stage; the files do not change in between.
+        if self.train_prompts is not None:
+            return
+        train = dedupe(read_prompts(self.train_file, self.field))
+        if self.val_file is not None:
+            val = dedupe(read_prompts(self.val_file, self.field))
+        elif self.val_fraction > 0:
+            train, val = split_prompts(train, self.val_fraction, self.seed)
+            if not train:
+                raise ValueError(
+                    f"val_fraction={self.val_fraction} left no train prompts out of "
+                    f"{len(val)} in {self.train_file}; lower val_fraction"
+                )
+            if not val:
+                rank_zero_warn(
+                    f"val_fraction={self.val_fraction} selected no validation prompts out of "
+                    f"{len(train)} in {self.train_file}; validation is skipped"
+                )
+        else:
+            val = []
+        self.train_prompts, self.val_prompts = train, val
+
+    def _require_setup(self) -> None:
+        if self.train_prompts is None:
+            raise RuntimeError("PromptDataModule.setup() must run before asking for a dataloader")
+
+    def train_dataloader(self) -> DataLoader:
+        self._require_setup()
+        dataset = PromptDataset(self.train_prompts, self.repeat)
+        # Under DDP each rank gets ceil(len / world_size) items; with drop_last a rank holding
+        # fewer than batch_size items would train on nothing.
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_rank = math.ceil(len(dataset) / world)
+        if per_rank < self.batch_size:
+            needed = math.ceil(self.batch_size * world / len(self.train_prompts))
+            where = f" per rank ({world} ranks)" if world > 1 else ""
+            raise ValueError(
+                f"train set has {len(self.train_prompts)} prompts x repeat {self.repeat} = "
+                f"{per_rank}{where}, fewer than batch_size={self.batch_size} (from "
+                f"{self.train_file}); set repeat >= {needed} or lower batch_size"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            # Equal batch sizes keep per-step losses comparable and DDP ranks in step.
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_prompts,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        self._require_setup()
+        if not self.val_prompts:
+            return []  # Lightning skips validation on an empty list.
+        return DataLoader(
+            PromptDataset(self.val_prompts),
+            batch_size=self.batch_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_prompts,
+        )

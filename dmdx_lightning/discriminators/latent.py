@@ -1,0 +1,58 @@
+"""Latent-space discriminator: the frozen real score's features + trainable heads (ADM step 4).
+
+The backbone is the teacher's own network in the ``"real"`` role (never a copy): features of
+the chosen blocks are read through forward hooks at ``(x, t, prompt)`` and each feeds a
+:class:`~dmdx_lightning.discriminators.heads.Head2D`. DMD2's GAN head reads the fake score's
+features instead (``backbone_role="fake"``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dmdx_lightning.discriminators.heads import Head2D
+from dmdx_lightning.teachers.base import Conditioning, Teacher
+
+
+class LatentDiscriminator(nn.Module):
+    """Heads on teacher-backbone feature maps; the logit is the mean over heads.
+
+    Args:
+        layers: indices into the teacher's ``feature_blocks`` (negative counts from the end).
+        head_channels: hidden width of every head.
+        num_down: stride-2 stages of a head on large maps.
+        backbone_role: ``"real"`` (ADM, ADP) or ``"fake"`` (DMD2's head on the fake score).
+    """
+
+    def __init__(self, layers: Sequence[int] = (-1,), head_channels: int = 256, num_down: int = 3,
+                 backbone_role: str = "real") -> None:
+        super().__init__()
+        if backbone_role not in ("real", "fake"):
+            raise ValueError(f"backbone_role must be 'real' or 'fake', got {backbone_role!r}")
+        self.layers = list(layers)
+        self.head_channels = head_channels
+        self.num_down = num_down
+        self.backbone_role = backbone_role
+        self.heads = nn.ModuleList()
+
+    @torch.no_grad()
+    def build(self, teacher: Teacher) -> "LatentDiscriminator":
+        """Create one head per layer, sized by probing the teacher's feature maps once."""
+        x = torch.zeros(teacher.latent_shape(1), device=teacher.denoiser_device)
+        t = torch.full((1,), 0.5, device=x.device)
+        cond = teacher.encode_prompts([""])
+        maps = teacher.feature_maps(self.backbone_role, x, t, cond, self.layers)
+        self.heads = nn.ModuleList(
+            Head2D(m.shape[1], cond.pooled.shape[-1], min(m.shape[2:]), self.head_channels, self.num_down)
+            for m in maps)
+        return self
+
+    def forward(self, teacher: Teacher, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        if not len(self.heads):
+            raise RuntimeError("LatentDiscriminator.build(teacher) must run before the first forward")
+        maps = teacher.feature_maps(self.backbone_role, x, t, cond, self.layers)
+        logits = [head(m, t, cond.pooled) for head, m in zip(self.heads, maps)]
+        return torch.stack(logits).mean(0)

@@ -1,0 +1,204 @@
+"""ADM (adversarial distribution matching, PAPER.md Stage 2) and the DMD / DMD2 baselines.
+
+One code path, three losses (``loss=adm | dmd | dmd2``), so the paper's ablations differ only
+by one config value. Per iteration:
+
+- ``generator_step``:
+    * ``adm``: ``x_t`` from the student sample; ``x_fake = step(f_psi, x_t, t -> t - dt)``;
+      ``L_G = -E[D(x_fake, t - dt)]`` (gradient through ``x_fake``; the DMD gradient is not used,
+      it is only logged as a diagnostic, paper Fig. 3).
+    * ``dmd``: DMD2's normalised distribution-matching loss on ``(x0_real, x0_fake)`` at ``x_t``.
+    * ``dmd2``: ``dmd`` + a non-saturating GAN term from a head on the fake score's features.
+- ``fake_score_step``: the teacher's own denoising / flow-matching loss on detached student samples.
+- ``discriminator_step``: ``adm``: hinge loss between one real-score ODE step (with CFG) and one
+  fake-score ODE step from the SAME ``x_t``; ``dmd2``: non-saturating loss, real = teacher ODE
+  latents from the batch (``batch["x0"]``, e.g. ODE pairs).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+
+from dmdx_lightning.discriminators.latent import LatentDiscriminator
+from dmdx_lightning.losses import (denoising_loss, dmd_loss, hinge_d, hinge_g, nonsaturating_d,
+                                   nonsaturating_g)
+from dmdx_lightning.methods.base import DistillationModule, _default_optimizer
+from dmdx_lightning.schedules import sample_t
+from dmdx_lightning.teachers.base import Conditioning, Teacher
+
+
+class ADMModule(DistillationModule):
+    """ADM / DMD / DMD2 score distillation with manual optimization.
+
+    Args:
+        teacher: the teacher family (roles: real score, fake score, student).
+        discriminator: latent discriminator (heads on the teacher backbone); built for the teacher
+            here. Unused for ``loss=dmd``. For ``dmd2`` its ``backbone_role`` should be ``"fake"``.
+        loss: ``adm`` (the paper), ``dmd`` or ``dmd2`` (baselines for ablations B2/B3).
+        dt: size of the one-step PF-ODE move of the real and fake scores (``1/64`` = ``T/64``).
+        real_cfg_scale: CFG scale of the real score (the fake score never uses CFG).
+        update_ratio: fake-score and discriminator updates per generator update (TTUR); 1 = 1:1.
+        t_min, t_max: range of the noise level ``t`` at which the scores are compared.
+        t_sampler: ``uniform | shifted | cubic | logit_normal`` density of ``t`` (see schedules).
+        fake_jacobian: ADM only: let the generator gradient flow through the fake score's Jacobian
+            (``True``) or only through ``x_t`` (``False``: straight-through ODE step). An open
+            question of the paper, kept as an option.
+        gan_generator_weight, gan_discriminator_weight: DMD2's GAN weights (5e-3, 1e-2).
+        log_dmd_diagnostic: ``adm``: compute and log the (unoptimised) DMD loss every iteration.
+        fake_score_optimizer, discriminator_optimizer: optimizer factories of those players.
+        **kwargs: :class:`~dmdx_lightning.methods.base.DistillationModule` options
+            (``student_steps``, ``generator_optimizer``, ``ema_decay``, ``init_from``, ...).
+    """
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        discriminator: LatentDiscriminator | None = None,
+        loss: Literal["adm", "dmd", "dmd2"] = "adm",
+        dt: float = 1.0 / 64,
+        real_cfg_scale: float = 2.0,
+        update_ratio: int = 1,
+        t_min: float = 0.02,
+        t_max: float = 0.98,
+        t_sampler: str = "uniform",
+        fake_jacobian: bool = True,
+        gan_generator_weight: float = 5e-3,
+        gan_discriminator_weight: float = 1e-2,
+        log_dmd_diagnostic: bool = True,
+        fake_score_optimizer: OptimizerCallable = _default_optimizer,
+        discriminator_optimizer: OptimizerCallable = _default_optimizer,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(teacher, **kwargs)
+        if loss not in ("adm", "dmd", "dmd2"):
+            raise ValueError(f"loss must be 'adm', 'dmd' or 'dmd2', got {loss!r}")
+        if update_ratio < 1:
+            raise ValueError(f"update_ratio must be >= 1, got {update_ratio}")
+        if not 0.0 < dt <= 1.0:
+            raise ValueError(f"dt must be in (0, 1] (the ODE move ends at max(t - dt, 0)), got {dt}")
+        self.loss = loss
+        self.dt, self.real_cfg_scale, self.update_ratio = dt, real_cfg_scale, update_ratio
+        self.t_min, self.t_max, self.t_sampler = t_min, t_max, t_sampler
+        self.fake_jacobian = fake_jacobian
+        self.gan_generator_weight, self.gan_discriminator_weight = gan_generator_weight, gan_discriminator_weight
+        self.log_dmd_diagnostic = log_dmd_diagnostic
+        self.fake_score_optimizer, self.discriminator_optimizer = fake_score_optimizer, discriminator_optimizer
+        if loss == "dmd":
+            self.discriminator = None
+            self.player_names = ("generator", "fake_score")
+        else:
+            if discriminator is None:
+                discriminator = LatentDiscriminator(backbone_role="fake" if loss == "dmd2" else "real")
+            self.discriminator = discriminator.build(teacher)
+            self.player_names = ("generator", "fake_score", "discriminator")
+
+    # ------------------------------------------------------------------ who steps
+    def players_for_step(self, iteration: int) -> list[str]:
+        """Generator every ``update_ratio``-th iteration; fake score (and discriminator) every one."""
+        players = [p for p in self.player_names if p != "generator"]
+        if iteration % self.update_ratio == 0:
+            players.insert(0, "generator")
+        return players
+
+    def player_parameters(self, player: str):
+        if player == "generator":
+            return self.teacher.trainable_parameters("student")
+        if player == "fake_score":
+            return self.teacher.trainable_parameters("fake")
+        return list(self.discriminator.parameters())
+
+    def player_optimizer_factory(self, player: str) -> OptimizerCallable:
+        return {"generator": self.generator_optimizer, "fake_score": self.fake_score_optimizer,
+                "discriminator": self.discriminator_optimizer}[player]
+
+    # ------------------------------------------------------------------ shared tensors
+    def prepare(self, batch: dict, cond: Conditioning, players) -> dict[str, Any]:
+        # one student sample per iteration, with gradient only when the generator steps; the
+        # other players reuse it detached (DMD2 does the same)
+        return {"x0_hat": self.generate(cond, grad="generator" in players)}
+
+    def _noised(self, x0: Tensor, t_min: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        t = sample_t(self.t_sampler, x0.shape[0], t_min=self.t_min if t_min is None else t_min,
+                     t_max=self.t_max, device=x0.device).to(x0.dtype)
+        eps = torch.randn_like(x0)
+        return self.teacher.schedule.add_noise(x0, eps, t), t, eps
+
+    def _ode_step(self, role: str, x_t: Tensor, t: Tensor, cond: Conditioning, cfg: float) -> tuple[Tensor, Tensor]:
+        """One PF-ODE move of ``role`` from ``t`` to ``s = t - dt``; returns ``(x_s, x0_pred)``."""
+        s = (t - self.dt).clamp_min(0.0)
+        x0, eps = self.teacher.predict(role, x_t, t, cond, cfg)
+        return self.teacher.schedule.ode_step(x0, eps, s), x0
+
+    # ------------------------------------------------------------------ players
+    def generator_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
+        x0_hat = ctx["x0_hat"]
+        if self.loss == "adm":
+            return self._adm_generator(x0_hat, cond)
+        x_t, t, _ = self._noised(x0_hat.detach())
+        with torch.no_grad():
+            x0_real, _ = self.teacher.predict("real", x_t, t, cond, self.real_cfg_scale)
+            x0_fake, _ = self.teacher.predict("fake", x_t, t, cond)
+        dmd = dmd_loss(x0_hat, x0_real, x0_fake)
+        if self.loss == "dmd":
+            return {"loss": dmd, "dmd": dmd}
+        x_t_g, t_g, _ = self._noised(x0_hat)
+        gan = nonsaturating_g(self.discriminator(self.teacher, x_t_g, t_g, cond))
+        return {"loss": dmd + self.gan_generator_weight * gan, "dmd": dmd, "gan": gan}
+
+    def _adm_generator(self, x0_hat: Tensor, cond: Conditioning) -> dict[str, Tensor]:
+        x_t, t, _ = self._noised(x0_hat)
+        x_fake, x0_fake = self._ode_step("fake", x_t, t, cond, 1.0)
+        if not self.fake_jacobian:
+            # straight-through: d x_fake / d x_t = I, the fake score's prediction is a constant
+            x_fake = x_t + (x_fake - x_t).detach()
+        s = (t - self.dt).clamp_min(0.0)
+        adm = hinge_g(self.discriminator(self.teacher, x_fake, s, cond))
+        out = {"loss": adm, "adm": adm}
+        if self.log_dmd_diagnostic:
+            with torch.no_grad():
+                x0_real, _ = self.teacher.predict("real", x_t.detach(), t, cond, self.real_cfg_scale)
+                out["dmd_diagnostic"] = dmd_loss(x0_hat.detach(), x0_real, x0_fake.detach())
+        return out
+
+    def fake_score_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
+        x0 = ctx["x0_hat"].detach()
+        t = sample_t("uniform", x0.shape[0], t_min=self.t_min, t_max=self.t_max, device=x0.device).to(x0.dtype)
+        eps = torch.randn_like(x0)
+        x_t = self.teacher.schedule.add_noise(x0, eps, t)
+        pred = self.teacher.forward_role("fake", x_t, t, cond)
+        target = self.teacher.schedule.training_target(x0, eps, t, self.teacher.prediction_type)
+        loss = denoising_loss(pred, target)
+        return {"loss": loss, "denoising": loss}
+
+    def discriminator_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
+        x0_hat = ctx["x0_hat"].detach()
+        if self.loss == "dmd2":
+            if "x0" not in batch:
+                raise KeyError("loss=dmd2 needs real latents in the batch (key 'x0'): train on an "
+                               "ODEPairDataModule, whose teacher latents stand in for real images")
+            x0_real = batch["x0"].to(x0_hat)
+            x_real, t_r, _ = self._noised(x0_real)
+            x_fake, t_f, _ = self._noised(x0_hat)
+            gan = nonsaturating_d(self.discriminator(self.teacher, x_real, t_r, cond),
+                                  self.discriminator(self.teacher, x_fake, t_f, cond))
+            return {"loss": self.gan_discriminator_weight * gan, "gan": gan}
+        x_t, t, _ = self._noised(x0_hat)
+        with torch.no_grad():
+            x_real, _ = self._ode_step("real", x_t, t, cond, self.real_cfg_scale)
+            x_fake, _ = self._ode_step("fake", x_t, t, cond, 1.0)
+        s = (t - self.dt).clamp_min(0.0)
+        logits_real = self.discriminator(self.teacher, x_real, s, cond)
+        logits_fake = self.discriminator(self.teacher, x_fake, s, cond)
+        loss = hinge_d(logits_real, logits_fake)
+        return {"loss": loss, "hinge": loss, "logit_gap": (logits_real - logits_fake).mean().detach()}
+
+    @property
+    def arm_name(self) -> str:
+        name = "dmdx" if (self.init_from and self.loss == "adm") else self.loss
+        if self.init_from and self.loss != "adm":
+            name += "_adp"
+        return f"{name}_{len(self.student_timesteps)}step"

@@ -1,0 +1,257 @@
+"""Shared plumbing of the distillation LightningModules (ADP, ADM/DMD/DMD2).
+
+What lives here and nowhere else:
+- the player loop: :meth:`DistillationModule.training_step` asks ONE function,
+  :meth:`players_for_step`, who steps at this iteration, then runs each player's short named
+  method (``generator_step``, ``fake_score_step``, ``discriminator_step``) inside
+  ``toggled_optimizer`` with manual optimization;
+- student sampling with DMD2-style backward simulation for multi-step students;
+- generator EMA, ``init_from``, and checkpoints that hold only trainable state (the frozen
+  teacher is never written) plus the RNG states needed to resume exactly.
+
+``trainer.max_steps`` counts optimizer steps (Lightning's ``global_step`` under manual
+optimization): one per player that steps. ``train/iteration`` logs iterations (batches).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+
+from dmdx_lightning.ema import GeneratorEMA
+from dmdx_lightning.schedules import student_timesteps
+from dmdx_lightning.teachers.base import Conditioning, Teacher
+
+
+def _default_optimizer(params):
+    return torch.optim.AdamW(params, lr=1e-5, betas=(0.0, 0.999), weight_decay=0.0)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class DistillationModule(pl.LightningModule):
+    """Base of every distillation method.
+
+    Args:
+        teacher: the teacher family (owns real score, fake score and student roles).
+        student_steps: number of student sampling steps (1-8); times evenly spaced from 1 (before
+            the schedule's shift for flow-matching teachers).
+        student_timesteps: explicit student times in ``(0, 1]``, highest first (overrides
+            ``student_steps``; e.g. ``[0.999, 0.749, 0.499, 0.249]`` for DMD2's SDXL schedule).
+        generator_optimizer: optimizer factory for the student's trainable parameters.
+        ema_decay: generator EMA decay per generator update; ``None`` disables EMA.
+        init_from: a checkpoint (ours, e.g. from ADP) whose student weights start the student.
+        max_nonfinite_steps: consecutive non-finite losses tolerated (each such step is skipped
+            and counted as ``train/nonfinite_skipped``) before the run stops with an error.
+    """
+
+    #: players in optimizer order; subclasses narrow this per configuration
+    player_names: tuple[str, ...] = ("generator",)
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        student_steps: int = 1,
+        student_timesteps: list[float] | None = None,
+        generator_optimizer: OptimizerCallable = _default_optimizer,
+        ema_decay: float | None = None,
+        init_from: str | None = None,
+        max_nonfinite_steps: int = 10,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        # the frozen teacher is left out of checkpoints, so loading must accept its absence
+        self.strict_loading = False
+        self.teacher = teacher
+        shift = getattr(teacher.schedule, "shift", 1.0)
+        self.student_timesteps = list(student_timesteps or student_timesteps_default(student_steps, shift))
+        if any(not 0.0 < t <= 1.0 for t in self.student_timesteps) or \
+                sorted(self.student_timesteps, reverse=True) != self.student_timesteps:
+            raise ValueError(f"student_timesteps must be decreasing values in (0, 1], got {self.student_timesteps}")
+        self.generator_optimizer = generator_optimizer
+        self.init_from = init_from
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.register_buffer("nonfinite_streak", torch.zeros((), dtype=torch.long))
+        if init_from:
+            self.load_student_from(init_from)
+        self.ema = GeneratorEMA(teacher.trainable_parameters("student"), ema_decay) if ema_decay else None
+
+    # ------------------------------------------------------------------ who steps
+    def players_for_step(self, iteration: int) -> list[str]:
+        """THE place that decides which players update at ``iteration`` (in this order)."""
+        raise NotImplementedError
+
+    def player_parameters(self, player: str) -> list[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def player_optimizer_factory(self, player: str) -> OptimizerCallable:
+        raise NotImplementedError
+
+    def configure_optimizers(self):
+        return [self.player_optimizer_factory(p)(self.player_parameters(p)) for p in self.player_names]
+
+    # ------------------------------------------------------------------ the player loop
+    def prepare(self, batch: dict, cond: Conditioning, players: Sequence[str]) -> dict[str, Any]:
+        """Per-iteration tensors shared by the players (e.g. the student's sample)."""
+        return {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        cond = self.teacher.encode_prompts(batch["prompt"])
+        players = self.players_for_step(int(self.iteration))
+        ctx = self.prepare(batch, cond, players)
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        by_name = dict(zip(self.player_names, optimizers))
+        for player in players:
+            opt = by_name[player]
+            with self.toggled_optimizer(opt):
+                losses = getattr(self, f"{player}_step")(batch, cond, ctx)
+                loss = losses.pop("loss")
+                if not self._finite(loss, player):
+                    continue
+                self.manual_backward(loss)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            self.log_dict({f"train/{player}/{k}": v.detach() for k, v in losses.items()},
+                          prog_bar=False, batch_size=len(cond))
+            if player == "generator" and self.ema is not None:
+                self.ema.update()
+        self.iteration += 1
+        self.log("train/iteration", self.iteration.float(), batch_size=len(cond))
+
+    def _finite(self, loss: Tensor, player: str) -> bool:
+        if torch.isfinite(loss).item():
+            self.nonfinite_streak.zero_()
+            return True
+        self.nonfinite_streak += 1
+        self.log("train/nonfinite_skipped", self.nonfinite_streak.float())
+        if int(self.nonfinite_streak) >= self.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{int(self.nonfinite_streak)} consecutive non-finite losses (last: {player} at iteration "
+                f"{int(self.iteration)}); the last saved checkpoint is intact. Lower the learning rate or "
+                f"raise max_nonfinite_steps.")
+        return False
+
+    # ------------------------------------------------------------------ the student
+    def generate(self, cond: Conditioning, *, grad: bool) -> Tensor:
+        """A student sample ``x0_hat`` for ``cond``.
+
+        Multi-step students use DMD2's backward simulation: pick a step ``k`` uniformly, run the
+        student's own first ``k`` steps without gradient, then predict from ``t_k`` (with gradient
+        when ``grad``), so training sees the inputs inference will produce.
+        """
+        noise = torch.randn(self.teacher.latent_shape(len(cond)), device=self.device)
+        ts = self.student_timesteps
+        k = int(torch.randint(len(ts), ())) if len(ts) > 1 else 0
+        x_t = noise
+        if k > 0:
+            with torch.no_grad():
+                x0 = self.teacher.sample_student(noise, cond, ts[:k])
+            x_t = self.teacher.schedule.add_noise(x0, torch.randn_like(x0), torch.full((len(cond),), ts[k], device=self.device))
+        t = torch.full((len(cond),), ts[k], device=self.device)
+        with torch.set_grad_enabled(grad):
+            x0_hat, _ = self.teacher.predict("student", x_t, t, cond)
+        return x0_hat
+
+    @torch.no_grad()
+    def sample(self, cond: Conditioning, noise: Tensor, use_ema: bool = True,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Inference: the student's few-step sampler (EMA weights when available)."""
+        if use_ema and self.ema is not None:
+            with self.ema.swapped():
+                return self.teacher.sample_student(noise, cond, self.student_timesteps, generator)
+        return self.teacher.sample_student(noise, cond, self.student_timesteps, generator)
+
+    def load_student_from(self, path: str, use_ema: bool = True) -> None:
+        """Start the student from ``path``'s student weights (its EMA when it has one)."""
+        ckpt = _load_checkpoint(path)
+        state = ckpt["state_dict"]
+        _check_family(ckpt, self.teacher, path)
+        names = [n for n, _ in self.teacher.named_trainable_parameters("student")]
+        params = dict(self.teacher.named_trainable_parameters("student"))
+        shadows = [state.get(f"ema.shadow_{i}") for i in range(len(names))]
+        use_shadows = use_ema and all(s is not None for s in shadows)
+        missing = [n for n in names if f"teacher.{n}" not in state]
+        if missing:
+            raise KeyError(f"{path} has no student weights for {missing[:3]}... (is it a checkpoint of this teacher/mode?)")
+        with torch.no_grad():
+            for i, n in enumerate(names):
+                params[n].copy_(shadows[i] if use_shadows else state[f"teacher.{n}"])
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        frozen = {f"{name}" for name, p in self.named_parameters() if not p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["dmdx"] = {
+            "teacher_family": self.teacher.family,
+            "teacher_mode": self.teacher.mode,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": _numpy_rng_state(),
+                "python": random.getstate(),
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        _check_family(checkpoint, self.teacher, "the checkpoint")
+        expected = {n for n, p in self.named_parameters() if p.requires_grad} | {n for n, _ in self.named_buffers()}
+        missing = sorted(k for k in expected if k not in checkpoint["state_dict"])
+        if missing:
+            raise KeyError(f"checkpoint lacks trainable state {missing[:5]}: it was saved by a different "
+                           "configuration (method, discriminator layers or LoRA settings)")
+        rng = checkpoint.get("dmdx", {}).get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            _set_numpy_rng_state(rng["numpy"])
+            random.setstate(rng["python"])
+
+    @property
+    def arm_name(self) -> str:
+        """Short name of this run in reports (e.g. ``adm_1step``)."""
+        return f"{type(self).__name__.removesuffix('Module').lower()}_{len(self.student_timesteps)}step"
+
+
+def student_timesteps_default(num_steps: int, shift: float) -> list[float]:
+    return student_timesteps(num_steps, shift=shift)
+
+
+def _load_checkpoint(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"init_from checkpoint {path} does not exist")
+    # weights_only: never unpickle arbitrary objects (our checkpoints hold tensors and plain types only)
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def _numpy_rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _set_numpy_rng_state(state: dict) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["gauss"]))
+
+
+def _check_family(checkpoint: dict, teacher: Teacher, where: str) -> None:
+    meta = checkpoint.get("dmdx")
+    if meta is None:
+        raise ValueError(f"{where} was not written by a dmdx_lightning distillation module")
+    if meta["teacher_family"] != teacher.family or meta["teacher_mode"] != teacher.mode:
+        raise ValueError(
+            f"{where} was trained with teacher family {meta['teacher_family']!r} ({meta['teacher_mode']} mode), "
+            f"but this run uses {teacher.family!r} ({teacher.mode} mode)")

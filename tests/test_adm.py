@@ -1,0 +1,165 @@
+"""ADMModule: each player step on its own, the loss options, the player schedule, resume."""
+
+from functools import partial
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from dmdx_lightning.discriminators.latent import LatentDiscriminator
+from dmdx_lightning.methods.adm import ADMModule
+from dmdx_lightning.teachers.digits import DIGIT_PROMPTS
+from tests.conftest import prompt_loader
+
+OPT = partial(torch.optim.AdamW, lr=1e-3, betas=(0.0, 0.99))
+
+
+def make_module(teacher, loss="adm", **kw):
+    disc = LatentDiscriminator(layers=[1, -1], head_channels=32,
+                               backbone_role="fake" if loss == "dmd2" else "real")
+    return ADMModule(teacher, disc, loss=loss, generator_optimizer=OPT, fake_score_optimizer=OPT,
+                     discriminator_optimizer=OPT, **kw)
+
+
+def snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def changed(before, module):
+    return {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def fit(module, steps, data=None, **trainer_kw):
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, **trainer_kw)
+    trainer.fit(module, data or prompt_loader(list(DIGIT_PROMPTS) * 4))
+    return trainer
+
+
+def only(module, player):
+    module.players_for_step = lambda iteration: [player]
+    return module
+
+
+def test_players_for_step_decides_ratio(digits_teacher):
+    m = make_module(digits_teacher, update_ratio=3)
+    assert m.players_for_step(0) == ["generator", "fake_score", "discriminator"]
+    assert m.players_for_step(1) == ["fake_score", "discriminator"]
+    assert m.players_for_step(3)[0] == "generator"
+    dmd = make_module(digits_teacher, loss="dmd")
+    assert dmd.players_for_step(0) == ["generator", "fake_score"]
+    assert dmd.discriminator is None
+
+
+@pytest.mark.parametrize("loss", ["adm", "dmd2"])
+def test_discriminator_step_changes_only_heads(digits_teacher, loss):
+    m = only(make_module(digits_teacher, loss), "discriminator")
+    before = snapshot(m)
+    batch_x0 = torch.zeros(4, 1, 8, 8)
+    data = prompt_loader(list(DIGIT_PROMPTS) * 4)
+    if loss == "dmd2":  # real latents come with the batch (ODE pairs)
+        data = torch.utils.data.DataLoader([dict(b, x0=batch_x0) for b in data], batch_size=None)
+    fit(m, 2, data=data)
+    diff = changed(before, m)
+    assert diff and all(n.startswith("discriminator.heads.") for n in diff), sorted(diff)[:5]
+
+
+def test_fake_score_step_changes_only_fake_score(digits_teacher):
+    m = only(make_module(digits_teacher), "fake_score")
+    before = snapshot(m)
+    fit(m, 2)
+    diff = changed(before, m)
+    assert diff and all(n.startswith("teacher.roles.fake.") for n in diff), sorted(diff)[:5]
+
+
+@pytest.mark.parametrize("loss", ["adm", "dmd"])
+def test_generator_step_changes_only_generator(digits_teacher, loss):
+    m = only(make_module(digits_teacher, loss), "generator")
+    before = snapshot(m)
+    fit(m, 2)
+    diff = changed(before, m)
+    assert diff and all(n.startswith("teacher.roles.student.") for n in diff), sorted(diff)[:5]
+
+
+def test_teacher_never_changes(digits_teacher):
+    m = make_module(digits_teacher)
+    before = {n: p.clone() for n, p in m.teacher.denoiser.named_parameters()}
+    fit(m, 6)
+    assert all(torch.equal(before[n], p) for n, p in m.teacher.denoiser.named_parameters())
+    assert not any(p.requires_grad for p in m.teacher.denoiser.parameters())
+
+
+@pytest.mark.parametrize("loss,fake_jacobian", [("adm", True), ("adm", False), ("dmd", True), ("dmd2", True)])
+def test_generator_loss_gradient_reaches_generator(digits_teacher, loss, fake_jacobian):
+    m = make_module(digits_teacher, loss, fake_jacobian=fake_jacobian)
+    cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:4]))
+    ctx = m.prepare({}, cond, ["generator"])
+    losses = m.generator_step({}, cond, ctx)
+    losses["loss"].backward()
+    grads = [p.grad for p in digits_teacher.trainable_parameters("student")]
+    assert all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    if loss == "adm":
+        assert "dmd_diagnostic" in losses
+
+
+def test_fake_jacobian_option_changes_gradient(digits_teacher):
+    m = make_module(digits_teacher)
+    cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:4]))
+    grads = {}
+    for flag in (True, False):
+        m.fake_jacobian = flag
+        torch.manual_seed(3)
+        ctx = m.prepare({}, cond, ["generator"])
+        m.teacher.zero_grad()
+        m.generator_step({}, cond, ctx)["loss"].backward()
+        grads[flag] = torch.cat([p.grad.flatten() for p in digits_teacher.trainable_parameters("student")])
+    assert not torch.allclose(grads[True], grads[False])
+
+
+def test_multistep_backward_simulation(digits_teacher):
+    m = make_module(digits_teacher, student_steps=4)
+    assert m.student_timesteps == [1.0, 0.75, 0.5, 0.25]
+    cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:3]))
+    x0 = m.generate(cond, grad=True)
+    assert x0.shape == (3, 1, 8, 8) and x0.requires_grad
+    sample = m.sample(cond, torch.randn(3, 1, 8, 8))
+    assert sample.shape == (3, 1, 8, 8) and torch.isfinite(sample).all()
+
+
+def test_dmd2_without_real_latents_is_a_clear_error(digits_teacher):
+    m = make_module(digits_teacher, "dmd2")
+    cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:2]))
+    with pytest.raises(KeyError, match="ODEPairDataModule"):
+        m.discriminator_step({}, cond, {"x0_hat": torch.zeros(2, 1, 8, 8)})
+
+
+def test_bad_options_are_refused(digits_teacher):
+    with pytest.raises(ValueError, match="loss"):
+        make_module(digits_teacher, "gan")
+    with pytest.raises(ValueError, match="dt"):
+        make_module(digits_teacher, dt=0.0)
+    with pytest.raises(ValueError, match="student_timesteps"):
+        make_module(digits_teacher, student_timesteps=[0.5, 0.9])
+
+
+def test_ema_tracks_generator_only(digits_teacher):
+    m = make_module(digits_teacher, ema_decay=0.5)
+    fit(m, 6)
+    student = digits_teacher.trainable_parameters("student")
+    shadows = m.ema.shadows()
+    assert len(shadows) == len(student)
+    assert any(not torch.equal(s, p.detach()) for s, p in zip(shadows, student))
+    with m.ema.swapped():
+        assert all(torch.equal(s, p.detach()) for s, p in zip(shadows, student))
+
+
+def test_nonfinite_loss_is_skipped_then_stops(digits_teacher):
+    from dmdx_lightning.methods.base import NonFiniteLossError
+
+    m = only(make_module(digits_teacher, max_nonfinite_steps=2), "fake_score")
+    m.fake_score_step = lambda batch, cond, ctx: {"loss": torch.tensor(float("nan"), requires_grad=True)}
+    before = snapshot(m)
+    with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite"):
+        fit(m, 10)
+    assert not changed(before, m)
