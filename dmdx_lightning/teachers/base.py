@@ -251,24 +251,26 @@ class Teacher(nn.Module):
         if len(cond) != x_t.shape[0]:
             raise ValueError(f"conditioning has batch {len(cond)} but x_t has batch {x_t.shape[0]}")
         if cfg_scale == 1.0:
-            out = self.forward_role(role, x_t, t, cond)
-            return self._checked(self.schedule.to_x0_eps(out, x_t, t, self.prediction_type), x_t)
+            out = self._checked(self.forward_role(role, x_t, t, cond), x_t)
+            return self.schedule.to_x0_eps(out, x_t, t, self.prediction_type)
         both = Conditioning.cat([cond, self.null_conditioning(len(cond)).to(x_t.device)])
         x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
-        out = self.forward_role(role, x2, t2, both)
+        out = self._checked(self.forward_role(role, x2, t2, both), x2)
         x0, eps = self.schedule.to_x0_eps(out, x2, t2, self.prediction_type)
         x0_c, x0_u = x0.chunk(2)
         eps_c, eps_u = eps.chunk(2)
-        guided = (x0_u + cfg_scale * (x0_c - x0_u), eps_u + cfg_scale * (eps_c - eps_u))
-        return self._checked(guided, x_t)
+        return x0_u + cfg_scale * (x0_c - x0_u), eps_u + cfg_scale * (eps_c - eps_u)
 
-    def _checked(self, pair: tuple[Tensor, Tensor], x_t: Tensor) -> tuple[Tensor, Tensor]:
-        for name, value in zip(("x0", "eps"), pair):
-            if value.shape != x_t.shape:
-                raise RuntimeError(
-                    f"{type(self).__name__}.model_output gave {name} of shape {tuple(value.shape)} "
-                    f"for x_t of shape {tuple(x_t.shape)}: check the family's output unpacking")
-        return pair
+    def _checked(self, output: Tensor, x_t: Tensor) -> Tensor:
+        """Fail loudly where teacher outputs meet the losses (STYLE.md principle 9)."""
+        if output.shape != x_t.shape:
+            raise RuntimeError(
+                f"{type(self).__name__}.model_output returned shape {tuple(output.shape)} for x_t of "
+                f"shape {tuple(x_t.shape)}: check the family's output unpacking")
+        if output.dtype != x_t.dtype and not torch.is_autocast_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__}.model_output returned {output.dtype} for x_t in {x_t.dtype}")
+        return output
 
     def feature_maps(
         self, role: str, x_t: Tensor, t: Tensor, cond: Conditioning, layers: Sequence[int]
