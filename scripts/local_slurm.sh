@@ -68,8 +68,13 @@ start_munge() {
   chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge
   chmod 0700 /etc/munge && chmod 0400 /etc/munge/munge.key
   runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
-  cp /run/munge/munged.pid "$DIR/munged.pid"   # ours to stop
-  for _ in $(seq 50); do munge -n </dev/null >/dev/null 2>&1 && return 0; sleep 0.1; done
+  for _ in $(seq 50); do
+    if munge -n </dev/null >/dev/null 2>&1; then
+      cp /run/munge/munged.pid "$DIR/munged.pid"   # started here, so stopped here
+      return 0
+    fi
+    sleep 0.1
+  done
   echo "munged did not start" >&2; return 1
 }
 
