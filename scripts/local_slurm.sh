@@ -22,6 +22,10 @@ install() {
   if command -v sbatch >/dev/null && command -v slurmctld >/dev/null && command -v munged >/dev/null; then
     return 0
   fi
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    echo "cannot install slurm-wlm and munge here (needs root and apt-get); the slurm tests will be skipped" >&2
+    return 0
+  fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
 }
