@@ -139,3 +139,48 @@ def test_checkpoint_holds_no_frozen_teacher_and_loads_weights_only(module_name, 
     assert any(k.startswith("teacher.roles.student.") for k in keys)
     assert {"torch", "numpy", "python"} <= set(ckpt["dmdx"]["rng"])
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches_consumed"] == 1
+
+
+# -------------------------------------------------------------------------------- the sampler alone
+from dmdx_lightning.data.prompts import PromptDataset, collate_prompts  # noqa: E402
+from dmdx_lightning.data.resumable import ResumableDataLoader, ResumableDistributedSampler  # noqa: E402
+
+
+@pytest.mark.parametrize("size", [20, 21])
+def test_sampler_splits_ranks_disjointly_and_completely(size):
+    ds = PromptDataset([f"p{i}" for i in range(size)])
+    shares = [list(ResumableDistributedSampler(ds, num_replicas=2, rank=r, seed=3)) for r in range(2)]
+    assert len(shares[0]) == len(shares[1]) == -(-size // 2)
+    assert set(shares[0]) | set(shares[1]) == set(range(size))
+    assert len(set(shares[0]) & set(shares[1])) == (size % 2)  # odd sizes pad with one repeat
+    again = [list(ResumableDistributedSampler(ds, num_replicas=2, rank=r, seed=3)) for r in range(2)]
+    assert again == shares  # a function of seed and epoch only
+
+
+def test_loader_state_resumes_mid_epoch_and_refuses_another_split():
+    ds = PromptDataset([f"p{i}" for i in range(12)])
+
+    def loader(batch_size=2, world=1):
+        return ResumableDataLoader(ds, sampler=ResumableDistributedSampler(ds, num_replicas=world, seed=1),
+                                   batch_size=batch_size, drop_last=True, collate_fn=collate_prompts)
+
+    a = loader()
+    a.sampler.set_epoch(2)
+    batches = []
+    for batch in a:
+        batches.append(batch["index"].tolist())
+        a.consumed()
+        if len(batches) == 2:
+            state = a.state_dict()
+            break
+    assert state == {"epoch": 2, "batches_consumed": 2, "num_replicas": 1, "batch_size": 2, "seed": 1}
+    b = loader()
+    b.load_state_dict(state)
+    rest = [batch["index"].tolist() for batch in b]
+    full = loader()
+    full.sampler.set_epoch(2)
+    assert batches + rest == [batch["index"].tolist() for batch in full]
+    c = loader(batch_size=3)
+    with pytest.warns(UserWarning, match="restarts from its first batch"):
+        c.load_state_dict(state)
+    assert len(list(c)) == 4
