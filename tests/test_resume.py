@@ -7,6 +7,7 @@ branch lands, with no other change to these tests.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +22,10 @@ from dmdx_lightning.methods.adm import ADMModule
 from dmdx_lightning.teachers.digits import DIGIT_PROMPTS, DigitsTeacher
 
 OPT = partial(torch.optim.AdamW, lr=1e-3, betas=(0.0, 0.99))
+# CPU here and in CI; a GPU machine can rerun the same checks with DMDX_TEST_ACCELERATOR=gpu
+# (and DMDX_TEST_DETERMINISTIC=1 for Lightning's deterministic=True)
+ACCELERATOR = os.environ.get("DMDX_TEST_ACCELERATOR", "cpu")
+DETERMINISTIC = os.environ.get("DMDX_TEST_DETERMINISTIC") == "1"
 
 
 def make_adm(**kw) -> pl.LightningModule:
@@ -63,7 +68,8 @@ def run(module_name, tmp_path, max_steps, ckpt_path=None, save_every=None):
     if save_every:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=save_every,
                                          save_top_k=-1, filename="{step}"))
-    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, callbacks=callbacks,
+    trainer = pl.Trainer(max_steps=max_steps, accelerator=ACCELERATOR, devices=1, deterministic=DETERMINISTIC,
+                         logger=False, callbacks=callbacks,
                          enable_checkpointing=bool(save_every), enable_progress_bar=False,
                          enable_model_summary=False, log_every_n_steps=1)
     trainer.fit(module, data, ckpt_path=ckpt_path)
@@ -71,11 +77,11 @@ def run(module_name, tmp_path, max_steps, ckpt_path=None, save_every=None):
 
 
 def full_state(module, trainer) -> dict[str, torch.Tensor]:
-    state = {f"module.{k}": v for k, v in module.state_dict().items()}
+    state = {f"module.{k}": v.cpu() for k, v in module.state_dict().items()}
     for i, opt in enumerate(trainer.optimizers):
         for pid, s in opt.state_dict()["state"].items():
             for k, v in s.items():
-                state[f"opt{i}.{pid}.{k}"] = torch.as_tensor(v)
+                state[f"opt{i}.{pid}.{k}"] = torch.as_tensor(v).cpu()
     return state
 
 

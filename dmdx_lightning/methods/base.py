@@ -221,7 +221,7 @@ class DistillationModule(pl.LightningModule):
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
             _set_numpy_rng_state(rng["numpy"])
-            random.setstate(tuple(rng["python"]) if isinstance(rng["python"], list) else rng["python"])
+            random.setstate(rng["python"])
 
     @property
     def arm_name(self) -> str:
