@@ -98,6 +98,7 @@ def reference(request, tmp_path_factory):
     return name, tmp_path, module, trainer, rec
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_iteration", [3, 4], ids=["mid_epoch", "epoch_end"])
 def test_resume_is_bitwise_exact(reference, stop_iteration, tmp_path):
     module_name, ref_dir, ref_module, ref_trainer, ref_rec = reference
@@ -123,6 +124,7 @@ def test_resume_is_bitwise_exact(reference, stop_iteration, tmp_path):
         assert any(key.startswith(prefix) for key in state), prefix
 
 
+@pytest.mark.slow
 def test_resume_would_differ_without_the_saved_position(reference, tmp_path):
     """The exactness test can fail: a checkpoint without the loader position replays prompts."""
     module_name, ref_dir, _, _, ref_rec = reference
