@@ -11,6 +11,8 @@ import sys
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
+from dmdx_lightning.callbacks.preemption import RequeueOnSignal
+
 
 class DMDXCLI(LightningCLI):
     """LightningCLI with model and data in subclass mode and configs that may omit ``data``."""
@@ -21,6 +23,8 @@ class DMDXCLI(LightningCLI):
         kwargs.setdefault("datamodule_class", None)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
+        # always on; does nothing outside SLURM (see RequeueOnSignal for why it replaces Lightning's handler)
+        kwargs.setdefault("trainer_defaults", {"callbacks": [RequeueOnSignal()]})
         super().__init__(pl.LightningModule, *args, **kwargs)
 
 

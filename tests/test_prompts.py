@@ -249,7 +249,7 @@ def test_collate():
 
 @pytest.mark.parametrize("size,repeat", [(10, 1), (7, 2), (9, 1)])
 def test_distributed_sampler_two_ranks_cover_the_epoch(size, repeat):
-    # Lightning swaps our shuffle=True loader for DistributedSampler under DDP; simulate 2 ranks.
+    # our ResumableDistributedSampler is a DistributedSampler (same split rule); simulate 2 ranks.
     ds = PromptDataset([f"p{i}" for i in range(size)], repeat=repeat)
     shares = [list(DistributedSampler(ds, num_replicas=2, rank=r, shuffle=False)) for r in range(2)]
     assert len(shares[0]) == len(shares[1])  # ranks stay in step

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +21,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
+
+from dmdx_lightning.data.resumable import ResumableDataLoader, ResumableDistributedSampler
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".csv")
 
@@ -243,11 +246,13 @@ class PromptDataModule(pl.LightningDataModule):
     Batches are ``{"prompt": list[str], "index": LongTensor}``; ``index`` is the prompt's
     position in the de-duplicated train (or val) list.
 
-    DDP: the train loader is a plain ``DataLoader(shuffle=True)``; under DDP Lightning swaps in
-    a ``DistributedSampler`` (seeded from ``seed_everything``), so every rank sees a disjoint
-    share of each epoch. That sampler pads the epoch with a few repeated prompts when the
-    dataset size is not divisible by the number of ranks. Outside DDP the shuffle order also
-    follows the global seed.
+    The train loader is a :class:`~dmdx_lightning.data.resumable.ResumableDataLoader`: its
+    position in the epoch is saved in checkpoints, so ``--ckpt_path`` resumes mid-epoch with the
+    same prompts in the same order. The epoch's order is a function of the global seed
+    (``seed_everything``) and the epoch alone. Under DDP it splits every epoch across ranks
+    itself (disjoint shares; Lightning leaves it in place because it is a
+    ``DistributedSampler``), padding the epoch with a few repeated prompts when the dataset size
+    is not divisible by the number of ranks.
 
     Args:
         train_file: prompt file (``.txt``, ``.jsonl`` or ``.csv``) for training.
@@ -301,6 +306,7 @@ class PromptDataModule(pl.LightningDataModule):
         self.shuffle = shuffle
         self.train_prompts: list[str] | None = None
         self.val_prompts: list[str] | None = None
+        self._train_loader: ResumableDataLoader | None = None
 
     def setup(self, stage: str | None = None) -> None:
         # Lightning calls setup once per stage; the files do not change in between.
@@ -344,16 +350,27 @@ class PromptDataModule(pl.LightningDataModule):
                 f"{per_rank}{where}, fewer than batch_size={self.batch_size} (from "
                 f"{self.train_file}); set repeat >= {needed} or lower batch_size"
             )
-        return DataLoader(
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = ResumableDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=self.shuffle,
+                                              seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        self._train_loader = ResumableDataLoader(
             dataset,
+            sampler=sampler,
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
             # Equal batch sizes keep per-step losses comparable and DDP ranks in step.
             drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_prompts,
         )
+        return self._train_loader
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Runs when a batch enters the training step (Lightning fetches one batch ahead), so the
+        # count saved in a checkpoint is the number of batches training has really used.
+        if self.trainer is not None and self.trainer.training and self._train_loader is not None:
+            self._train_loader.consumed()
+        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         self._require_setup()

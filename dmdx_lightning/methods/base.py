@@ -210,7 +210,12 @@ class DistillationModule(pl.LightningModule):
         if missing:
             raise KeyError(f"checkpoint lacks trainable state {missing[:5]}: it was saved by a different "
                            "configuration (method, discriminator layers or LoRA settings)")
-        rng = checkpoint.get("dmdx", {}).get("rng")
+        # applied in on_train_start, just before the first step: between here and there Lightning
+        # builds loaders and may run sanity validation, which would advance the RNGs
+        self._rng_to_restore = checkpoint.get("dmdx", {}).get("rng")
+
+    def on_train_start(self) -> None:
+        rng, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
         if rng:
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] and torch.cuda.is_available():

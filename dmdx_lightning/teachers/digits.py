@@ -162,10 +162,13 @@ def load_network(cls: type[nn.Module], path: str | Path) -> nn.Module:
         raise FileNotFoundError(
             f"{cls.__name__} weights not found at {path}. Remake them with "
             f"`dmdx fit --config configs/digits/{'teacher' if cls is DigitsDenoiser else 'classifier'}.yaml`.")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted.") from None
     if meta.get("class") != cls.__name__:
-        raise ValueError(f"{path} holds a {meta.get('class')!r}, not a {cls.__name__}")
+        raise ValueError(f"{path} holds a {meta.get('class')!r}, not a {cls.__name__}.")
     net = cls(**json.loads(meta["config"]))
     net.load_state_dict(load_file(str(path)))
     return net
@@ -198,7 +201,13 @@ class DigitsTeacher(Teacher):
         self.weights = str(weights or DEFAULT_TEACHER)
         self.sample_steps = sample_steps
         self.cfg_scale = cfg_scale
-        self.setup_roles(load_network(DigitsDenoiser, self.weights))
+        try:
+            denoiser = load_network(DigitsDenoiser, self.weights)
+        except (OSError, ValueError) as e:
+            # name the config key: the user's fix is in their YAML, not in this file
+            raise type(e)(f"DigitsTeacher `weights` (config key model.init_args.teacher.init_args.weights) = "
+                          f"{self.weights!r}: {e} Leave the key out to use the packaged weights.") from e
+        self.setup_roles(denoiser)
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         labels = torch.tensor([prompt_to_label(p) for p in prompts], dtype=torch.long,

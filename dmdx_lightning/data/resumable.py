@@ -1,0 +1,99 @@
+"""A train loader that resumes mid-epoch exactly, on one process or many.
+
+Lightning 2.6 saves the ``state_dict()`` of every train loader that has one (the loader must
+implement ``state_dict`` / ``load_state_dict``, Lightning's ``_Stateful`` protocol) under
+``loops.fit_loop.state_dict.combined_loader`` and hands it back to ``load_state_dict`` on resume,
+before the first batch is drawn. A plain ``DataLoader`` has no state, so a mid-epoch resume
+would start the epoch again and see some prompts twice. Here:
+
+- :class:`ResumableDistributedSampler` is torch's ``DistributedSampler`` (the epoch's order is a
+  function of ``seed + epoch`` alone; each rank takes every ``num_replicas``-th index, so ranks
+  never overlap) plus a one-shot "skip the first n indices" for the resumed epoch. Because it IS
+  a ``DistributedSampler``, Lightning does not replace it under DDP; we split by rank ourselves.
+- :class:`ResumableDataLoader` records how many batches training has CONSUMED in the current
+  epoch. Lightning's fetcher draws one batch ahead, so counting the batches the loader yields
+  would be one too many at a checkpoint; the owner (the DataModule's ``on_after_batch_transfer``,
+  which runs when a batch enters the training step) calls :meth:`ResumableDataLoader.consumed`.
+- The loader gets its own ``torch.Generator``: a ``DataLoader`` draws a base seed for its
+  workers at every ``iter()``, which would otherwise advance the global torch RNG and shift the
+  noise of every later step on resume.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` that can start its next epoch part-way through.
+
+    Args:
+        dataset: the map-style dataset.
+        num_replicas: number of processes (``trainer.world_size``); 1 outside DDP.
+        rank: this process's global rank.
+        shuffle: shuffle each epoch with ``seed + epoch``.
+        seed: base seed of the order (the same on every rank).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0) -> None:
+        # drop_last=False pads the epoch with a few repeated indices so every rank has the same
+        # count; the DataLoader's drop_last then keeps batches equal-sized.
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=False)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0  # only the resumed epoch starts late
+        return iter(indices[skip:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`ResumableDistributedSampler` with Lightning-saved position.
+
+    Takes ``DataLoader``'s arguments; ``sampler`` must be a :class:`ResumableDistributedSampler`.
+    """
+
+    def __init__(self, dataset: Dataset, *, sampler: ResumableDistributedSampler, **kwargs: Any) -> None:
+        if not isinstance(sampler, ResumableDistributedSampler):
+            raise TypeError(f"sampler must be a ResumableDistributedSampler, got {type(sampler).__name__}")
+        kwargs.setdefault("generator", torch.Generator().manual_seed(sampler.seed))
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self.batches_consumed = 0
+
+    def __iter__(self):
+        # a new pass: it starts at the sampler's pending skip (0 except right after a resume)
+        self.batches_consumed = self.sampler.skip // self.batch_size
+        return super().__iter__()
+
+    def consumed(self) -> None:
+        """Count one batch as used by training (called when it enters the training step)."""
+        self.batches_consumed += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.sampler.epoch), "batches_consumed": int(self.batches_consumed),
+                "num_replicas": int(self.sampler.num_replicas), "batch_size": int(self.batch_size),
+                "seed": int(self.sampler.seed)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        mine = {"num_replicas": self.sampler.num_replicas, "batch_size": self.batch_size, "seed": self.sampler.seed}
+        changed = {k: (state[k], v) for k, v in mine.items() if k in state and state[k] != v}
+        if changed:
+            # the saved position means nothing under another split: restart the epoch instead
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"train loader changed since the checkpoint ({changed}, saved vs now): the "
+                           "resumed epoch restarts from its first batch, so resume is not exact")
+            return
+        epoch, consumed = state["epoch"], state["batches_consumed"]
+        if consumed >= len(self):
+            # saved after the epoch's last batch: Lightning counts that epoch as done and trains the
+            # next one on the iterator it opens right after this call, so start the next epoch here
+            epoch, consumed = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = consumed * self.batch_size
+        self.batches_consumed = consumed

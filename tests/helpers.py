@@ -1,0 +1,71 @@
+"""Callbacks and launch helpers the multi-process and SLURM tests load by ``class_path``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def state_fingerprint(module: pl.LightningModule) -> dict[str, str]:
+    """sha256 of each player's trainable state (bitwise: the raw bytes of every tensor)."""
+    groups: dict[str, hashlib._Hash] = {}
+    for name, tensor in sorted(module.state_dict().items()):
+        group = name.split(".")[0] if not name.startswith("teacher.roles.") else ".".join(name.split(".")[:3])
+        groups.setdefault(group, hashlib.sha256()).update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return {k: v.hexdigest() for k, v in groups.items()}
+
+
+class RankReport(pl.Callback):
+    """Each rank writes ``<dir>/rank<global_rank>.json`` at fit end: its state fingerprint, the
+    global step, the checkpoint it resumed from, the prompts it trained on and SLURM's restart count.
+
+    Args:
+        dir: output folder.
+        sleep: seconds to sleep after each batch (gives a test time to signal a running job).
+    """
+
+    def __init__(self, dir: str, sleep: float = 0.0) -> None:
+        self.dir, self.sleep = Path(dir), sleep
+        self.indices: list[list[int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.indices.append(batch["index"].tolist())
+        if trainer.is_global_zero:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "progress").write_text(str(trainer.global_step))
+        time.sleep(self.sleep)
+
+    def on_fit_end(self, trainer, pl_module):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        report = {"global_step": trainer.global_step, "world_size": trainer.world_size,
+                  "ckpt_path": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+                  "fingerprint": state_fingerprint(pl_module), "indices": self.indices,
+                  "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
+                  "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+        name = f"rank{trainer.global_rank}"
+        if os.environ.get("SLURM_RESTART_COUNT"):
+            name += f"_restart{os.environ['SLURM_RESTART_COUNT']}"
+        (self.dir / f"{name}.json").write_text(json.dumps(report, indent=1))
+
+
+def dmdx_env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for key in [k for k in env if k.startswith(("SLURM_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_"))]:
+        del env[key]
+    return env
+
+
+def dmdx_fit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``dmdx fit`` in a fresh process (as a user would), capturing its output."""
+    return subprocess.run([sys.executable, "-m", "dmdx_lightning.cli", "fit", *args], cwd=ROOT, env=dmdx_env(),
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,138 @@
+"""A real two-node SLURM job (scripts/local_slurm.sh starts the cluster on this machine):
+SIGUSR1 mid-run -> checkpoint at an iteration boundary -> requeue -> automatic resume -> final
+weights bitwise equal to an uninterrupted 2-process run.
+
+Skipped where SLURM is not installed (``scripts/local_slurm.sh install`` or ``.ci/run`` installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, dmdx_env, dmdx_fit
+
+pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess, pytest.mark.slow]
+
+SCRIPT = ROOT / "scripts" / "local_slurm.sh"
+ITERATIONS = 12  # 3 optimizer steps each (ADM: generator, fake score, discriminator)
+SIGNAL_AFTER_STEP = 9
+
+
+def _missing() -> str | None:
+    for tool in ("sbatch", "scontrol", "slurmctld", "slurmd", "munged"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            return tool
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory):
+    if missing := _missing():
+        pytest.skip(f"SLURM not installed ({missing} not found); run `scripts/local_slurm.sh install`")
+    state = tmp_path_factory.mktemp("slurm_cluster")
+    env = dict(os.environ, DMDX_SLURM_DIR=str(state))
+    started = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    env["SLURM_CONF"] = str(state / "slurm.conf")
+    yield env
+    subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=60)
+
+
+def _job(job_id: str, env) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _overrides(tmp: Path, name: str, sleep: float = 0.0) -> list[str]:
+    # the quickstart, shortened: tiny batches, ITERATIONS iterations, no grids or summary
+    return ["--trainer.max_steps", str(3 * ITERATIONS), "--data.init_args.batch_size", "4",
+            "--data.init_args.repeat", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks=[]", "--trainer.callbacks+=tests.helpers.RankReport",
+            f"--trainer.callbacks.dir={tmp / name / 'report'}", f"--trainer.callbacks.sleep={sleep}",
+            "--trainer.default_root_dir", str(tmp / name / "root")]
+
+
+def test_two_node_job_survives_sigusr1_requeue_and_resumes_exactly(slurm_env, tmp_path):
+    # submit first; the uninterrupted reference runs while the cluster job queues and starts
+    env = dict(slurm_env, **{k: v for k, v in dmdx_env().items() if k == "PYTHONPATH"},
+               HF_HUB_OFFLINE="1", DMDX_PYTHON=sys.executable,
+               # the emulated nodes n1/n2 are not resolvable host names: DDP meets on localhost
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--chdir", str(ROOT), "--output", str(tmp_path / "slurm-%j.out"),
+         str(ROOT / "configs/slurm/digits_cpu.sbatch"), *_overrides(tmp_path, "job", sleep=0.3)],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    log = tmp_path / f"slurm-{job_id}.out"
+    report, root = tmp_path / "job" / "report", tmp_path / "job" / "root"
+
+    try:
+        # SIGUSR1 mid-run (what --signal=SIGUSR1@90 sends before the time limit)
+        deadline = time.time() + 240
+        while True:
+            progress = report / "progress"
+            step = int(progress.read_text() or 0) if progress.is_file() else 0
+            if step >= SIGNAL_AFTER_STEP:
+                break
+            state = _job(job_id, env).get("JobState")
+            assert state in ("PENDING", "RUNNING", "CONFIGURING"), (state, log.read_text() if log.exists() else "")
+            assert time.time() < deadline, "job did not start training in time"
+            time.sleep(0.5)
+        assert step < 3 * ITERATIONS, "job finished before it could be signalled"
+        subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True, timeout=30)
+
+        # the job requeues itself; SLURM holds a requeued job ~2 min before it is eligible
+        # again, which tests nothing of ours, so release it at once
+        deadline = time.time() + 120
+        while int(_job(job_id, env).get("Restarts", 0)) < 1:
+            assert time.time() < deadline, "job was not requeued:\n" + log.read_text()[-3000:]
+            time.sleep(0.5)
+        while _job(job_id, env).get("JobState") not in ("PENDING", "RUNNING", "COMPLETED"):
+            time.sleep(0.5)
+        if _job(job_id, env).get("JobState") == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, timeout=30)
+
+        reference = dmdx_fit("--config", "configs/quickstart/adm.yaml", "--config", "configs/trainer/ddp_cpu.yaml",
+                             *_overrides(tmp_path, "reference"), timeout=600)
+        assert reference.returncode == 0, reference.stderr[-4000:]
+
+        deadline = time.time() + 300
+        while (state := _job(job_id, env).get("JobState")) != "COMPLETED":
+            assert state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"), \
+                (state, log.read_text()[-3000:])
+            assert time.time() < deadline, "requeued job did not finish:\n" + log.read_text()[-3000:]
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
+
+    text = log.read_text()
+    # Lightning saved the checkpoint on the signal, SLURM requeued the job, the job resumed from it
+    assert re.search(r"Signal SIGUSR1: saving .*hpc_ckpt_1\.ckpt at global step \d+", text), text[-3000:]
+    assert (root / "hpc_ckpt_1.ckpt").is_file()
+    assert "restart 0 on" in text and "restart 1 on" in text
+    ranks = [json.loads((report / f"rank{r}_restart1.json").read_text()) for r in range(2)]
+    assert all(r["ckpt_path"] == str(root / "hpc_ckpt_1.ckpt") for r in ranks)
+    assert all(r["global_step"] == 3 * ITERATIONS and r["world_size"] == 2 for r in ranks)
+    assert not list(root.glob(".partial-*"))
+    # ... and ended bitwise where the uninterrupted run ended
+    ref = [json.loads((tmp_path / "reference" / "report" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"] == ref[0]["fingerprint"] == ref[1]["fingerprint"]
+    resumed_batches = ranks[0]["indices"]
+    assert resumed_batches == ref[0]["indices"][-len(resumed_batches):]
