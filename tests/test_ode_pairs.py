@@ -222,3 +222,46 @@ def test_one_and_two_processes_write_identical_shards(prompt_file, tmp_path):
     assert one["shards"] == two["shards"]
     assert [p.read_bytes() for p in shard_paths(tmp_path / "w1")] == \
         [p.read_bytes() for p in shard_paths(tmp_path / "w2")]
+
+
+def corrupt_one_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_fit_stops_on_a_corrupted_shard_before_any_training_step(digits_teacher, prompt_file, tmp_path):
+    from dmdx_lightning.discriminators.pixel import DigitsClassifierBackbone, PixelDiscriminator
+    from dmdx_lightning.methods.adp import ADPModule
+
+    out = tmp_path / "pairs"
+    generate(digits_teacher, prompt_file, out)
+    corrupt_one_byte(out / shard_name(2))
+    steps = []
+
+    class Recording(ADPModule):
+        def training_step(self, batch, batch_idx):
+            steps.append(batch_idx)
+            return super().training_step(batch, batch_idx)
+
+    module = Recording(digits_teacher, pixel_discriminator=PixelDiscriminator(DigitsClassifierBackbone()))
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(PairDataError, match=str(out / shard_name(2))):
+        trainer.fit(module, datamodule=ODEPairDataModule(str(out), batch_size=2))
+    assert steps == [] and trainer.global_step == 0
+
+
+@pytest.mark.slow
+def test_dmdx_fit_on_the_adp_config_exits_naming_the_corrupted_shard(digits_teacher, prompt_file, tmp_path):
+    out = tmp_path / "pairs"
+    generate(digits_teacher, prompt_file, out)
+    corrupt_one_byte(out / shard_name(1))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "dmdx_lightning.cli", "fit", "--config", str(ROOT / "configs/quickstart/adp.yaml"),
+         "--data.init_args.path", str(out), "--data.init_args.batch_size", "2"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert f"ODE-pair shard {out / shard_name(1)} fails its checksum" in done.stderr
+    assert not (tmp_path / "runs/quickstart/adp/checkpoints").exists()  # no step was taken
