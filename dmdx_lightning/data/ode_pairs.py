@@ -20,6 +20,7 @@ shard, so "entry present and checksum matches" means "finished" and a rerun skip
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -331,8 +332,6 @@ class ODEPairDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < self.length:
             raise IndexError(f"pair {i} out of range for {self.length} pairs")
-        import bisect
-
         k = bisect.bisect_right(self.starts, i) - 1
         row = i - self.starts[k]
         f, prompts = self._open(k)
