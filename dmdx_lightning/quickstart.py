@@ -1,7 +1,8 @@
 """`make quickstart`: the main job on the built-in digits teacher, end to end on a CPU.
 
-Runs each stage as the same ``dmdx`` command a user would type, then prints the summary table
-(``runs/quickstart/summary.json``).
+Runs each stage as the same ``dmdx`` command a user would type (ODE pairs -> ADP -> ADM without
+ADP -> DMDX = ADM from the ADP student), then prints the summary table
+(``runs/quickstart/summary.json``: arms ``teacher``, ``adp_1step``, ``adm_1step``, ``dmdx_1step``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,14 @@ from dmdx_lightning.cli import main as dmdx
 SUMMARY = Path("runs/quickstart/summary.json")
 
 STAGES: list[tuple[str, list[str]]] = [
-    ("ADM, one-step student from the teacher's weights",
+    ("ODE pairs: the teacher's PF-ODE with CFG from seeded noise (finished shards are kept)",
+     ["predict", "--config", "configs/quickstart/ode_pairs.yaml"]),
+    ("ADP, one-step student pre-trained adversarially on the pairs (arm adp_1step)",
+     ["fit", "--config", "configs/quickstart/adp.yaml"]),
+    ("ADM, one-step student from the teacher's weights (arm adm_1step)",
      ["fit", "--config", "configs/quickstart/adm.yaml"]),
+    ("DMDX: ADM from the ADP student (arm dmdx_1step)",
+     ["fit", "--config", "configs/quickstart/dmdx.yaml"]),
 ]
 
 

@@ -50,6 +50,8 @@ class DistillationModule(pl.LightningModule):
         generator_optimizer: optimizer factory for the student's trainable parameters.
         ema_decay: generator EMA decay per generator update; ``None`` disables EMA.
         init_from: a checkpoint (ours, e.g. from ADP) whose student weights start the student.
+            Read when the run starts (``setup``), not at construction, so a config can name the
+            checkpoint of an earlier stage before that stage has run.
         max_nonfinite_steps: consecutive non-finite losses tolerated (each such step is skipped
             and counted as ``train/nonfinite_skipped``) before the run stops with an error.
     """
@@ -82,9 +84,18 @@ class DistillationModule(pl.LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("nonfinite_streak", torch.zeros((), dtype=torch.long))
-        if init_from:
-            self.load_student_from(init_from)
         self.ema = GeneratorEMA(teacher.trainable_parameters("student"), ema_decay) if ema_decay else None
+        self._init_from_loaded = False
+
+    def setup(self, stage: str) -> None:
+        # init_from is resolved here, once; a --ckpt_path resume restores its own state afterwards
+        if self.init_from and not self._init_from_loaded:
+            self.load_student_from(self.init_from)
+            if self.ema is not None:  # the shadows start from the loaded student, not the teacher
+                with torch.no_grad():
+                    for shadow, p in zip(self.ema.shadows(), self.teacher.trainable_parameters("student")):
+                        shadow.copy_(p.detach().float())
+            self._init_from_loaded = True
 
     # ------------------------------------------------------------------ who steps
     def players_for_step(self, iteration: int) -> list[str]:
@@ -236,7 +247,8 @@ def student_timesteps_default(num_steps: int, shift: float) -> list[float]:
 def _load_checkpoint(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"init_from checkpoint {path} does not exist")
+        raise FileNotFoundError(f"init_from checkpoint {path} does not exist (run the stage that writes it "
+                                "first, e.g. `dmdx fit --config configs/quickstart/adp.yaml`)")
     # weights_only: never unpickle arbitrary objects (our checkpoints hold tensors and plain types only)
     return torch.load(p, map_location="cpu", weights_only=True)
 
