@@ -217,6 +217,21 @@ class SD3Teacher(Teacher):
         size = self.resolution // self.vae_scale_factor
         return (batch_size, self.denoiser.config.in_channels, size, size)
 
+    # ------------------------------------------------------------------ export (dmdx_lightning.export)
+    @property
+    def pipeline_class(self):
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+
+    def diffusers_pipeline(self, transformer: nn.Module, scheduler):
+        """A ``StableDiffusion3Pipeline`` of this teacher's components around ``transformer``."""
+        return self.pipeline_class(
+            transformer=transformer, scheduler=scheduler, vae=self.vae,
+            text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+            text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3)
+
     # ------------------------------------------------------------------ VAE
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
