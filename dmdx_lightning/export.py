@@ -75,9 +75,9 @@ def merged_student(teacher) -> nn.Module:
             layer.merge(adapter_names=["student"])
             parent_name, _, child = name.rpartition(".")
             setattr(net.get_submodule(parent_name) if parent_name else net, child, layer.get_base_layer())
-    for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if hasattr(net, attr):
-            delattr(net, attr)
+    net.__dict__.pop("peft_config", None)  # set by peft's injection; the merged net has no adapters
+    if "_hf_peft_config_loaded" in net.__dict__:
+        net._hf_peft_config_loaded = False
     return net.requires_grad_(False).eval()
 
 
