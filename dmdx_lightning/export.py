@@ -164,7 +164,7 @@ def build_module(config: str | Path):
     model_cfg = dict(raw["model"])
     model_cfg.get("init_args", {}).pop("init_from", None)  # the checkpoint supplies the student
     cfg = parser.parse_object({"model": model_cfg})
-    return parser.instantiate_classes(cfg).model
+    return parser.instantiate(cfg).model
 
 
 def export_checkpoint(ckpt_path: str | Path, output: str | Path, format: str = "pipeline",
