@@ -130,7 +130,10 @@ def export(module, output: str | Path, format: str = "pipeline") -> dict:
         info["lora"] = meta
         scheduler.save_pretrained(output / "scheduler")  # the student's scheduler, to swap in
     else:
-        pipe = teacher.diffusers_pipeline(merged_student(teacher), scheduler)
+        # one dtype per pipeline: the student joins the frozen components in the teacher's dtype
+        # (full mode may train fp32 master copies, see SD3Teacher's trainable_dtype)
+        student = merged_student(teacher).to(getattr(teacher, "torch_dtype", None) or torch.float32)
+        pipe = teacher.diffusers_pipeline(student, scheduler)
         pipe.save_pretrained(output, safe_serialization=True)
     (output / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
