@@ -17,11 +17,13 @@ CLIP text encoders, T5, their tokenizers, ``scheduler/``). Only what differs fro
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from dmdx_lightning.schedules import FlowMatchSchedule
@@ -98,6 +100,7 @@ class SD3Teacher(Teacher):
         self.torch_dtype = parse_dtype(torch_dtype, "torch_dtype")
         self.trainable_dtype = parse_dtype(trainable_dtype, "trainable_dtype")
         self.drop_t5 = drop_t5
+        self._active_role: str | None = None
         self.max_sequence_length = max_sequence_length
         self.sample_steps, self.cfg_scale = sample_steps, cfg_scale
 
@@ -134,6 +137,49 @@ class SD3Teacher(Teacher):
         if self.mode == "full" and self.trainable_dtype is not None:
             for net in self.roles.values():
                 net.to(self.trainable_dtype)
+
+    # ------------------------------------------------------------------ roles under checkpointing
+    @contextmanager
+    def as_role(self, role: str):
+        """The base's adapter switch, remembering the role (re-applied when checkpointed blocks are
+        recomputed) and restoring the enclosing role on exit."""
+        previous = self._active_role
+        try:
+            with super().as_role(role):
+                self._active_role = role
+                yield
+        finally:
+            self._active_role = previous
+            if self.mode == "lora" and previous not in (None, role):
+                with super().as_role(previous):
+                    pass
+
+    def enable_gradient_checkpointing(self, net: nn.Module) -> None:
+        """Checkpoint every transformer block, recomputing it under the role it first ran in.
+
+        In lora mode all roles share one network, and backward runs after the forward's role was
+        left (e.g. the generator's loss goes through the fake score, then through the real
+        score's features): a plain recomputation would use whatever adapter is active then and
+        give wrong gradients (torch notices only when the saved-tensor count differs).
+        """
+        def checkpoint_in_role(block, *args):
+            role = self._active_role
+
+            def run(*inputs):
+                if role is None or self.mode != "lora":
+                    return block(*inputs)
+                with self.as_role(role):
+                    return block(*inputs)
+
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+        net.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_in_role)
+
+    @property
+    def stop_forward_early(self) -> bool:
+        # an FSDP unit whose forward is aborted never reshards; its next forward then overwrites
+        # parameters that autograd saved ("modified by an inplace operation")
+        return type(self.denoiser).__name__ != "FullyShardedDataParallel"
 
     # ------------------------------------------------------------------ loading
     def _load(self, cls, subfolder: str, model: bool = True):
