@@ -72,7 +72,7 @@ def fsdp_cli():
     ckpts = sorted(Path("/tmp/fsdp_run/checkpoints").glob("*.ckpt")) if Path("/tmp/fsdp_run/checkpoints").exists() else []
     out["checkpoints"] = [c.name for c in ckpts]
     if fit.returncode or not ckpts:
-        out["fit_stderr_tail"] = fit.stderr[-1500:]
+        out["fit_error_lines"] = [line[:600] for line in fit.stderr.splitlines() if "Error" in line][-6:]
         return out
     ckpt = Path("/tmp/fsdp_run/checkpoints/last.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]

@@ -100,7 +100,8 @@ class SD3Teacher(Teacher):
         self.torch_dtype = parse_dtype(torch_dtype, "torch_dtype")
         self.trainable_dtype = parse_dtype(trainable_dtype, "trainable_dtype")
         self.drop_t5 = drop_t5
-        self._active_role: str | None = None
+        self._active_role: str | None = None  # the role of the forward in progress
+        self._applied_role: str | None = None  # the adapter state the network is in (lora mode)
         self.max_sequence_length = max_sequence_length
         self.sample_steps, self.cfg_scale = sample_steps, cfg_scale
 
@@ -142,17 +143,27 @@ class SD3Teacher(Teacher):
     @contextmanager
     def as_role(self, role: str):
         """The base's adapter switch, remembering the role (re-applied when checkpointed blocks are
-        recomputed) and restoring the enclosing role on exit."""
+        recomputed) and restoring the enclosing role on exit.
+
+        The switch walks every module of the network, so it runs only when the applied role
+        changes: checkpointed blocks re-enter their role once per block during backward.
+        """
         previous = self._active_role
         try:
-            with super().as_role(role):
-                self._active_role = role
-                yield
+            self._apply_role(role)
+            self._active_role = role
+            yield
         finally:
             self._active_role = previous
-            if self.mode == "lora" and previous not in (None, role):
-                with super().as_role(previous):
-                    pass
+            if previous is not None:
+                self._apply_role(previous)
+
+    def _apply_role(self, role: str) -> None:
+        if self.mode == "lora" and self._applied_role == role:
+            return
+        with super().as_role(role):
+            pass
+        self._applied_role = role
 
     def enable_gradient_checkpointing(self, net: nn.Module) -> None:
         """Checkpoint every transformer block, recomputing it under the role it first ran in.
