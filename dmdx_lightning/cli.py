@@ -29,7 +29,13 @@ class DMDXCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    DMDXCLI(args=args if args is not None else sys.argv[1:])
+    args = list(args if args is not None else sys.argv[1:])
+    if args[:1] == ["export"]:  # `dmdx export ...`: student -> diffusers (not a Trainer subcommand)
+        from dmdx_lightning.export import main as export_main
+
+        export_main(args[1:])
+        return
+    DMDXCLI(args=args)
 
 
 if __name__ == "__main__":

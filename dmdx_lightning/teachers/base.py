@@ -92,6 +92,9 @@ class Teacher(nn.Module):
     family: str = "base"
     schedule: NoiseSchedule
     default_lora_targets: tuple[str, ...] = ()
+    #: feature_maps skips the blocks after the deepest one needed; a family turns this off where an
+    #: aborted forward breaks a wrapper's state (e.g. FSDP units that never reshard)
+    stop_forward_early: bool = True
 
     def __init__(
         self,
@@ -294,7 +297,7 @@ class Teacher(nn.Module):
                 if i in captured:  # recomputation under gradient checkpointing
                     return
                 captured[i] = self.block_to_map(output, x_t)
-                if len(captured) == len(wanted):
+                if len(captured) == len(wanted) and self.stop_forward_early:
                     raise _StopForward
 
             return hook

@@ -1,0 +1,303 @@
+"""Stable Diffusion 3 / 3.5 teachers over diffusers' components (MMDiT, rectified flow).
+
+The teacher is loaded from a diffusers pipeline folder or hub id (``transformer/``, ``vae/``, two
+CLIP text encoders, T5, their tokenizers, ``scheduler/``). Only what differs from the
+:class:`~dmdx_lightning.teachers.base.Teacher` base lives here:
+
+- prompt encoding exactly as ``StableDiffusion3Pipeline.encode_prompt``: penultimate CLIP-L and
+  CLIP-G hidden states concatenated, zero-padded to T5 width and stacked with T5 tokens; the pooled
+  projections of both CLIPs are the ``pooled`` vector (which also conditions the discriminator
+  heads). Without T5 (``drop_t5``) its tokens are zeros, as diffusers does;
+- the flow-matching schedule with the scheduler's ``shift`` (``prediction_type = "flow"``);
+- feature maps from ``transformer_blocks``: a block returns ``(encoder_hidden_states,
+  hidden_states)`` (the last one ``(None, hidden_states)``); image tokens ``(B, N, C)`` are
+  reshaped to ``(B, C, H/p, W/p)``;
+- the VAE with its ``scaling_factor`` and ``shift_factor``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from dmdx_lightning.schedules import FlowMatchSchedule
+from dmdx_lightning.teachers.base import Conditioning, Teacher
+
+#: the config key users set to point at the weights (named in every loading error)
+CONFIG_KEY = "model.init_args.teacher.init_args.pretrained_model_name_or_path"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(value: str | torch.dtype | None, key: str) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value not in _DTYPES:
+        raise ValueError(f"{key} must be one of {sorted(_DTYPES)}, got {value!r}")
+    return _DTYPES[value]
+
+
+class SD3Teacher(Teacher):
+    """SD3-Medium, SD3.5-Medium/Large (``StableDiffusion3Pipeline`` layout) as a distillation teacher.
+
+    Args:
+        pretrained_model_name_or_path: hub id (e.g. ``stabilityai/stable-diffusion-3-medium-diffusers``)
+            or a local pipeline folder with ``transformer/``, ``vae/``, ``text_encoder*/``,
+            ``tokenizer*/`` and ``scheduler/`` subfolders.
+        revision: hub revision (branch, tag or commit) of every component.
+        variant: weight file variant of the models (e.g. ``fp16``); ``None`` for the default files.
+        torch_dtype: ``float32 | bfloat16 | float16``: dtype every frozen part is loaded in.
+        trainable_dtype: dtype of the trainable copies in ``full`` mode (``None``: same as
+            ``torch_dtype``). ``float32`` keeps fp32 master weights for the optimizer while the
+            frozen teacher stays in ``torch_dtype``; bf16 compute comes from the trainer's
+            ``precision: bf16-mixed``. In ``lora`` mode peft keeps the adapters in float32.
+        drop_t5: do not load T5 (``text_encoder_3``), saving ~9 GB in bf16 for SD3; its tokens
+            become zeros, exactly as diffusers' ``text_encoder_3=None`` (a quality cost; the
+            exported pipeline must then be run without T5 too).
+        max_sequence_length: T5 tokens per prompt (256 = the diffusers pipeline default, so the
+            exported pipeline's default call sees the same conditioning).
+        resolution: image size in pixels; latents are ``resolution / vae_scale_factor`` wide.
+        sample_steps: Euler steps of the teacher's own ODE sampler (ODE pairs, evaluation).
+        cfg_scale: the teacher's default guidance scale (7.0 for SD3-Medium, 3.5-4.5 for SD3.5).
+        **kwargs: :class:`~dmdx_lightning.teachers.base.Teacher` options: ``mode`` (``full`` or
+            ``lora``), ``lora_rank``, ``lora_alpha``, ``lora_target_modules`` (default: the
+            attention projections of both streams, as diffusers' SD3 LoRA scripts),
+            ``gradient_checkpointing``.
+    """
+
+    family = "sd3"
+    prediction_type = "flow"
+    # attention projections of the image and the text stream: diffusers' SD3 LoRA default, so the
+    # exported adapter loads with StableDiffusion3Pipeline.load_lora_weights
+    default_lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+    example_prompts = ("a photo of a cat wearing a red scarf", "an astronaut riding a horse on the moon",
+                       "a bowl of ramen, studio lighting", "a watercolor painting of a lighthouse at dawn")
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str = "stabilityai/stable-diffusion-3-medium-diffusers",
+        revision: str | None = None,
+        variant: str | None = None,
+        torch_dtype: str = "float32",
+        trainable_dtype: str | None = None,
+        drop_t5: bool = False,
+        max_sequence_length: int = 256,
+        resolution: int = 1024,
+        sample_steps: int = 28,
+        cfg_scale: float = 7.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.pretrained_model_name_or_path = str(pretrained_model_name_or_path)
+        self.revision, self.variant = revision, variant
+        self.torch_dtype = parse_dtype(torch_dtype, "torch_dtype")
+        self.trainable_dtype = parse_dtype(trainable_dtype, "trainable_dtype")
+        self.drop_t5 = drop_t5
+        self._active_role: str | None = None  # the role of the forward in progress
+        self._applied_role: str | None = None  # the adapter state the network is in (lora mode)
+        self.max_sequence_length = max_sequence_length
+        self.sample_steps, self.cfg_scale = sample_steps, cfg_scale
+
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        self.scheduler_config = dict(self._load(FlowMatchEulerDiscreteScheduler, "scheduler", model=False).config)
+        if self.scheduler_config.get("use_dynamic_shifting"):
+            raise ValueError(f"{self.pretrained_model_name_or_path}/scheduler uses resolution-dependent shifting, "
+                             "which SD3Teacher does not implement (SD3 and SD3.5 use a fixed `shift`)")
+        self.schedule = FlowMatchSchedule(shift=float(self.scheduler_config.get("shift", 1.0)),
+                                          num_train_timesteps=int(self.scheduler_config["num_train_timesteps"]))
+        self.tokenizer = self._load(CLIPTokenizer, "tokenizer", model=False)
+        self.tokenizer_2 = self._load(CLIPTokenizer, "tokenizer_2", model=False)
+        frozen = dict(text_encoder=self._load(CLIPTextModelWithProjection, "text_encoder"),
+                      text_encoder_2=self._load(CLIPTextModelWithProjection, "text_encoder_2"),
+                      vae=self._load(AutoencoderKL, "vae"))
+        self.tokenizer_3 = None
+        if not drop_t5:
+            self.tokenizer_3 = self._load(T5TokenizerFast, "tokenizer_3", model=False)
+            frozen["text_encoder_3"] = self._load(T5EncoderModel, "text_encoder_3")
+        for name, module in frozen.items():
+            setattr(self, name, module.requires_grad_(False).eval())
+        if drop_t5:
+            self.text_encoder_3 = None
+        transformer = self._load(SD3Transformer2DModel, "transformer")
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.patch_size = transformer.config.patch_size
+        if resolution % (self.vae_scale_factor * self.patch_size):
+            raise ValueError(f"resolution {resolution} must be a multiple of vae_scale_factor x patch_size = "
+                             f"{self.vae_scale_factor * self.patch_size}")
+        self.resolution = resolution
+        self.setup_roles(transformer)
+        if self.mode == "full" and self.trainable_dtype is not None:
+            for net in self.roles.values():
+                net.to(self.trainable_dtype)
+
+    # ------------------------------------------------------------------ roles under checkpointing
+    @contextmanager
+    def as_role(self, role: str):
+        """The base's adapter switch, remembering the role (re-applied when checkpointed blocks are
+        recomputed) and restoring the enclosing role on exit.
+
+        The switch walks every module of the network, so it runs only when the applied role
+        changes: checkpointed blocks re-enter their role once per block during backward.
+        """
+        previous = self._active_role
+        try:
+            self._apply_role(role)
+            self._active_role = role
+            yield
+        finally:
+            self._active_role = previous
+            if previous is not None:
+                self._apply_role(previous)
+
+    def _apply_role(self, role: str) -> None:
+        if self.mode == "lora" and self._applied_role == role:
+            return
+        with super().as_role(role):
+            pass
+        self._applied_role = role
+
+    def enable_gradient_checkpointing(self, net: nn.Module) -> None:
+        """Checkpoint every transformer block, recomputing it under the role it first ran in.
+
+        In lora mode all roles share one network, and backward runs after the forward's role was
+        left (e.g. the generator's loss goes through the fake score, then through the real
+        score's features): a plain recomputation would use whatever adapter is active then and
+        give wrong gradients (torch notices only when the saved-tensor count differs).
+        """
+        def checkpoint_in_role(block, *args):
+            role = self._active_role
+
+            def run(*inputs):
+                if role is None or self.mode != "lora":
+                    return block(*inputs)
+                with self.as_role(role):
+                    return block(*inputs)
+
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+        net.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_in_role)
+
+    @property
+    def stop_forward_early(self) -> bool:
+        # an FSDP unit whose forward is aborted never reshards; its next forward then overwrites
+        # parameters that autograd saved ("modified by an inplace operation")
+        return type(self.denoiser).__name__ != "FullyShardedDataParallel"
+
+    # ------------------------------------------------------------------ loading
+    def _load(self, cls, subfolder: str, model: bool = True):
+        """``cls.from_pretrained`` of one component, with an error that says what to do."""
+        kwargs = {"subfolder": subfolder, "revision": self.revision}
+        if model:
+            kwargs["torch_dtype"] = self.torch_dtype
+            if self.variant:
+                kwargs["variant"] = self.variant
+        source = self.pretrained_model_name_or_path
+        local = Path(source).expanduser()
+        if local.is_dir():
+            if not (local / subfolder).is_dir():
+                hint = " or set drop_t5: true to run without T5" if subfolder.endswith("_3") else ""
+                raise FileNotFoundError(
+                    f"{local} has no {subfolder}/ folder: {CONFIG_KEY} must name a diffusers SD3 pipeline folder "
+                    f"(transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/){hint}")
+            source = str(local)
+        try:
+            return cls.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as e:
+            raise OSError(
+                f"could not load {subfolder}/ of SD3 teacher {source!r} (set by {CONFIG_KEY}): {e}\n"
+                f"Either download it first (accept the model's license on huggingface.co, `hf auth login`, then "
+                f"`hf download {source}`), or set {CONFIG_KEY} to a local diffusers pipeline folder."
+            ) from e
+
+    # ------------------------------------------------------------------ prompts
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """``StableDiffusion3Pipeline.encode_prompt`` for one prompt per sample (no CFG doubling)."""
+        prompts = list(prompts)
+        device = self.denoiser_device
+        clip_tokens, pooled = [], []
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            # both CLIPs use the first tokenizer's length, as the pipeline does
+            ids = tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+            out = encoder(ids, output_hidden_states=True)
+            pooled.append(out[0])
+            clip_tokens.append(out.hidden_states[-2].to(self.text_encoder.dtype))
+        clip = torch.cat(clip_tokens, dim=-1)
+        t5 = self._t5_tokens(prompts, device)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return Conditioning(prompt_embeds=torch.cat([clip, t5], dim=-2), pooled=torch.cat(pooled, dim=-1))
+
+    def _t5_tokens(self, prompts: list[str], device) -> Tensor:
+        if self.text_encoder_3 is None:
+            width = self.denoiser.config.joint_attention_dim
+            return torch.zeros(len(prompts), self.max_sequence_length, width, device=device,
+                               dtype=self.text_encoder.dtype)
+        ids = self.tokenizer_3(prompts, padding="max_length", max_length=self.max_sequence_length,
+                               truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
+        return self.text_encoder_3(ids.to(device))[0].to(self.text_encoder_3.dtype)
+
+    # ------------------------------------------------------------------ network
+    def model_output(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        dtype = net.dtype
+        out = net(
+            hidden_states=x_t.to(dtype),
+            # float32 timesteps as the pipeline passes them (bf16 cannot tell 999 from 1000)
+            timestep=self.schedule.model_timestep(t).float(),
+            encoder_hidden_states=cond.prompt_embeds.to(dtype),
+            pooled_projections=cond.pooled.to(dtype),
+            return_dict=False,
+        )[0]
+        return out.to(x_t.dtype)
+
+    def feature_blocks(self, net: nn.Module) -> Sequence[nn.Module]:
+        return net.transformer_blocks
+
+    def block_to_map(self, output, x_t: Tensor) -> Tensor:
+        hidden = output[1]  # (encoder_hidden_states or None, hidden_states)
+        b, n, c = hidden.shape
+        h, w = x_t.shape[-2] // self.patch_size, x_t.shape[-1] // self.patch_size
+        if n != h * w:
+            raise RuntimeError(f"SD3 block gave {n} image tokens for a {h}x{w} patch grid")
+        return hidden.transpose(1, 2).reshape(b, c, h, w)
+
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        size = self.resolution // self.vae_scale_factor
+        return (batch_size, self.denoiser.config.in_channels, size, size)
+
+    # ------------------------------------------------------------------ export (dmdx_lightning.export)
+    @property
+    def pipeline_class(self):
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+
+    def diffusers_pipeline(self, transformer: nn.Module, scheduler):
+        """A ``StableDiffusion3Pipeline`` of this teacher's components around ``transformer``."""
+        return self.pipeline_class(
+            transformer=transformer, scheduler=scheduler, vae=self.vae,
+            text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+            text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3)
+
+    # ------------------------------------------------------------------ VAE
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        cfg = self.vae.config
+        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        cfg = self.vae.config
+        z = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
+        return ((z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).float()
