@@ -40,6 +40,7 @@ def test_feature_lpips_and_pairwise_mean_hand_computed():
     assert mean_pairwise_distance(x, lambda u, v: (u - v).abs(), batch_size=2) == pytest.approx(2.0)  # (1+3+2)/3
 
 
+@pytest.mark.slow
 def test_digits_metrics_real_vs_noise():
     classifier = load_classifier()
     real, labels = load_digits_data("test")
@@ -179,6 +180,7 @@ def test_lpips_diversity_callback(student):
 
 
 # ----------------------------------------------------------------------------- digits callback
+@pytest.mark.slow
 def test_digits_metrics_callback_logs_and_repeats(student):
     callback = DigitsMetricsCallback(samples_per_digit=10, diversity_samples=3)
     first = validate(student, callback)
