@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
+from unittest.mock import patch
 
 import lightning.pytorch as pl
 import torch
@@ -56,7 +57,7 @@ ADP_CONFIG = ROOT / "configs/quickstart/adp.yaml"
 PAIRS_CONFIG = ROOT / "configs/quickstart/ode_pairs.yaml"
 #: ADP-config overrides of the MSE-only ablation A1 (rectified-flow regression, no discriminators)
 A1_OVERRIDES = ["--model.init_args.mse_weight", "1.0", "--model.init_args.lambda1", "0.0",
-                "--model.init_args.lambda2", "0.0"]
+                "--model.init_args.lambda2", "0.0"]  # ADPModule's A1 setting (see its docstring)
 
 
 @dataclass(frozen=True)
@@ -155,17 +156,31 @@ def build_adm(options: dict, init_from: str | None, lr: float):
                      discriminator_optimizer=opt, init_from=init_from, **settings), None
 
 
-def build_adp(overrides: list[str], seed: int):
-    """ADPModule and its data module, exactly as ``dmdx fit --config configs/quickstart/adp.yaml``."""
+_PAIRS_MADE: set[Path] = set()
+
+
+def build_adp(overrides: list[str], seed: int, args):
+    """ADPModule and its data module, as ``dmdx fit --config configs/quickstart/adp.yaml`` builds
+    them, on pairs made once by ``dmdx predict --config configs/quickstart/ode_pairs.yaml`` into
+    the benchmark's work folder."""
     from dmdx_lightning.cli import DMDXCLI, main as dmdx
 
-    if not ADP_CONFIG.is_file():
-        raise FileNotFoundError(f"{ADP_CONFIG.relative_to(ROOT)} missing")
-    if PAIRS_CONFIG.is_file() and not getattr(build_adp, "pairs_done", False):
-        dmdx(["predict", "--config", str(PAIRS_CONFIG)])  # resumable: finished shards are skipped
-        build_adp.pairs_done = True
-    cli = DMDXCLI(args=["--config", str(ADP_CONFIG), "--seed_everything", str(seed), "--trainer.logger", "false",
-                        *overrides], run=False)
+    for config in (ADP_CONFIG, PAIRS_CONFIG):
+        if not config.is_file():
+            raise FileNotFoundError(f"{config.relative_to(ROOT)} missing")
+    pairs = Path(args.work) / "pairs"
+    if pairs not in _PAIRS_MADE:  # once per run; `dmdx predict` itself skips finished shards
+        with patch.object(sys, "argv", sys.argv[:1]):
+            dmdx(["predict", "--config", str(PAIRS_CONFIG), "--data.init_args.output_dir", str(pairs),
+                  "--data.init_args.num_pairs", str(args.adp_pairs),
+                  "--data.init_args.shard_size", str(min(256, args.adp_pairs)),
+                  "--trainer.default_root_dir", str(pairs)])
+        _PAIRS_MADE.add(pairs)
+    with patch.object(sys, "argv", sys.argv[:1]):  # the CLI reads these args only, not the benchmark's
+        cli = DMDXCLI(args=["--config", str(ADP_CONFIG), "--seed_everything", str(seed), "--trainer.logger", "false",
+                            "--trainer.default_root_dir", str(Path(args.work) / "adp"),
+                            "--data.init_args.path", str(pairs), "--data.init_args.batch_size", str(args.batch_size),
+                            *overrides], run=False)
     return cli.model, cli.datamodule
 
 
@@ -173,7 +188,7 @@ def train(arm: Arm, seed: int, iterations: int, milestones: dict[int, Path], ini
           data: PairData, args) -> tuple[Any, float]:
     pl.seed_everything(seed, verbose=False)
     if arm.method == "adp":
-        module, datamodule = build_adp(list(arm.options), seed)
+        module, datamodule = build_adp(list(arm.options), seed, args)
     else:
         module, datamodule = build_adm(arm.options, init_from, args.lr)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=10_000, logger=False, enable_checkpointing=False,
@@ -248,7 +263,7 @@ def run(args) -> dict:
     for a in selected:  # an arm that starts from another arm needs that arm too
         if a.init_from and by_name[a.init_from[0]] not in selected:
             selected.insert(selected.index(a), by_name[a.init_from[0]])
-    ckpt_dir = out / "quality_checkpoints"
+    ckpt_dir = Path(args.work) / "checkpoints"
     # checkpoints other arms start from: {(arm, seed): {iteration: path}}
     milestones: dict[tuple[str, int], dict[int, Path]] = {}
     for a in selected:
@@ -300,7 +315,7 @@ def run(args) -> dict:
     report = {
         "settings": {"budget_generator_updates": args.budget, "seeds": args.seeds, "batch_size": args.batch_size,
                      "lr": args.lr, "samples_per_digit": args.samples_per_digit, "diversity_k": args.diversity_k,
-                     "teacher_pairs": args.pairs, "quick": args.quick},
+                     "teacher_pairs": args.pairs, "adp_pairs": args.adp_pairs, "quick": args.quick},
         "machine": machine(threads), "wall_seconds": time.perf_counter() - start, "arms": results,
         "verdict": verdict(results),
     }
@@ -406,11 +421,15 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--samples-per-digit", type=int, help="default 180 (1800 samples); quick 20")
     p.add_argument("--diversity-k", type=int, help="seeds per prompt for diversity (default 10; quick 3)")
     p.add_argument("--pairs", type=int, help="teacher samples for DMD2's real branch (default 2048; quick 64)")
+    p.add_argument("--adp-pairs", type=int, help="teacher ODE pairs for the ADP arms (default 1280; quick 64)")
     p.add_argument("--threads", type=int, help="torch threads (default min(2, cores))")
     p.add_argument("--out", default=str(RESULTS), help="output folder (default benchmarks/results)")
+    p.add_argument("--work", help="checkpoints and pairs (default runs/benchmarks/quality)")
     args = p.parse_args(argv)
-    quick = {"budget": 3, "seeds": 1, "samples_per_digit": 20, "diversity_k": 3, "pairs": 64}
-    full = {"budget": 300, "seeds": 3, "samples_per_digit": 180, "diversity_k": 10, "pairs": 2048}
+    quick = {"budget": 3, "seeds": 1, "samples_per_digit": 20, "diversity_k": 3, "pairs": 64, "adp_pairs": 64}
+    full = {"budget": 300, "seeds": 3, "samples_per_digit": 180, "diversity_k": 10, "pairs": 2048,
+            "adp_pairs": 1280}
+    args.work = args.work or str(ROOT / "runs/benchmarks/quality")
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -205,3 +205,46 @@ def test_metrics_run_in_fit_validation_loop_not_in_sanity_check(digits_teacher, 
                 prompt_loader(list(DIGIT_PROMPTS[:2]), batch_size=2))
     assert calls and not any(calls)  # ran after each validation, never in the sanity check
     assert {"val/fd", "val/clip_score"} <= set(trainer.callback_metrics)
+
+
+# ----------------------------------------------------------------------------- ranks
+def _score_on_rank(rank, world_size, clip_dir, port, out):
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    from dmdx_lightning.teachers.digits import DigitsTeacher
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    module = ADMModule(DigitsTeacher(), loss="dmd")
+    trainer = SimpleNamespace(global_rank=rank, world_size=world_size)
+    prompts = list(DIGIT_PROMPTS[:5])  # 5 prompts: ranks get 3 and 2
+    clip = CLIPScoreCallback(model_name_or_path=clip_dir, prompts=prompts, batch_size=2).compute(trainer, module)
+    lp = LPIPSDiversityCallback(prompts=prompts, samples_per_prompt=2, pnet_rand=True, min_size=32)
+    torch.manual_seed(0)  # the random LPIPS backbone must be the same on every rank
+    values = {**clip, **lp.compute(trainer, module)}
+    torch.save(values, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_metrics_are_reduced_over_ranks(tiny_clip, tmp_path):
+    """2 gloo processes, each scoring its share of the prompts, log what 1 process scoring all logs."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    def port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    mp.spawn(_score_on_rank, args=(1, tiny_clip, port(), str(tmp_path / "one")), nprocs=1)
+    mp.spawn(_score_on_rank, args=(2, tiny_clip, port(), str(tmp_path / "two")), nprocs=2)
+    single = torch.load(tmp_path / "one.0")
+    ranks = [torch.load(tmp_path / f"two.{r}") for r in range(2)]
+    for key in ("clip_score", "lpips_diversity"):
+        assert ranks[0][key] == pytest.approx(single[key], rel=1e-5), key
+        assert ranks[1][key] == pytest.approx(single[key], rel=1e-5), key
