@@ -17,8 +17,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def set_threads(threads: int | None) -> int:
-    """Use at most 2 intra-op threads by default: the benchmarks are specified for 2 CPU cores."""
-    threads = threads or max(1, min(2, os.cpu_count() or 1))
+    """One intra-op thread by default: the networks here are small, and on a busy 2-core machine
+    two OpenMP threads fight the other processes (measured: an ADM iteration took 8x longer with
+    2 threads than with 1 under a load of 8)."""
+    threads = threads or 1
     torch.set_num_threads(threads)
     return threads
 

@@ -73,6 +73,7 @@ class Arm:
         init_from: ``(arm, share)``: start from ``arm``'s checkpoint after ``share`` of the budget
             and spend the rest here.
         requires: module that must import for the arm to run.
+        default: part of a plain run (``False``: only when named in ``--arms``).
     """
 
     name: str
@@ -81,6 +82,7 @@ class Arm:
     options: Any = field(default_factory=dict)
     init_from: tuple[str, float] | None = None
     requires: str | None = None
+    default: bool = True
 
 
 ARMS: tuple[Arm, ...] = (
@@ -92,6 +94,11 @@ ARMS: tuple[Arm, ...] = (
     Arm("adp", "ADP only", "adp", [], requires=ADP_MODULE),
     Arm("dmd_adp", "DMD with ADP (1/2 ADP + 1/2 DMD)", "adm", {"loss": "dmd"}, ("adp", 0.5), ADP_MODULE),
     Arm("dmdx", "DMDX = ADP + ADM (1/2 + 1/2)", "adm", {"loss": "adm"}, ("adp", 0.5), ADP_MODULE),
+    # exploratory, by name only: at dt = 1/64 the real and fake one-step moves differ by
+    # (dt / t)(x0_real - x0_fake), too little for the discriminator to separate (PAPER.md)
+    Arm("adm_dt4", "ADM without ADP, dt = 1/4 (exploratory)", "adm", {"loss": "adm", "dt": 0.25}, default=False),
+    Arm("dmdx_dt4", "DMDX with dt = 1/4 (exploratory)", "adm", {"loss": "adm", "dt": 0.25}, ("adp", 0.5),
+        ADP_MODULE, default=False),
 )
 
 METRICS = ("fd", "precision", "recall", "class_accuracy", "class_coverage", "diversity", "nfe",
@@ -258,7 +265,7 @@ def run(args) -> dict:
     threads = set_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    selected = [a for a in ARMS if not args.arms or a.name in args.arms]
+    selected = [a for a in ARMS if (a.name in args.arms if args.arms else a.default)]
     by_name = {a.name: a for a in ARMS}
     for a in selected:  # an arm that starts from another arm needs that arm too
         if a.init_from and by_name[a.init_from[0]] not in selected:
@@ -371,6 +378,8 @@ def markdown(report: dict) -> str:
         f"({m['torch_threads']} torch threads), {m['date_utc']} UTC, {report['wall_seconds'] / 60:.1f} min in all.",
         f"Every student: one step, {s['budget_generator_updates']} generator updates, batch {s['batch_size']}, "
         f"AdamW lr {s['lr']:g}; {s['seeds']} seed(s) per arm; mean ± std over seeds.",
+        *(["", "**Smoke run (`--quick`): a few updates and few samples; these numbers say nothing about "
+            "the methods. Run `python benchmarks/quality.py` for the benchmark.**"] if s["quick"] else []),
         "",
         markdown_table(header, rows),
         "",
@@ -414,15 +423,16 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--quick", action="store_true", help="smoke run: budget 3, 1 seed, few samples")
     p.add_argument("--budget", type=int, help="generator updates per student arm (default 300; quick 3)")
     p.add_argument("--seeds", type=int, help="seeds per arm (default 3; quick 1)")
-    p.add_argument("--arms", type=lambda s: s.split(","), help=f"comma list of arms (default all: "
-                   f"{','.join(a.name for a in ARMS)})")
+    p.add_argument("--arms", type=lambda s: s.split(","), help=f"comma list of arms (default: "
+                   f"{','.join(a.name for a in ARMS if a.default)}; by name only: "
+                   f"{','.join(a.name for a in ARMS if not a.default)})")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--samples-per-digit", type=int, help="default 180 (1800 samples); quick 20")
     p.add_argument("--diversity-k", type=int, help="seeds per prompt for diversity (default 10; quick 3)")
     p.add_argument("--pairs", type=int, help="teacher samples for DMD2's real branch (default 2048; quick 64)")
     p.add_argument("--adp-pairs", type=int, help="teacher ODE pairs for the ADP arms (default 1280; quick 64)")
-    p.add_argument("--threads", type=int, help="torch threads (default min(2, cores))")
+    p.add_argument("--threads", type=int, help="torch threads (default 1)")
     p.add_argument("--out", default=str(RESULTS), help="output folder (default benchmarks/results)")
     p.add_argument("--work", help="checkpoints and pairs (default runs/benchmarks/quality)")
     args = p.parse_args(argv)

@@ -264,7 +264,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: 3 timed iterations, the smallest SD3")
     p.add_argument("--iterations", type=int, default=10, help="timed training iterations (after warm-up)")
     p.add_argument("--teachers", type=lambda s: s.split(","), help=f"comma list (default all: {','.join(TEACHERS)})")
-    p.add_argument("--threads", type=int, help="torch threads (default min(2, cores))")
+    p.add_argument("--threads", type=int, help="torch threads (default 1)")
     p.add_argument("--out", default=str(RESULTS), help="output folder (default benchmarks/results)")
     args = p.parse_args(argv)
     unknown = set(args.teachers or ()) - set(TEACHERS)

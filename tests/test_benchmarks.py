@@ -40,7 +40,7 @@ def test_quality_arm_status_reports_missing_modules_and_dependencies():
         "not run (needs arm 'adp', which did not run)"
     assert q.arm_status(chained, {"adp": {"status": "ok"}}) is None
     # the ADP arms are exactly those that need ADPModule, so they switch on with it
-    assert {a.name for a in q.ARMS if a.requires == q.ADP_MODULE} == {"a1_mse", "adp", "dmd_adp", "dmdx"}
+    assert {a.name for a in q.ARMS if a.requires == q.ADP_MODULE and a.default} == {"a1_mse", "adp", "dmd_adp", "dmdx"}
 
 
 @pytest.mark.slow
