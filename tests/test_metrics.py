@@ -248,3 +248,11 @@ def test_metrics_are_reduced_over_ranks(tiny_clip, tmp_path):
     for key in ("clip_score", "lpips_diversity"):
         assert ranks[0][key] == pytest.approx(single[key], rel=1e-5), key
         assert ranks[1][key] == pytest.approx(single[key], rel=1e-5), key
+
+
+def test_callback_warns_when_the_fit_has_no_validation_loop(digits_teacher):
+    callback = DigitsMetricsCallback(samples_per_digit=5, diversity_samples=0)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    with pytest.warns(UserWarning, match="DigitsMetricsCallback never ran"):
+        trainer.fit(ADMModule(digits_teacher, loss="dmd"), prompt_loader(list(DIGIT_PROMPTS), batch_size=4))

@@ -283,20 +283,21 @@ class _ValidationMetric(pl.Callback):
         self.prompts = list(prompts)[:max_prompts]
         self.seed, self.batch_size = seed, batch_size
         self.run_on_sanity_check = run_on_sanity_check
-        self._warned = False
+        self._ran = False
 
     def _shard(self, trainer, items: Sequence) -> list:
         return list(items)[trainer.global_rank::trainer.world_size]
 
-    def on_train_start(self, trainer, module) -> None:
-        if not sum(trainer.num_val_batches or [0]) and not self._warned:
-            self._warned = True
-            rank_zero_warn(f"{type(self).__name__} runs in the validation loop, which this run does not have: "
-                           "give the data module validation prompts (PromptDataModule val_fraction or val_file)")
+    def on_train_end(self, trainer, module) -> None:
+        if not self._ran:
+            rank_zero_warn(f"{type(self).__name__} never ran: it runs in the validation loop, which this fit did "
+                           "not reach. Give the data module validation prompts (PromptDataModule val_fraction or "
+                           "val_file) and check trainer.val_check_interval / check_val_every_n_epoch.")
 
     def on_validation_epoch_end(self, trainer, module) -> None:
         if trainer.sanity_checking and not self.run_on_sanity_check:
             return
+        self._ran = True
         values = self.compute(trainer, module)
         module.log_dict({f"val/{k}": float(v) for k, v in values.items()}, sync_dist=True,
                         batch_size=1)
