@@ -140,6 +140,11 @@ class DistillationModule(pl.LightningModule):
         self.iteration += 1
         self.log("train/iteration", self.iteration.float(), batch_size=len(cond))
 
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Nothing per batch: validation metrics are callbacks (``callbacks/metrics.py``) that
+        sample fixed prompts and seeds at the end of the validation epoch. Defining this step
+        turns Lightning's validation loop on when the data module has validation prompts."""
+
     def _finite(self, loss: Tensor, player: str) -> bool:
         if torch.isfinite(loss).item():
             self.nonfinite_streak.zero_()

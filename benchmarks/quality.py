@@ -1,0 +1,457 @@
+"""Quality benchmark on the built-in digits teacher: the paper's ablation arms, measured on a CPU.
+
+    python benchmarks/quality.py            # full run: 8 arms x 3 seeds, about 20 min on 2 cores
+    python benchmarks/quality.py --quick    # smoke run: tiny budget, 1 seed, few samples
+
+Every student arm gets the same number of generator updates (``--budget``, default 300, batch
+32, AdamW lr 1e-4, betas (0, 0.99)); an arm that chains two stages (DMD with ADP, DMDX) spends
+half of its budget in ADP (the ``adp`` arm's own checkpoint at that point, so the stages are the
+same runs) and half in the second stage. All students are one-step and start from the teacher's
+weights. Per arm and seed the student is scored on fixed noise seeds (shared by all arms):
+
+- FD: Frechet distance on the frozen digits classifier's features against the 1797 real digits;
+- precision / recall: k-NN (k=3) improved precision and recall (Kynkaanniemi et al. 2019) on the
+  same features (1800 samples against 1797 real digits);
+- class accuracy / coverage: share classified as the prompted digit / digits hit at least once;
+- diversity: per digit prompt, ``--diversity-k`` samples from as many seeds, mean pairwise
+  LPIPS-style distance on the digits classifier's feature maps (the unweighted "baseline" LPIPS
+  of Zhang et al. 2018 with the classifier as backbone; pixel LPIPS networks cannot read 8x8
+  images);
+- NFE (network evaluations per sample; CFG counts 2 per step) and seconds per sample.
+
+The arm list (:data:`ARMS`) is data: an arm names its method, options, the module it needs and
+the arm it starts from. Arms whose module does not import (ADPModule, written on another branch)
+are reported as "not run" instead of failing the benchmark; an arm that fails reports its error.
+Writes ``quality.md`` (mean and std per arm), ``quality.json`` and ``quality_samples.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+from unittest.mock import patch
+
+import lightning.pytorch as pl
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, Stopwatch, machine, markdown_table, mean_std, missing_module, set_threads, write_json  # noqa: E402
+
+from dmdx_lightning.callbacks.metrics import digits_diversity, digits_metrics  # noqa: E402
+from dmdx_lightning.callbacks.samples import fixed_noise  # noqa: E402
+from dmdx_lightning.data.prompts import read_prompts  # noqa: E402
+from dmdx_lightning.teachers.digits import DIGIT_PROMPTS, NUM_CLASSES, DigitsTeacher, load_classifier  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT_FILE = ROOT / "configs/prompts/digits.txt"
+ADP_MODULE = "dmdx_lightning.methods.adp"
+# ADP's options live on its branch; its quickstart configs are the contract the benchmark uses
+ADP_CONFIG = ROOT / "configs/quickstart/adp.yaml"
+PAIRS_CONFIG = ROOT / "configs/quickstart/ode_pairs.yaml"
+#: ADP-config overrides of the MSE-only ablation A1 (rectified-flow regression, no discriminators)
+A1_OVERRIDES = ["--model.init_args.mse_weight", "1.0", "--model.init_args.lambda1", "0.0",
+                "--model.init_args.lambda2", "0.0"]  # ADPModule's A1 setting (see its docstring)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row of the benchmark.
+
+    Args:
+        name: short key (JSON, table).
+        title: what the row is, in words.
+        method: ``teacher`` (no training), ``adm`` (ADMModule; ``options`` are its init options)
+            or ``adp`` (ADPModule from :data:`ADP_CONFIG`; ``options`` are CLI overrides).
+        options: see ``method``.
+        init_from: ``(arm, share)``: start from ``arm``'s checkpoint after ``share`` of the budget
+            and spend the rest here.
+        requires: module that must import for the arm to run.
+        default: part of a plain run (``False``: only when named in ``--arms``).
+    """
+
+    name: str
+    title: str
+    method: str
+    options: Any = field(default_factory=dict)
+    init_from: tuple[str, float] | None = None
+    requires: str | None = None
+    default: bool = True
+
+
+ARMS: tuple[Arm, ...] = (
+    Arm("teacher", "teacher, 16 Euler steps, CFG 2", "teacher"),
+    Arm("dmd", "DMD without ADP", "adm", {"loss": "dmd"}),
+    Arm("dmd2", "DMD2 without ADP (TTUR 1)", "adm", {"loss": "dmd2"}),
+    Arm("adm", "ADM without ADP (dt = 1/64)", "adm", {"loss": "adm"}),
+    Arm("a1_mse", "MSE-only pre-training (ablation A1)", "adp", A1_OVERRIDES, requires=ADP_MODULE),
+    Arm("adp", "ADP only", "adp", [], requires=ADP_MODULE),
+    Arm("dmd_adp", "DMD with ADP (1/2 ADP + 1/2 DMD)", "adm", {"loss": "dmd"}, ("adp", 0.5), ADP_MODULE),
+    Arm("dmdx", "DMDX = ADP + ADM (1/2 + 1/2)", "adm", {"loss": "adm"}, ("adp", 0.5), ADP_MODULE),
+    # exploratory, by name only: at dt = 1/64 the real and fake one-step moves differ by
+    # (dt / t)(x0_real - x0_fake), too little for the discriminator to separate (PAPER.md)
+    Arm("adm_dt4", "ADM without ADP, dt = 1/4 (exploratory)", "adm", {"loss": "adm", "dt": 0.25}, default=False),
+    Arm("dmdx_dt4", "DMDX with dt = 1/4 (exploratory)", "adm", {"loss": "adm", "dt": 0.25}, ("adp", 0.5),
+        ADP_MODULE, default=False),
+)
+
+METRICS = ("fd", "precision", "recall", "class_accuracy", "class_coverage", "diversity", "nfe",
+           "seconds_per_sample")
+
+
+# ----------------------------------------------------------------------------------- data
+class PairData(torch.utils.data.Dataset):
+    """Prompts with teacher ODE samples: ``x0`` stands in for real images where a method needs
+    them (DMD2's GAN); the other ADM-family losses read only ``prompt``."""
+
+    def __init__(self, teacher: DigitsTeacher, count: int, seed: int = 12345) -> None:
+        prompts = read_prompts(PROMPT_FILE)
+        self.prompts = [prompts[i % len(prompts)] for i in range(count)]
+        noise = fixed_noise(teacher.latent_shape(count), [seed + i for i in range(count)])
+        with torch.no_grad():
+            self.x0 = teacher.sample_ode(noise, teacher.encode_prompts(self.prompts), teacher.sample_steps,
+                                         teacher.cfg_scale)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"prompt": self.prompts[i], "index": i, "x0": self.x0[i]}
+
+
+def loader(data: PairData, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
+    def collate(items):
+        return {"prompt": [x["prompt"] for x in items], "index": torch.tensor([x["index"] for x in items]),
+                "x0": torch.stack([x["x0"] for x in items])}
+
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
+                                       collate_fn=collate, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------- training
+class StopAfter(pl.Callback):
+    """Stop after ``iterations`` module iterations; save checkpoints at the given iterations."""
+
+    def __init__(self, iterations: int, milestones: dict[int, Path]) -> None:
+        self.iterations, self.milestones = iterations, milestones
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        it = int(module.iteration)
+        if it in self.milestones:
+            trainer.save_checkpoint(self.milestones[it])
+        if it >= self.iterations:
+            trainer.should_stop = True
+
+
+def build_adm(options: dict, init_from: str | None, lr: float):
+    from dmdx_lightning.discriminators.latent import LatentDiscriminator
+    from dmdx_lightning.methods.adm import ADMModule
+
+    loss = options["loss"]
+    opt = partial(torch.optim.AdamW, lr=lr, betas=(0.0, 0.99), weight_decay=0.0)
+    # the quickstart's discriminator: heads on a middle and the last residual block
+    disc = None if loss == "dmd" else LatentDiscriminator(
+        layers=[1, 3], head_channels=64, backbone_role="fake" if loss == "dmd2" else "real")
+    settings = dict(dt=1.0 / 64, real_cfg_scale=2.0, update_ratio=1, student_steps=1) | options
+    return ADMModule(DigitsTeacher(mode="full"), disc, generator_optimizer=opt, fake_score_optimizer=opt,
+                     discriminator_optimizer=opt, init_from=init_from, **settings), None
+
+
+_PAIRS_MADE: set[Path] = set()
+
+
+def build_adp(overrides: list[str], seed: int, args):
+    """ADPModule and its data module, as ``dmdx fit --config configs/quickstart/adp.yaml`` builds
+    them, on pairs made once by ``dmdx predict --config configs/quickstart/ode_pairs.yaml`` into
+    the benchmark's work folder."""
+    from dmdx_lightning.cli import DMDXCLI, main as dmdx
+
+    for config in (ADP_CONFIG, PAIRS_CONFIG):
+        if not config.is_file():
+            raise FileNotFoundError(f"{config.relative_to(ROOT)} missing")
+    pairs = Path(args.work) / "pairs"
+    if pairs not in _PAIRS_MADE:  # once per run; `dmdx predict` itself skips finished shards
+        with patch.object(sys, "argv", sys.argv[:1]):
+            dmdx(["predict", "--config", str(PAIRS_CONFIG), "--data.init_args.output_dir", str(pairs),
+                  "--data.init_args.num_pairs", str(args.adp_pairs),
+                  "--data.init_args.shard_size", str(min(256, args.adp_pairs)),
+                  "--trainer.default_root_dir", str(pairs)])
+        _PAIRS_MADE.add(pairs)
+    with patch.object(sys, "argv", sys.argv[:1]):  # the CLI reads these args only, not the benchmark's
+        cli = DMDXCLI(args=["--config", str(ADP_CONFIG), "--seed_everything", str(seed), "--trainer.logger", "false",
+                            "--trainer.default_root_dir", str(Path(args.work) / "adp"),
+                            "--data.init_args.path", str(pairs), "--data.init_args.batch_size", str(args.batch_size),
+                            *overrides], run=False)
+    return cli.model, cli.datamodule
+
+
+def train(arm: Arm, seed: int, iterations: int, milestones: dict[int, Path], init_from: str | None,
+          data: PairData, args) -> tuple[Any, float]:
+    pl.seed_everything(seed, verbose=False)
+    if arm.method == "adp":
+        module, datamodule = build_adp(list(arm.options), seed, args)
+    else:
+        module, datamodule = build_adm(arm.options, init_from, args.lr)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=10_000, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, callbacks=[StopAfter(iterations, milestones)])
+    with Stopwatch() as sw:
+        if datamodule is not None:
+            trainer.fit(module, datamodule=datamodule)
+        else:
+            trainer.fit(module, loader(data, args.batch_size, seed))
+    if int(module.iteration) < iterations:
+        raise RuntimeError(f"training stopped after {int(module.iteration)} of {iterations} iterations")
+    return module.eval(), sw.seconds
+
+
+# ----------------------------------------------------------------------------------- scoring
+def evaluate(sample: Callable, nfe: int, seed: int, args, classifier) -> tuple[dict, torch.Tensor]:
+    """Score one model on the noise seeds of run ``seed`` (identical for every arm)."""
+    teacher_shape = (1, 8, 8)
+    n, k = args.samples_per_digit, args.diversity_k
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(n)
+    prompts = [DIGIT_PROMPTS[int(c)] for c in labels]
+    base = 1_000_000 * (seed + 1)
+    noise = fixed_noise((len(prompts), *teacher_shape), [base + i for i in range(len(prompts))])
+    with torch.no_grad(), Stopwatch() as sw:
+        x = sample(prompts, noise)
+    values = digits_metrics(x, labels, classifier)
+    div_prompts = [p for p in DIGIT_PROMPTS for _ in range(k)]
+    div_noise = fixed_noise((len(div_prompts), *teacher_shape), [base + 500_000 + i for i in range(len(div_prompts))])
+    with torch.no_grad():
+        xd = sample(div_prompts, div_noise)
+    values["diversity"] = digits_diversity(xd.view(NUM_CLASSES, k, *xd.shape[1:]), classifier)
+    values.update(nfe=nfe, seconds_per_sample=sw.seconds / len(prompts))
+    grid = xd.view(NUM_CLASSES, k, *xd.shape[1:])[:, : min(k, 6)].transpose(0, 1).reshape(-1, *xd.shape[1:])
+    return values, grid
+
+
+def teacher_sampler(teacher: DigitsTeacher):
+    def sample(prompts, noise):
+        return teacher.decode(teacher.sample_ode(noise, teacher.encode_prompts(prompts), teacher.sample_steps,
+                                                 teacher.cfg_scale))
+
+    return sample, teacher.sample_steps * (2 if teacher.cfg_scale != 1.0 else 1)
+
+
+def student_sampler(module, seed: int):
+    def sample(prompts, noise):
+        gen = torch.Generator().manual_seed(seed)
+        return module.teacher.decode(module.sample(module.teacher.encode_prompts(prompts), noise, generator=gen))
+
+    return sample, len(module.student_timesteps)
+
+
+# ----------------------------------------------------------------------------------- the run
+def arm_status(arm: Arm, done: dict[str, dict]) -> str | None:
+    """Why ``arm`` cannot run (``None`` if it can)."""
+    why = missing_module(arm.requires)
+    if why:
+        short = arm.requires.rsplit(".", 1)[-1]
+        return f"not run ({'ADPModule' if short == 'adp' else short} missing: {why})"
+    if arm.init_from and done.get(arm.init_from[0], {}).get("status") != "ok":
+        return f"not run (needs arm {arm.init_from[0]!r}, which did not run)"
+    return None
+
+
+def run(args) -> dict:
+    threads = set_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    selected = [a for a in ARMS if (a.name in args.arms if args.arms else a.default)]
+    by_name = {a.name: a for a in ARMS}
+    for a in selected:  # an arm that starts from another arm needs that arm too
+        if a.init_from and by_name[a.init_from[0]] not in selected:
+            selected.insert(selected.index(a), by_name[a.init_from[0]])
+    ckpt_dir = Path(args.work) / "checkpoints"
+    # checkpoints other arms start from: {(arm, seed): {iteration: path}}
+    milestones: dict[tuple[str, int], dict[int, Path]] = {}
+    for a in selected:
+        if a.init_from:
+            src, share = a.init_from
+            for seed in range(args.seeds):
+                it = max(1, round(share * args.budget))
+                milestones.setdefault((src, seed), {})[it] = ckpt_dir / f"{src}_seed{seed}_it{it}.ckpt"
+    classifier = load_classifier()
+    start = time.perf_counter()
+    data = None
+    results: dict[str, dict] = {}
+    grids: dict[str, torch.Tensor] = {}
+    for arm in selected:
+        status = arm_status(arm, results)
+        results[arm.name] = {"title": arm.title, "status": status or "ok", "runs": []}
+        if status:
+            print(f"[{arm.name}] {status}", flush=True)
+            continue
+        try:
+            for seed in range(args.seeds):
+                if arm.method == "teacher":
+                    teacher = DigitsTeacher(mode="full")
+                    sample, nfe = teacher_sampler(teacher)
+                    train_s = 0.0
+                else:
+                    if data is None:
+                        data = PairData(DigitsTeacher(mode="full"), args.pairs)
+                    init_from, own = None, args.budget
+                    if arm.init_from:
+                        src, share = arm.init_from
+                        first = max(1, round(share * args.budget))
+                        init_from, own = str(milestones[(src, seed)][first]), args.budget - first
+                    module, train_s = train(arm, seed, own, milestones.get((arm.name, seed), {}), init_from, data, args)
+                    sample, nfe = student_sampler(module, seed)
+                values, grid = evaluate(sample, nfe, seed, args, classifier)
+                values.update(seed=seed, train_seconds=train_s)
+                results[arm.name]["runs"].append(values)
+                grids.setdefault(arm.name, grid)
+                print(f"[{arm.name}] seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()
+                                                               if isinstance(v, float)), flush=True)
+        except Exception as e:  # report and go on with the other arms
+            traceback.print_exc()
+            results[arm.name]["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        runs = results[arm.name]["runs"]
+        if runs and results[arm.name]["status"] == "ok":
+            results[arm.name]["mean"] = {m: mean_std(r[m] for r in runs)[0] for m in METRICS + ("train_seconds",)}
+            results[arm.name]["std"] = {m: mean_std(r[m] for r in runs)[1] for m in METRICS + ("train_seconds",)}
+    report = {
+        "settings": {"budget_generator_updates": args.budget, "seeds": args.seeds, "batch_size": args.batch_size,
+                     "lr": args.lr, "samples_per_digit": args.samples_per_digit, "diversity_k": args.diversity_k,
+                     "teacher_pairs": args.pairs, "adp_pairs": args.adp_pairs, "quick": args.quick},
+        "machine": machine(threads), "wall_seconds": time.perf_counter() - start, "arms": results,
+        "verdict": verdict(results),
+    }
+    write_json(out / "quality.json", report)
+    (out / "quality.md").write_text(markdown(report))
+    if grids:
+        save_grids(grids, results, out / "quality_samples.png", args.diversity_k)
+    print(markdown(report))
+    return report
+
+
+def verdict(results: dict[str, dict]) -> str:
+    """Did DMDX beat DMD and DMD2 on recall and diversity at equal or better FD? In words."""
+    dmdx = results.get("dmdx", {})
+    if dmdx.get("status") != "ok":
+        return f"No verdict: DMDX {dmdx.get('status', 'not selected')}."
+    lines = []
+    for name in ("dmd", "dmd2"):
+        other = results.get(name, {})
+        if other.get("status") != "ok":
+            lines.append(f"{name.upper()}: {other.get('status', 'not selected')}.")
+            continue
+        a, b = dmdx["mean"], other["mean"]
+        fd_ok = a["fd"] <= b["fd"]
+        wins = [m for m in ("recall", "diversity") if a[m] > b[m]]
+        beat = fd_ok and len(wins) == 2
+        lines.append(
+            f"DMDX {'beat' if beat else 'did not beat'} {name.upper()}: FD {a['fd']:.2f} vs {b['fd']:.2f} "
+            f"({'equal or better' if fd_ok else 'worse'}), recall {a['recall']:.3f} vs {b['recall']:.3f}, "
+            f"diversity {a['diversity']:.4f} vs {b['diversity']:.4f} (means over seeds).")
+    return " ".join(lines)
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    fmt = {"fd": ".2f", "precision": ".3f", "recall": ".3f", "class_accuracy": ".3f", "class_coverage": ".2f",
+           "diversity": ".4f", "nfe": ".0f", "seconds_per_sample": ".2e", "train_seconds": ".0f"}
+    header = ["arm", "FD (lower better)", "precision", "recall", "class accuracy", "coverage", "diversity",
+              "NFE", "s / sample", "train s", "runs"]
+    rows = []
+    for name, r in report["arms"].items():
+        if r["status"] != "ok":
+            rows.append([f"{name}: {r['title']}", r["status"], *[""] * (len(header) - 2)])
+            continue
+        cells = [f"{r['mean'][m]:{fmt[m]}} ± {r['std'][m]:{fmt[m]}}" if m not in ("nfe",) else f"{r['mean'][m]:.0f}"
+                 for m in METRICS + ("train_seconds",)]
+        rows.append([f"{name}: {r['title']}", *cells, len(r["runs"])])
+    m = report["machine"]
+    return "\n".join([
+        "# Quality benchmark (digits teacher)",
+        "",
+        f"`python benchmarks/quality.py{' --quick' if s['quick'] else ''}` on {m['cpu_count']} CPU cores "
+        f"({m['torch_threads']} torch threads), {m['date_utc']} UTC, {report['wall_seconds'] / 60:.1f} min in all.",
+        f"Every student: one step, {s['budget_generator_updates']} generator updates, batch {s['batch_size']}, "
+        f"AdamW lr {s['lr']:g}; {s['seeds']} seed(s) per arm; mean ± std over seeds.",
+        *(["", "**Smoke run (`--quick`): a few updates and few samples; these numbers say nothing about "
+            "the methods. Run `python benchmarks/quality.py` for the benchmark.**"] if s["quick"] else []),
+        "",
+        markdown_table(header, rows),
+        "",
+        f"**Verdict.** {report['verdict']}",
+        "",
+        "Metrics: FD on the frozen digits classifier's features vs the 1797 real digits; precision / recall: "
+        "k-NN (k=3, Kynkaanniemi et al. 2019) on the same features; class accuracy / coverage from the "
+        f"classifier ({s['samples_per_digit']} samples per digit); diversity: mean pairwise LPIPS-style "
+        f"distance on the classifier's feature maps (unweighted LPIPS, classifier backbone) over "
+        f"{s['diversity_k']} seeds per digit prompt; NFE counts CFG as 2 per step; s / sample: batched "
+        "sampling on this CPU; train s: wall time of the arm's own training stage.",
+        "",
+    ])
+
+
+def save_grids(grids: dict[str, torch.Tensor], results: dict, path: Path, k: int) -> None:
+    """One panel per arm (rows: seeds, columns: digits 0-9), titled, in one PNG."""
+    from PIL import Image, ImageDraw
+
+    panels = []
+    for name, grid in grids.items():
+        img = torchvision.utils.make_grid(((grid.float().clamp(-1, 1) + 1) / 2), nrow=NUM_CLASSES, padding=1)
+        img = torch.nn.functional.interpolate(img[None], scale_factor=4, mode="nearest")[0]
+        pil = Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+        canvas = Image.new("RGB", (max(pil.width, 300), pil.height + 16), "white")
+        canvas.paste(pil, (0, 16))
+        ImageDraw.Draw(canvas).text((2, 2), results[name]["title"], fill="black")
+        panels.append(canvas)
+    cols = 2
+    w = max(p.width for p in panels) + 8
+    h = max(p.height for p in panels) + 8
+    sheet = Image.new("RGB", (cols * w, -(-len(panels) // cols) * h), "white")
+    for i, p in enumerate(panels):
+        sheet.paste(p, ((i % cols) * w, (i // cols) * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def parse_args(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: budget 3, 1 seed, few samples")
+    p.add_argument("--budget", type=int, help="generator updates per student arm (default 300; quick 3)")
+    p.add_argument("--seeds", type=int, help="seeds per arm (default 3; quick 1)")
+    p.add_argument("--arms", type=lambda s: s.split(","), help=f"comma list of arms (default: "
+                   f"{','.join(a.name for a in ARMS if a.default)}; by name only: "
+                   f"{','.join(a.name for a in ARMS if not a.default)})")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--samples-per-digit", type=int, help="default 180 (1800 samples); quick 20")
+    p.add_argument("--diversity-k", type=int, help="seeds per prompt for diversity (default 10; quick 3)")
+    p.add_argument("--pairs", type=int, help="teacher samples for DMD2's real branch (default 2048; quick 64)")
+    p.add_argument("--adp-pairs", type=int, help="teacher ODE pairs for the ADP arms (default 1280; quick 64)")
+    p.add_argument("--threads", type=int, help="torch threads (default 1)")
+    p.add_argument("--out", default=str(RESULTS), help="output folder (default benchmarks/results)")
+    p.add_argument("--work", help="checkpoints and pairs (default runs/benchmarks/quality)")
+    args = p.parse_args(argv)
+    quick = {"budget": 3, "seeds": 1, "samples_per_digit": 20, "diversity_k": 3, "pairs": 64, "adp_pairs": 64}
+    full = {"budget": 300, "seeds": 3, "samples_per_digit": 180, "diversity_k": 10, "pairs": 2048,
+            "adp_pairs": 1280}
+    args.work = args.work or str(ROOT / "runs/benchmarks/quality")
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = set(args.arms or ()) - {a.name for a in ARMS}
+    if unknown:
+        p.error(f"unknown arms {sorted(unknown)}; choose from {[a.name for a in ARMS]}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

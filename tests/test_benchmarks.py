@@ -1,0 +1,79 @@
+"""The CPU benchmarks: their report logic on hand-made results, and each `--quick` path end to end."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def arm(fd, recall, diversity):
+    return {"status": "ok", "mean": {"fd": fd, "recall": recall, "diversity": diversity}}
+
+
+def test_quality_verdict_reads_both_ways():
+    q = load("quality")
+    results = {"dmd": arm(30.0, 0.40, 0.10), "dmd2": arm(25.0, 0.50, 0.12), "dmdx": arm(28.0, 0.55, 0.15)}
+    text = q.verdict(results)
+    assert "DMDX beat DMD:" in text  # better FD, recall and diversity than DMD
+    assert "DMDX did not beat DMD2: FD 28.00 vs 25.00 (worse)" in text
+    assert q.verdict({"dmdx": {"status": "not run (ADPModule missing: x)"}}).startswith("No verdict: DMDX not run")
+
+
+def test_quality_arm_status_reports_missing_modules_and_dependencies():
+    q = load("quality")
+    missing = q.Arm("x", "x", "adp", requires="dmdx_lightning.methods.no_such_module")
+    assert q.arm_status(missing, {}).startswith("not run (no_such_module missing: ModuleNotFoundError")
+    chained = q.Arm("y", "y", "adm", {"loss": "dmd"}, init_from=("adp", 0.5))
+    assert q.arm_status(chained, {"adp": {"status": "not run (ADPModule missing)"}}) == \
+        "not run (needs arm 'adp', which did not run)"
+    assert q.arm_status(chained, {"adp": {"status": "ok"}}) is None
+    # the ADP arms are exactly those that need ADPModule, so they switch on with it
+    assert {a.name for a in q.ARMS if a.requires == q.ADP_MODULE and a.default} == {"a1_mse", "adp", "dmd_adp", "dmdx"}
+
+
+@pytest.mark.slow
+def test_quality_quick_writes_results(tmp_path):
+    q = load("quality")
+    adp_missing = q.missing_module(q.ADP_MODULE) is not None
+    arms = "teacher,dmd,dmd2,adm" + (",dmdx" if adp_missing else "")  # ADP arms: their own quickstart cost
+    report = q.main(["--quick", "--arms", arms, "--budget", "2", "--samples-per-digit", "8", "--diversity-k", "2",
+                     "--pairs", "32", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert saved["arms"].keys() == report["arms"].keys()
+    for name in ("teacher", "dmd", "dmd2", "adm"):
+        r = saved["arms"][name]
+        assert r["status"] == "ok" and len(r["runs"]) == 1, r["status"]
+        assert r["mean"]["fd"] > 0 and 0 <= r["mean"]["recall"] <= 1 and r["mean"]["diversity"] > 0
+    assert saved["arms"]["teacher"]["mean"]["nfe"] == 32 and saved["arms"]["dmd"]["mean"]["nfe"] == 1
+    if adp_missing:  # dmdx pulled in the adp arm it starts from; both say why they did not run
+        assert saved["arms"]["adp"]["status"].startswith("not run (ADPModule missing")
+        assert saved["arms"]["dmdx"]["status"].startswith("not run (ADPModule missing")
+        assert "No verdict" in saved["verdict"]
+    table = (tmp_path / "quality.md").read_text()
+    assert "| dmd2: DMD2 without ADP (TTUR 1) |" in table and "Verdict" in table
+    assert (tmp_path / "quality_samples.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_speed_quick_writes_results(tmp_path):
+    s = load("speed")
+    report = s.main(["--quick", "--iterations", "2", "--out", str(tmp_path), "--teachers", "digits"])
+    digits = json.loads((tmp_path / "speed.json").read_text())["teachers"]["digits"]
+    assert digits == json.loads(json.dumps(report["teachers"]["digits"]))
+    assert digits["sampling"]["teacher_nfe"] == 32 and digits["sampling"]["speedup"] > 1
+    t = digits["training"]
+    assert set(t["parts_seconds"]) >= {"student sample", "generator forward", "discriminator backward"}
+    assert t["overhead_ratio"] == pytest.approx(t["lightning_iteration_seconds"] / t["sum_of_parts_seconds"])
+    assert "overhead ratio" in (tmp_path / "speed.md").read_text()
