@@ -90,20 +90,20 @@ def test_resume_from_another_teacher_family_is_refused(digits_ckpt, tmp_path):
 def test_init_from_another_teacher_family_is_refused(digits_ckpt, tmp_path):
     bad = _other_family(digits_ckpt, tmp_path / "sd3.ckpt")
     with pytest.raises(ValueError, match=f"{bad}.*teacher family 'sd3'"):
-        make_adm(init_from=str(bad))
+        make_adm(init_from=str(bad)).setup("fit")  # init_from resolves at setup
 
 
 def test_checkpoint_of_another_teacher_mode_is_refused(digits_ckpt, tmp_path):
     # a real checkpoint of the same family in another mode (full vs LoRA adapters)
     with pytest.raises(ValueError, match=r"\(full mode\).*\(lora mode\)"):
-        make_adm(mode="lora", init_from=str(digits_ckpt))
+        make_adm(mode="lora", init_from=str(digits_ckpt)).setup("fit")
     with pytest.raises(ValueError, match=r"\(full mode\).*\(lora mode\)"):
         trainer(tmp_path, 6).fit(make_adm(mode="lora"), data(), ckpt_path=str(digits_ckpt))
 
 
 def test_init_from_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="init_from checkpoint .*missing.ckpt does not exist"):
-        make_adm(init_from=str(tmp_path / "missing.ckpt"))
+        make_adm(init_from=str(tmp_path / "missing.ckpt")).setup("fit")
 
 
 # -------------------------------------------------------------------------------- prompt files
@@ -202,7 +202,7 @@ def test_checkpoints_with_pickled_objects_are_never_unpickled(digits_ckpt, tmp_p
     with pytest.raises(pickle.UnpicklingError):
         trainer(tmp_path, 6, plugins=[AtomicCheckpointIO()]).fit(make_adm(), data(), ckpt_path=str(evil))
     with pytest.raises(pickle.UnpicklingError):
-        make_adm(init_from=str(evil))
+        make_adm(init_from=str(evil)).setup("fit")
     with pytest.raises(ValueError, match="never unpickles"):
         AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)
     assert not flag.exists()
