@@ -97,6 +97,7 @@ def test_feature_maps_shapes_gradients_and_early_stop(lora_teacher):
     assert x_t.grad is not None and x_t.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_keeps_gradients(tiny_sd3_dir):
     teacher = SD3Teacher(str(tiny_sd3_dir), mode="lora", gradient_checkpointing=True, **TINY_SD3)
     assert teacher.denoiser.gradient_checkpointing
@@ -199,6 +200,7 @@ def run_player(module, player, steps=1):
     return {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss,player,prefix", [
     ("adm", "generator", ".student."),
     ("adm", "fake_score", ".fake."),
@@ -215,6 +217,7 @@ def test_player_steps_on_sd3_lora(tiny_sd3_dir, loss, player, prefix):
     assert all("lora_" in n for n in diff if n.startswith("teacher."))
 
 
+@pytest.mark.slow
 def test_full_mode_generator_step_on_sd3(tiny_sd3_dir):
     teacher = SD3Teacher(str(tiny_sd3_dir), mode="full", **TINY_SD3)
     diff = run_player(make_module(teacher, "adm"), "generator")
@@ -234,6 +237,7 @@ def generator_grads(tiny_sd3_dir, checkpointing):
     return torch.cat([p.grad.flatten() for p in teacher.trainable_parameters("student")])
 
 
+@pytest.mark.slow
 def test_lora_checkpointing_recomputes_blocks_in_their_role(tiny_sd3_dir):
     """ADM's generator loss runs the fake score (student adapters off, fake on), then the real score's
     features (adapters off); backward recomputes checkpointed blocks after those switches. The
