@@ -49,7 +49,7 @@ def test_quality_quick_writes_results(tmp_path):
     adp_missing = q.missing_module(q.ADP_MODULE) is not None
     arms = "teacher,dmd,dmd2,adm" + (",dmdx" if adp_missing else "")  # ADP arms: their own quickstart cost
     report = q.main(["--quick", "--arms", arms, "--budget", "2", "--samples-per-digit", "8", "--diversity-k", "2",
-                     "--pairs", "32", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+                     "--pairs", "32", "--jobs", "1", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved["arms"].keys() == report["arms"].keys()
     for name in ("teacher", "dmd", "dmd2", "adm"):
