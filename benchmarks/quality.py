@@ -3,6 +3,9 @@
     python benchmarks/quality.py            # full run: 8 arms x 3 seeds, about 20 min on 2 cores
     python benchmarks/quality.py --quick    # smoke run: tiny budget, 1 seed, few samples
 
+(arm, seed) tasks run in ``--jobs`` worker processes (default 2: one per core, one torch thread
+each); a task that starts from another arm's checkpoint waits for it.
+
 Every student arm gets the same number of generator updates (``--budget``, default 300, batch
 32, AdamW lr 1e-4, betas (0, 0.99)); an arm that chains two stages (DMD with ADP, DMDX) spends
 half of its budget in ADP (the ``adp`` arm's own checkpoint at that point, so the stages are the
@@ -110,13 +113,17 @@ class PairData(torch.utils.data.Dataset):
     """Prompts with teacher ODE samples: ``x0`` stands in for real images where a method needs
     them (DMD2's GAN); the other ADM-family losses read only ``prompt``."""
 
-    def __init__(self, teacher: DigitsTeacher, count: int, seed: int = 12345) -> None:
+    def __init__(self, prompts: list[str], x0: torch.Tensor) -> None:
+        self.prompts, self.x0 = prompts, x0
+
+    @classmethod
+    @torch.no_grad()
+    def from_teacher(cls, teacher: DigitsTeacher, count: int, seed: int = 12345) -> "PairData":
         prompts = read_prompts(PROMPT_FILE)
-        self.prompts = [prompts[i % len(prompts)] for i in range(count)]
+        prompts = [prompts[i % len(prompts)] for i in range(count)]
         noise = fixed_noise(teacher.latent_shape(count), [seed + i for i in range(count)])
-        with torch.no_grad():
-            self.x0 = teacher.sample_ode(noise, teacher.encode_prompts(self.prompts), teacher.sample_steps,
-                                         teacher.cfg_scale)
+        return cls(prompts, teacher.sample_ode(noise, teacher.encode_prompts(prompts), teacher.sample_steps,
+                                               teacher.cfg_scale))
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -163,27 +170,29 @@ def build_adm(options: dict, init_from: str | None, lr: float):
                      discriminator_optimizer=opt, init_from=init_from, **settings), None
 
 
-_PAIRS_MADE: set[Path] = set()
-
-
-def build_adp(overrides: list[str], seed: int, args):
-    """ADPModule and its data module, as ``dmdx fit --config configs/quickstart/adp.yaml`` builds
-    them, on pairs made once by ``dmdx predict --config configs/quickstart/ode_pairs.yaml`` into
-    the benchmark's work folder."""
-    from dmdx_lightning.cli import DMDXCLI, main as dmdx
+def make_adp_pairs(args) -> None:
+    """The ADP arms' teacher ODE pairs, once per run: ``dmdx predict --config
+    configs/quickstart/ode_pairs.yaml`` into the work folder (finished shards are skipped)."""
+    from dmdx_lightning.cli import main as dmdx
 
     for config in (ADP_CONFIG, PAIRS_CONFIG):
         if not config.is_file():
             raise FileNotFoundError(f"{config.relative_to(ROOT)} missing")
     pairs = Path(args.work) / "pairs"
-    if pairs not in _PAIRS_MADE:  # once per run; `dmdx predict` itself skips finished shards
-        with patch.object(sys, "argv", sys.argv[:1]):
-            dmdx(["predict", "--config", str(PAIRS_CONFIG), "--data.init_args.output_dir", str(pairs),
-                  "--data.init_args.num_pairs", str(args.adp_pairs),
-                  "--data.init_args.shard_size", str(min(256, args.adp_pairs)),
-                  "--trainer.default_root_dir", str(pairs)])
-        _PAIRS_MADE.add(pairs)
     with patch.object(sys, "argv", sys.argv[:1]):  # the CLI reads these args only, not the benchmark's
+        dmdx(["predict", "--config", str(PAIRS_CONFIG), "--data.init_args.output_dir", str(pairs),
+              "--data.init_args.num_pairs", str(args.adp_pairs),
+              "--data.init_args.shard_size", str(min(256, args.adp_pairs)),
+              "--trainer.default_root_dir", str(pairs)])
+
+
+def build_adp(overrides: list[str], seed: int, args):
+    """ADPModule and its data module, as ``dmdx fit --config configs/quickstart/adp.yaml`` builds
+    them, on the pairs of :func:`make_adp_pairs`."""
+    from dmdx_lightning.cli import DMDXCLI
+
+    pairs = Path(args.work) / "pairs"
+    with patch.object(sys, "argv", sys.argv[:1]):
         cli = DMDXCLI(args=["--config", str(ADP_CONFIG), "--seed_everything", str(seed), "--trainer.logger", "false",
                             "--trainer.default_root_dir", str(Path(args.work) / "adp"),
                             "--data.init_args.path", str(pairs), "--data.init_args.batch_size", str(args.batch_size),
@@ -261,60 +270,91 @@ def arm_status(arm: Arm, done: dict[str, dict]) -> str | None:
     return None
 
 
+def milestone_path(args, arm: str, seed: int, iteration: int) -> Path:
+    return Path(args.work) / "checkpoints" / f"{arm}_seed{seed}_it{iteration}.ckpt"
+
+
+def run_task(arm_name: str, seed: int, args, milestones: dict[int, str]) -> dict:
+    """Train (if a student) and score one arm for one seed. Runs in a worker process with
+    ``--jobs`` > 1, so it takes and returns plain data only."""
+    set_threads(args.threads)
+    arm = {a.name: a for a in ARMS}[arm_name]
+    if arm.method == "teacher":
+        sample, nfe = teacher_sampler(DigitsTeacher(mode="full"))
+        train_s = 0.0
+    else:
+        data = PairData(**torch.load(Path(args.work) / "teacher_pairs.pt", weights_only=True))
+        init_from, own = None, args.budget
+        if arm.init_from:
+            src, share = arm.init_from
+            first = max(1, round(share * args.budget))
+            init_from, own = str(milestone_path(args, src, seed, first)), args.budget - first
+        module, train_s = train(arm, seed, own, {i: Path(p) for i, p in milestones.items()}, init_from, data, args)
+        sample, nfe = student_sampler(module, seed)
+    values, grid = evaluate(sample, nfe, seed, args, load_classifier())
+    values.update(seed=seed, train_seconds=train_s)
+    print(f"[{arm_name}] seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()
+                                                   if isinstance(v, float)), flush=True)
+    return {"values": values, "grid": grid}
+
+
+def _guarded(arm_name: str, seed: int, args, milestones) -> dict:
+    try:
+        return run_task(arm_name, seed, args, milestones)
+    except Exception as e:  # report and go on with the other arms
+        traceback.print_exc()
+        return {"error": f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
 def run(args) -> dict:
     threads = set_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
     selected = [a for a in ARMS if (a.name in args.arms if args.arms else a.default)]
     by_name = {a.name: a for a in ARMS}
     for a in selected:  # an arm that starts from another arm needs that arm too
         if a.init_from and by_name[a.init_from[0]] not in selected:
             selected.insert(selected.index(a), by_name[a.init_from[0]])
-    ckpt_dir = Path(args.work) / "checkpoints"
-    # checkpoints other arms start from: {(arm, seed): {iteration: path}}
-    milestones: dict[tuple[str, int], dict[int, Path]] = {}
-    for a in selected:
-        if a.init_from:
-            src, share = a.init_from
-            for seed in range(args.seeds):
-                it = max(1, round(share * args.budget))
-                milestones.setdefault((src, seed), {})[it] = ckpt_dir / f"{src}_seed{seed}_it{it}.ckpt"
-    classifier = load_classifier()
     start = time.perf_counter()
-    data = None
     results: dict[str, dict] = {}
-    grids: dict[str, torch.Tensor] = {}
     for arm in selected:
         status = arm_status(arm, results)
         results[arm.name] = {"title": arm.title, "status": status or "ok", "runs": []}
         if status:
             print(f"[{arm.name}] {status}", flush=True)
-            continue
+    runnable = [a for a in selected if results[a.name]["status"] == "ok"]
+    # shared inputs, made once: teacher samples for DMD2's real branch, ODE pairs for ADP
+    if any(a.method == "adm" for a in runnable):
+        data = PairData.from_teacher(DigitsTeacher(mode="full"), args.pairs)
+        torch.save({"prompts": data.prompts, "x0": data.x0}, Path(args.work) / "teacher_pairs.pt")
+    if any(a.method == "adp" for a in runnable):
         try:
-            for seed in range(args.seeds):
-                if arm.method == "teacher":
-                    teacher = DigitsTeacher(mode="full")
-                    sample, nfe = teacher_sampler(teacher)
-                    train_s = 0.0
-                else:
-                    if data is None:
-                        data = PairData(DigitsTeacher(mode="full"), args.pairs)
-                    init_from, own = None, args.budget
-                    if arm.init_from:
-                        src, share = arm.init_from
-                        first = max(1, round(share * args.budget))
-                        init_from, own = str(milestones[(src, seed)][first]), args.budget - first
-                    module, train_s = train(arm, seed, own, milestones.get((arm.name, seed), {}), init_from, data, args)
-                    sample, nfe = student_sampler(module, seed)
-                values, grid = evaluate(sample, nfe, seed, args, classifier)
-                values.update(seed=seed, train_seconds=train_s)
-                results[arm.name]["runs"].append(values)
-                grids.setdefault(arm.name, grid)
-                print(f"[{arm.name}] seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()
-                                                               if isinstance(v, float)), flush=True)
-        except Exception as e:  # report and go on with the other arms
+            make_adp_pairs(args)
+        except Exception as e:
             traceback.print_exc()
-            results[arm.name]["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            for a in runnable:
+                if a.requires == ADP_MODULE:
+                    results[a.name]["status"] = f"failed: ODE pairs: {type(e).__name__}: {e}"
+            runnable = [a for a in runnable if results[a.name]["status"] == "ok"]
+    # checkpoints other arms start from: {(arm, seed): {iteration: path}}
+    milestones: dict[tuple[str, int], dict[int, str]] = {}
+    for a in runnable:
+        if a.init_from:
+            src, share = a.init_from
+            for seed in range(args.seeds):
+                it = max(1, round(share * args.budget))
+                milestones.setdefault((src, seed), {})[it] = str(milestone_path(args, src, seed, it))
+    outcomes = schedule(runnable, args, milestones)
+    grids: dict[str, torch.Tensor] = {}
+    for arm in runnable:
+        for seed in range(args.seeds):
+            outcome = outcomes[(arm.name, seed)]
+            if "error" in outcome:
+                results[arm.name]["status"] = outcome["error"]
+                continue
+            results[arm.name]["runs"].append(outcome["values"])
+            grids.setdefault(arm.name, outcome["grid"])
         runs = results[arm.name]["runs"]
         if runs and results[arm.name]["status"] == "ok":
             results[arm.name]["mean"] = {m: mean_std(r[m] for r in runs)[0] for m in METRICS + ("train_seconds",)}
@@ -322,7 +362,8 @@ def run(args) -> dict:
     report = {
         "settings": {"budget_generator_updates": args.budget, "seeds": args.seeds, "batch_size": args.batch_size,
                      "lr": args.lr, "samples_per_digit": args.samples_per_digit, "diversity_k": args.diversity_k,
-                     "teacher_pairs": args.pairs, "adp_pairs": args.adp_pairs, "quick": args.quick},
+                     "teacher_pairs": args.pairs, "adp_pairs": args.adp_pairs, "jobs": args.jobs,
+                     "quick": args.quick},
         "machine": machine(threads), "wall_seconds": time.perf_counter() - start, "arms": results,
         "verdict": verdict(results),
     }
@@ -332,6 +373,47 @@ def run(args) -> dict:
         save_grids(grids, results, out / "quality_samples.png", args.diversity_k)
     print(markdown(report))
     return report
+
+
+def schedule(arms: list[Arm], args, milestones) -> dict[tuple[str, int], dict]:
+    """Run every (arm, seed) task, ``args.jobs`` at a time (worker processes when > 1); a task
+    that starts from another arm waits for that arm's task of the same seed."""
+    pending = [(a, seed) for seed in range(args.seeds) for a in arms]
+    done: dict[tuple[str, int], dict] = {}
+    pool = None
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"))
+    running = {}
+    try:
+        while pending or running:
+            for arm, seed in list(pending):
+                source = (arm.init_from[0], seed) if arm.init_from else None
+                if source and source not in done:
+                    continue  # wait for the arm it starts from
+                if source and "error" in done[source]:
+                    done[(arm.name, seed)] = {"error": f"not run (needs arm {source[0]!r}, which failed)"}
+                    pending.remove((arm, seed))
+                    continue
+                if pool is None:
+                    pending.remove((arm, seed))
+                    done[(arm.name, seed)] = _guarded(arm.name, seed, args, milestones.get((arm.name, seed), {}))
+                elif len(running) < args.jobs:
+                    pending.remove((arm, seed))
+                    future = pool.submit(_guarded, arm.name, seed, args, milestones.get((arm.name, seed), {}))
+                    running[future] = (arm.name, seed)
+            if running:
+                from concurrent.futures import FIRST_COMPLETED, wait
+
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    done[running.pop(future)] = future.result()
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return done
 
 
 def verdict(results: dict[str, dict]) -> str:
@@ -390,7 +472,8 @@ def markdown(report: dict) -> str:
         f"classifier ({s['samples_per_digit']} samples per digit); diversity: mean pairwise LPIPS-style "
         f"distance on the classifier's feature maps (unweighted LPIPS, classifier backbone) over "
         f"{s['diversity_k']} seeds per digit prompt; NFE counts CFG as 2 per step; s / sample: batched "
-        "sampling on this CPU; train s: wall time of the arm's own training stage.",
+        f"sampling on this CPU, with up to {s.get('jobs', 1)} tasks running side by side; train s: wall time of "
+        "the arm's own training stage.",
         "",
     ])
 
@@ -432,7 +515,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--diversity-k", type=int, help="seeds per prompt for diversity (default 10; quick 3)")
     p.add_argument("--pairs", type=int, help="teacher samples for DMD2's real branch (default 2048; quick 64)")
     p.add_argument("--adp-pairs", type=int, help="teacher ODE pairs for the ADP arms (default 1280; quick 64)")
-    p.add_argument("--threads", type=int, help="torch threads (default 1)")
+    p.add_argument("--jobs", type=int, default=2, help="(arm, seed) tasks run in parallel worker processes "
+                   "(default 2, one per core; 1 = in this process)")
+    p.add_argument("--threads", type=int, help="torch threads per task (default 1)")
     p.add_argument("--out", default=str(RESULTS), help="output folder (default benchmarks/results)")
     p.add_argument("--work", help="checkpoints and pairs (default runs/benchmarks/quality)")
     args = p.parse_args(argv)

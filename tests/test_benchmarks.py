@@ -47,20 +47,24 @@ def test_quality_arm_status_reports_missing_modules_and_dependencies():
 def test_quality_quick_writes_results(tmp_path):
     q = load("quality")
     adp_missing = q.missing_module(q.ADP_MODULE) is not None
-    arms = "teacher,dmd,dmd2,adm" + (",dmdx" if adp_missing else "")  # ADP arms: their own quickstart cost
-    report = q.main(["--quick", "--arms", arms, "--budget", "2", "--samples-per-digit", "8", "--diversity-k", "2",
-                     "--pairs", "32", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    report = q.main(["--quick", "--arms", "teacher,dmd,dmd2,adm,a1_mse,dmdx", "--budget", "2",
+                     "--samples-per-digit", "8", "--diversity-k", "2", "--pairs", "32", "--adp-pairs", "32",
+                     "--jobs", "1", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved["arms"].keys() == report["arms"].keys()
-    for name in ("teacher", "dmd", "dmd2", "adm"):
+    assert "adp" in saved["arms"]  # dmdx pulled in the arm it starts from
+    trained = ["teacher", "dmd", "dmd2", "adm"] + ([] if adp_missing else ["a1_mse", "adp", "dmdx"])
+    for name in trained:
         r = saved["arms"][name]
-        assert r["status"] == "ok" and len(r["runs"]) == 1, r["status"]
+        assert r["status"] == "ok" and len(r["runs"]) == 1, (name, r["status"])
         assert r["mean"]["fd"] > 0 and 0 <= r["mean"]["recall"] <= 1 and r["mean"]["diversity"] > 0
     assert saved["arms"]["teacher"]["mean"]["nfe"] == 32 and saved["arms"]["dmd"]["mean"]["nfe"] == 1
-    if adp_missing:  # dmdx pulled in the adp arm it starts from; both say why they did not run
-        assert saved["arms"]["adp"]["status"].startswith("not run (ADPModule missing")
-        assert saved["arms"]["dmdx"]["status"].startswith("not run (ADPModule missing")
+    if adp_missing:  # the ADP arms say why they did not run, and there is no verdict
+        for name in ("a1_mse", "adp", "dmdx"):
+            assert saved["arms"][name]["status"].startswith("not run (ADPModule missing"), name
         assert "No verdict" in saved["verdict"]
+    else:
+        assert saved["verdict"].startswith("DMDX ")
     table = (tmp_path / "quality.md").read_text()
     assert "| dmd2: DMD2 without ADP (TTUR 1) |" in table and "Verdict" in table
     assert (tmp_path / "quality_samples.png").stat().st_size > 1000

@@ -105,6 +105,7 @@ def validate(module, callback, prompts=DIGIT_PROMPTS[:2]):
 
 def test_clip_embedder_returns_projected_embeddings(tiny_clip):
     model, processor = load_clip(tiny_clip)
+    assert isinstance(model, CLIPEmbedder) and not any(p.requires_grad for p in model.parameters())
     inputs = processor(text=["a cat", "two dogs"], images=[torch.zeros(3, 8, 8, dtype=torch.uint8)] * 2,
                        return_tensors="pt", padding=True)
     with torch.no_grad():
