@@ -50,6 +50,7 @@ class RankReport(pl.Callback):
         report = {"global_step": trainer.global_step, "world_size": trainer.world_size,
                   "ckpt_path": str(trainer.ckpt_path) if trainer.ckpt_path else None,
                   "fingerprint": state_fingerprint(pl_module), "indices": self.indices,
+                  "torch_rng": hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest(),
                   "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
                   "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         name = f"rank{trainer.global_rank}"

@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from dmdx_lightning.ema import GeneratorEMA
@@ -218,6 +219,14 @@ class DistillationModule(pl.LightningModule):
                 "python": random.getstate(),
             },
         }
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            # every rank draws its own noise (see on_train_start), so every rank's torch (and
+            # CUDA) state is saved: rows indexed by global rank. All ranks run this hook.
+            checkpoint["dmdx"]["rng"]["torch_per_rank"] = self.all_gather(torch.get_rng_state().to(self.device)).cpu()
+            if self.device.type == "cuda":
+                cuda = torch.cuda.get_rng_state(self.device).to(self.device)
+                checkpoint["dmdx"]["rng"]["cuda_per_rank"] = self.all_gather(cuda).cpu()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         _check_family(checkpoint, self.teacher, "the checkpoint")
@@ -232,12 +241,26 @@ class DistillationModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         rng, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        rank, world = self.global_rank, self.trainer.world_size
         if rng:
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
             _set_numpy_rng_state(rng["numpy"])
             random.setstate(rng["python"])
+            per_rank = rng.get("torch_per_rank")
+            if per_rank is not None and len(per_rank) == world:
+                torch.set_rng_state(per_rank[rank].clone())  # clone: a row view segfaults set_rng_state
+                if "cuda_per_rank" in rng and self.device.type == "cuda":
+                    torch.cuda.set_rng_state(rng["cuda_per_rank"][rank].clone(), self.device)
+                return
+            if world > 1:
+                rank_zero_warn(f"the checkpoint holds RNG states for {len(per_rank) if per_rank is not None else 1} "
+                               f"rank(s), this run has {world}: per-rank noise streams restart (resume not exact)")
+        if world > 1 and rank > 0:
+            # seed_everything gives every rank the same seed, so all ranks would draw the same noise
+            # and timesteps for their different prompts; rank r > 0 gets its own stream
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * rank)
 
     @property
     def arm_name(self) -> str:
