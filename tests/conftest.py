@@ -35,3 +35,17 @@ def tiny_sd3_dir(tmp_path_factory):
 
 #: SD3Teacher options that make the tiny folder fast (16 px images = 8x8 latents, 16 T5 tokens)
 TINY_SD3 = {"resolution": 16, "max_sequence_length": 16, "lora_rank": 4}
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_path(tmp_path_factory):
+    """A random tiny SAM vision encoder saved with save_pretrained (pixel discriminator backbone)."""
+    from transformers import SamVisionConfig, SamVisionModel
+
+    torch.manual_seed(0)
+    config = SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=3, num_attention_heads=2,
+                             image_size=32, patch_size=8, mlp_dim=64, window_size=2, global_attn_indexes=[2],
+                             num_pos_feats=8)
+    path = tmp_path_factory.mktemp("sam")
+    SamVisionModel(config).save_pretrained(path)
+    return str(path)

@@ -18,7 +18,10 @@ TINY_HEADS = ["--model.init_args.discriminator.init_args.layers", "[0, 1]"]
 OVERRIDES: dict[str, list[str]] = {
     "adm_sd3.yaml": SD3_TINY + TINY_HEADS,
     "adm_sd35_large.yaml": SD3_TINY + TINY_HEADS,
-    "adp_sd3.yaml": SD3_TINY + TINY_HEADS,
+    "adp_sd3.yaml": SD3_TINY + TINY_HEADS + [
+        "--model.init_args.pixel_discriminator.init_args.backbone.init_args.pretrained", "{tiny_sam}",
+        "--model.init_args.pixel_discriminator.init_args.backbone.init_args.dtype", "float32",
+        "--model.init_args.pixel_discriminator.init_args.layers", "[1, 2]"],
     "ode_pairs_sd3.yaml": SD3_TINY,
 }
 # configs that train on ODE pairs read a small pair set written here instead of the quickstart's
@@ -48,6 +51,8 @@ def test_config_instantiates(config, monkeypatch, tmp_path, request):
     if "{tiny_sd3}" in extra:
         tiny = str(request.getfixturevalue("tiny_sd3_dir"))
         extra = [a.replace("{tiny_sd3}", tiny) for a in extra]
+    if "{tiny_sam}" in extra:
+        extra = [a.replace("{tiny_sam}", request.getfixturevalue("tiny_sam_path")) for a in extra]
     if name in PAIR_CONFIGS:
         extra += ["--data.init_args.path", str(write_tiny_pairs(tmp_path / "pairs"))]
     cli = DMDXCLI(args=["--config", str(config), *extra,

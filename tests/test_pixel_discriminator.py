@@ -49,19 +49,6 @@ def tiny_vae_teacher(tmp_path_factory):
     return VAETeacher(AutoencoderKL.from_pretrained(path))
 
 
-@pytest.fixture(scope="module")
-def tiny_sam_path(tmp_path_factory):
-    from transformers import SamVisionConfig, SamVisionModel
-
-    torch.manual_seed(0)
-    config = SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=3, num_attention_heads=2,
-                             image_size=32, patch_size=8, mlp_dim=64, window_size=2, global_attn_indexes=[2],
-                             num_pos_feats=8)
-    path = tmp_path_factory.mktemp("sam")
-    SamVisionModel(config).save_pretrained(path)
-    return str(path)
-
-
 def test_sam_pixel_discriminator_decodes_with_gradient(tiny_vae_teacher, tiny_sam_path):
     backbone = SamBackbone(tiny_sam_path)
     assert backbone.image_size == 32

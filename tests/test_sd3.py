@@ -246,3 +246,38 @@ def test_lora_checkpointing_recomputes_blocks_in_their_role(tiny_sd3_dir):
     checkpointed = generator_grads(tiny_sd3_dir, True)
     assert plain.abs().sum() > 0
     torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("player,prefixes", [
+    ("generator", ("teacher.",)),
+    ("discriminator", ("discriminator.heads.", "pixel_discriminator.heads.")),
+])
+def test_adp_player_steps_on_sd3_with_tiny_sam(tiny_sd3_dir, tiny_sam_path, player, prefixes):
+    """ADP on the real SD3 classes: latent heads on the transformer, pixel heads on a tiny SAM
+    reading VAE-decoded samples; each player changes only its own parameters."""
+    import lightning.pytorch as pl
+
+    from dmdx_lightning.discriminators.latent import LatentDiscriminator
+    from dmdx_lightning.discriminators.pixel import PixelDiscriminator, SamBackbone
+    from dmdx_lightning.methods.adp import ADPModule
+
+    teacher = SD3Teacher(str(tiny_sd3_dir), mode="lora", **TINY_SD3)
+    module = ADPModule(teacher, LatentDiscriminator(layers=[0, -1], head_channels=16),
+                       PixelDiscriminator(SamBackbone(tiny_sam_path), layers=[1, 2], head_channels=16),
+                       generator_optimizer=OPT, discriminator_optimizer=OPT)
+    module.players_for_step = lambda iteration: [player]
+    shape = teacher.latent_shape(2)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"prompt": PROMPTS[:2], "index": torch.arange(2), "x0": torch.randn(shape, generator=g),
+                "x_T": torch.randn(shape, generator=g)}]
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    diff = {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert diff and all(n.startswith(prefixes) for n in diff), sorted(diff)[:4]
+    if player == "generator":
+        assert all(".student." in n and "lora_" in n for n in diff)
+    else:
+        assert {p for p in prefixes if any(n.startswith(p) for n in diff)} == set(prefixes)
