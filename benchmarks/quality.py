@@ -92,13 +92,17 @@ ARMS: tuple[Arm, ...] = (
     Arm("teacher", "teacher, 16 Euler steps, CFG 2", "teacher"),
     Arm("dmd", "DMD without ADP", "adm", {"loss": "dmd"}),
     Arm("dmd2", "DMD2 without ADP (TTUR 1)", "adm", {"loss": "dmd2"}),
-    Arm("adm", "ADM without ADP (dt = 1/64)", "adm", {"loss": "adm"}),
+    Arm("adm", "ADM without ADP (dt = 1/64, generator lr 1e-5)", "adm", {"loss": "adm", "generator_lr": 1e-5}),
     Arm("a1_mse", "MSE-only pre-training (ablation A1)", "adp", A1_OVERRIDES, requires=ADP_MODULE),
     Arm("adp", "ADP only", "adp", [], requires=ADP_MODULE),
     Arm("dmd_adp", "DMD with ADP (1/2 ADP + 1/2 DMD)", "adm", {"loss": "dmd"}, ("adp", 0.5), ADP_MODULE),
-    Arm("dmdx", "DMDX = ADP + ADM (1/2 + 1/2)", "adm", {"loss": "adm"}, ("adp", 0.5), ADP_MODULE),
+    Arm("dmdx", "DMDX = ADP + ADM (1/2 + 1/2, ADM generator lr 1e-5)", "adm",
+        {"loss": "adm", "generator_lr": 1e-5}, ("adp", 0.5), ADP_MODULE),
     # exploratory, by name only: at dt = 1/64 the real and fake one-step moves differ by
     # (dt / t)(x0_real - x0_fake), too little for the discriminator to separate (PAPER.md)
+    Arm("adm_equal_lr", "ADM without ADP, generator lr = 1e-4 (exploratory)", "adm", {"loss": "adm"}, default=False),
+    Arm("dmdx_equal_lr", "DMDX, ADM generator lr = 1e-4 (exploratory)", "adm", {"loss": "adm"}, ("adp", 0.5),
+        ADP_MODULE, default=False),
     Arm("adm_dt4", "ADM without ADP, dt = 1/4 (exploratory)", "adm", {"loss": "adm", "dt": 0.25}, default=False),
     Arm("dmdx_dt4", "DMDX with dt = 1/4 (exploratory)", "adm", {"loss": "adm", "dt": 0.25}, ("adp", 0.5),
         ADP_MODULE, default=False),
@@ -160,13 +164,17 @@ def build_adm(options: dict, init_from: str | None, lr: float):
     from dmdx_lightning.discriminators.latent import LatentDiscriminator
     from dmdx_lightning.methods.adm import ADMModule
 
+    options = dict(options)
     loss = options["loss"]
     opt = partial(torch.optim.AdamW, lr=lr, betas=(0.0, 0.99), weight_decay=0.0)
+    # ADM's generator steps 10x slower than its fake score / discriminator (the quickstart's
+    # setting): at equal rates the discriminator cannot keep up and FD rises (CHANGELOG)
+    generator_opt = partial(opt, lr=options.pop("generator_lr", lr))
     # the quickstart's discriminator: heads on a middle and the last residual block
     disc = None if loss == "dmd" else LatentDiscriminator(
         layers=[1, 3], head_channels=64, backbone_role="fake" if loss == "dmd2" else "real")
     settings = dict(dt=1.0 / 64, real_cfg_scale=2.0, update_ratio=1, student_steps=1) | options
-    return ADMModule(DigitsTeacher(mode="full"), disc, generator_optimizer=opt, fake_score_optimizer=opt,
+    return ADMModule(DigitsTeacher(mode="full"), disc, generator_optimizer=generator_opt, fake_score_optimizer=opt,
                      discriminator_optimizer=opt, init_from=init_from, **settings), None
 
 
