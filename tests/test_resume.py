@@ -34,8 +34,33 @@ def make_adm(**kw) -> pl.LightningModule:
                      ema_decay=0.9, **kw)
 
 
-#: name -> (factory, optimizer steps per iteration)
-MODULES = {"adm": (make_adm, 3)}
+def make_adp(**kw) -> pl.LightningModule:
+    from dmdx_lightning.discriminators.pixel import DigitsClassifierBackbone, PixelDiscriminator
+    from dmdx_lightning.methods.adp import ADPModule
+
+    return ADPModule(DigitsTeacher(), LatentDiscriminator(layers=[1, -1], head_channels=16),
+                     PixelDiscriminator(DigitsClassifierBackbone(), layers=[1, 2], head_channels=16),
+                     generator_optimizer=OPT, discriminator_optimizer=OPT, ema_decay=0.9, **kw)
+
+
+def prompt_data(tmp_path: Path):
+    # 10 prompts, batch 4: 2 batches an epoch (drop_last), so runs cross epoch boundaries
+    return PromptDataModule(str(prompt_file(tmp_path)), batch_size=4)
+
+
+def pair_data(tmp_path: Path):
+    """10 ODE pairs (random latents, written by the real shard writer), batch 4: 2 batches an epoch."""
+    from dmdx_lightning.data.ode_pairs import ODEPairDataModule
+    from tests.test_configs import write_tiny_pairs
+
+    directory = tmp_path / "pairs"
+    if not (directory / "index.json").is_file():
+        write_tiny_pairs(directory, num_pairs=10)
+    return ODEPairDataModule(str(directory), batch_size=4)
+
+
+#: name -> (factory, optimizer steps per iteration, data module factory)
+MODULES = {"adm": (make_adm, 3, prompt_data), "adp": (make_adp, 2, pair_data)}
 
 
 class Recorder(pl.Callback):
@@ -58,11 +83,10 @@ def prompt_file(tmp_path: Path) -> Path:
 
 
 def run(module_name, tmp_path, max_steps, ckpt_path=None, save_every=None):
-    make, _ = MODULES[module_name]
+    make, _, make_data = MODULES[module_name]
     pl.seed_everything(0)
     module = make()
-    # 10 prompts, batch 4: 2 batches an epoch (drop_last), so runs cross epoch boundaries
-    data = PromptDataModule(str(prompt_file(tmp_path)), batch_size=4)
+    data = make_data(tmp_path)
     recorder = Recorder()
     callbacks = [recorder]
     if save_every:

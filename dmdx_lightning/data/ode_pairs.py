@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from dmdx_lightning.data.prompts import dedupe, read_prompts
+from dmdx_lightning.data.resumable import ResumableTrainData
 
 FORMAT = "dmdx-ode-pairs/1"
 MANIFEST = "index.json"
@@ -346,7 +347,7 @@ def collate_pairs(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "x0": torch.stack([it["x0"] for it in items]), "x_T": torch.stack([it["x_T"] for it in items])}
 
 
-class ODEPairDataModule(pl.LightningDataModule):
+class ODEPairDataModule(ResumableTrainData, pl.LightningDataModule):
     """ODE pairs for ADP (or DMD2's real latents): batches ``{"prompt", "index", "x0", "x_T"}``.
 
     ``setup`` checks the directory before any training step: the manifest must be complete, every
@@ -389,6 +390,6 @@ class ODEPairDataModule(pl.LightningDataModule):
         if len(self.dataset) // world < self.batch_size:
             raise ValueError(f"{self.path} holds {len(self.dataset)} pairs, fewer than batch_size="
                              f"{self.batch_size} per rank ({world} ranks)")
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=collate_pairs)
+        # rank split and exact mid-epoch resume, as for prompts (data/resumable.py)
+        return self.resumable_train_loader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle,
+                                           num_workers=self.num_workers, collate_fn=collate_pairs)

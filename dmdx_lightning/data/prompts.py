@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from dmdx_lightning.data.resumable import ResumableDataLoader, ResumableDistributedSampler
+from dmdx_lightning.data.resumable import ResumableTrainData
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".csv")
 
@@ -240,7 +239,7 @@ def collate_prompts(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-class PromptDataModule(pl.LightningDataModule):
+class PromptDataModule(ResumableTrainData, pl.LightningDataModule):
     """Prompts for distillation, read from a file and split into train and val.
 
     Batches are ``{"prompt": list[str], "index": LongTensor}``; ``index`` is the prompt's
@@ -306,7 +305,7 @@ class PromptDataModule(pl.LightningDataModule):
         self.shuffle = shuffle
         self.train_prompts: list[str] | None = None
         self.val_prompts: list[str] | None = None
-        self._train_loader: ResumableDataLoader | None = None
+        self._train_loader = None
 
     def setup(self, stage: str | None = None) -> None:
         # Lightning calls setup once per stage; the files do not change in between.
@@ -350,27 +349,8 @@ class PromptDataModule(pl.LightningDataModule):
                 f"{per_rank}{where}, fewer than batch_size={self.batch_size} (from "
                 f"{self.train_file}); set repeat >= {needed} or lower batch_size"
             )
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        sampler = ResumableDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=self.shuffle,
-                                              seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-        self._train_loader = ResumableDataLoader(
-            dataset,
-            sampler=sampler,
-            batch_size=self.batch_size,
-            # Equal batch sizes keep per-step losses comparable and DDP ranks in step.
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_prompts,
-        )
-        return self._train_loader
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Runs when a batch enters the training step (Lightning fetches one batch ahead), so the
-        # count saved in a checkpoint is the number of batches training has really used.
-        if self.trainer is not None and self.trainer.training and self._train_loader is not None:
-            self._train_loader.consumed()
-        return batch
+        return self.resumable_train_loader(dataset, batch_size=self.batch_size, shuffle=self.shuffle,
+                                           num_workers=self.num_workers, collate_fn=collate_prompts)
 
     def val_dataloader(self) -> DataLoader | list:
         self._require_setup()

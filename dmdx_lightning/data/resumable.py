@@ -97,3 +97,36 @@ class ResumableDataLoader(DataLoader):
         self.sampler.set_epoch(epoch)
         self.sampler.skip = consumed * self.batch_size
         self.batches_consumed = consumed
+
+
+class ResumableTrainData:
+    """Mixin for LightningDataModules: a resumable, rank-split train loader (see module docstring).
+
+    The DataModule calls :meth:`resumable_train_loader` from ``train_dataloader``; this mixin's
+    ``on_after_batch_transfer`` counts each batch as it enters the training step.
+    """
+
+    _train_loader: ResumableDataLoader | None = None
+
+    def resumable_train_loader(self, dataset: Dataset, *, batch_size: int, shuffle: bool, num_workers: int,
+                               collate_fn) -> ResumableDataLoader:
+        import os
+
+        trainer = getattr(self, "trainer", None)
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        sampler = ResumableDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle,
+                                              seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        # equal batch sizes keep per-step losses comparable and DDP ranks in step
+        self._train_loader = ResumableDataLoader(dataset, sampler=sampler, batch_size=batch_size, drop_last=True,
+                                                 num_workers=num_workers, persistent_workers=num_workers > 0,
+                                                 collate_fn=collate_fn)
+        return self._train_loader
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # runs when a batch enters the training step (Lightning fetches one batch ahead), so the
+        # count saved in a checkpoint is the number of batches training has really used
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training and self._train_loader is not None:
+            self._train_loader.consumed()
+        return batch
