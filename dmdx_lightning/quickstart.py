@@ -25,7 +25,7 @@ STAGES: list[tuple[str, list[str]]] = [
     ("ADM, one-step student from the teacher's weights (arm adm_1step)",
      ["fit", "--config", "configs/quickstart/adm.yaml"]),
     ("DMDX: ADM from the ADP student (arm dmdx_1step)",
-     ["fit", "--config", "configs/quickstart/dmdx.yaml"]),
+     ["fit", "--config", "configs/quickstart/adm.yaml", "--config", "configs/quickstart/dmdx.yaml"]),
 ]
 
 

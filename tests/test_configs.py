@@ -40,6 +40,8 @@ def write_tiny_pairs(directory, num_pairs=64, latent_shape=(1, 8, 8)):
     entry = write_shard(directory, 0, x, x.clone(), torch.arange(num_pairs), ["the digit 3"] * num_pairs)
     write_manifest(directory, header, {0: entry})
     return directory
+# overlays: YAMLs that hold only what differs from a base config; parsed after their base
+OVERLAY_BASES = {"quickstart/dmdx.yaml": "quickstart/adm.yaml"}
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "trainer" not in p.parts)
 
 
@@ -55,12 +57,18 @@ def test_config_instantiates(config, monkeypatch, tmp_path, request):
         extra = [a.replace("{tiny_sam}", request.getfixturevalue("tiny_sam_path")) for a in extra]
     if name in PAIR_CONFIGS:
         extra += ["--data.init_args.path", str(write_tiny_pairs(tmp_path / "pairs"))]
-    cli = DMDXCLI(args=["--config", str(config), *extra,
+    base = ["--config", str(ROOT / "configs" / OVERLAY_BASES[name])] if name in OVERLAY_BASES else []
+    cli = DMDXCLI(args=[*base, "--config", str(config), *extra,
                         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"],
                   run=False)
     assert cli.model is not None and cli.trainer is not None
     if cli.datamodule is not None:
         cli.datamodule.setup("fit")
+    if name in OVERLAY_BASES:  # the overlay's own values win over its base's
+        overlay = yaml.safe_load(config.read_text())
+        assert cli.trainer.max_steps == overlay["trainer"]["max_steps"]
+        assert cli.model.init_from == overlay["model"]["init_args"]["init_from"]
+        assert cli.trainer.checkpoint_callback.dirpath.endswith("runs/quickstart/dmdx/checkpoints")
 
 
 def test_fsdp_trainer_config_builds_its_strategy():
