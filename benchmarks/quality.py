@@ -1,6 +1,6 @@
 """Quality benchmark on the built-in digits teacher: the paper's ablation arms, measured on a CPU.
 
-    python benchmarks/quality.py            # full run: 8 arms x 3 seeds, about 20 min on 2 cores
+    python benchmarks/quality.py            # full run: 8 arms x 3 seeds, about 12 min on 2 cores
     python benchmarks/quality.py --quick    # smoke run: tiny budget, 1 seed, few samples
 
 (arm, seed) tasks run in ``--jobs`` worker processes (default 2: one per core, one torch thread

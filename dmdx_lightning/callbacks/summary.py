@@ -23,7 +23,7 @@ def _timed(fn, n: int) -> tuple[torch.Tensor, float]:
 
 
 def format_table(summary: dict) -> str:
-    cols = ("nfe", "class_accuracy", "fd", "class_coverage", "seconds_per_sample")
+    cols = ("nfe", "class_accuracy", "fd", "precision", "recall", "class_coverage", "seconds_per_sample")
     lines = ["| arm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for arm, row in summary.items():
         cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols]
