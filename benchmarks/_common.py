@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import platform
@@ -29,17 +28,6 @@ def machine(threads: int) -> dict[str, Any]:
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "torch_threads": threads,
             "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-
-
-def missing_module(name: str | None) -> str | None:
-    """``None`` when ``name`` imports (or is ``None``), else why it does not."""
-    if name is None:
-        return None
-    try:
-        importlib.import_module(name)
-    except ImportError as e:
-        return f"{type(e).__name__}: {e}"
-    return None
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:

@@ -22,9 +22,9 @@ weights. Per arm and seed the student is scored on fixed noise seeds (shared by 
   images);
 - NFE (network evaluations per sample; CFG counts 2 per step) and seconds per sample.
 
-The arm list (:data:`ARMS`) is data: an arm names its method, options, the module it needs and
-the arm it starts from. Arms whose module does not import (ADPModule, written on another branch)
-are reported as "not run" instead of failing the benchmark; an arm that fails reports its error.
+The arm list (:data:`ARMS`) is data: an arm names its method, options and the arm it starts
+from. An arm that fails reports its error (and the arms that start from it say so) instead of
+failing the benchmark.
 Writes ``quality.md`` (mean and std per arm), ``quality.json`` and ``quality_samples.png``.
 """
 
@@ -45,7 +45,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, Stopwatch, machine, markdown_table, mean_std, missing_module, set_threads, write_json  # noqa: E402
+from _common import RESULTS, Stopwatch, machine, markdown_table, mean_std, set_threads, write_json  # noqa: E402
 
 from dmdx_lightning.callbacks.metrics import digits_diversity, digits_metrics  # noqa: E402
 from dmdx_lightning.callbacks.samples import fixed_noise  # noqa: E402
@@ -54,8 +54,7 @@ from dmdx_lightning.teachers.digits import DIGIT_PROMPTS, NUM_CLASSES, DigitsTea
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_FILE = ROOT / "configs/prompts/digits.txt"
-ADP_MODULE = "dmdx_lightning.methods.adp"
-# ADP's options live on its branch; its quickstart configs are the contract the benchmark uses
+# the ADP arms are the quickstart's ADP run, with the benchmark's budget and seed
 ADP_CONFIG = ROOT / "configs/quickstart/adp.yaml"
 PAIRS_CONFIG = ROOT / "configs/quickstart/ode_pairs.yaml"
 #: ADP-config overrides of the MSE-only ablation A1 (rectified-flow regression, no discriminators)
@@ -75,7 +74,6 @@ class Arm:
         options: see ``method``.
         init_from: ``(arm, share)``: start from ``arm``'s checkpoint after ``share`` of the budget
             and spend the rest here.
-        requires: module that must import for the arm to run.
         default: part of a plain run (``False``: only when named in ``--arms``).
     """
 
@@ -84,7 +82,6 @@ class Arm:
     method: str
     options: Any = field(default_factory=dict)
     init_from: tuple[str, float] | None = None
-    requires: str | None = None
     default: bool = True
 
 
@@ -93,19 +90,19 @@ ARMS: tuple[Arm, ...] = (
     Arm("dmd", "DMD without ADP", "adm", {"loss": "dmd"}),
     Arm("dmd2", "DMD2 without ADP (TTUR 1)", "adm", {"loss": "dmd2"}),
     Arm("adm", "ADM without ADP (dt = 1/64, generator lr 1e-5)", "adm", {"loss": "adm", "generator_lr": 1e-5}),
-    Arm("a1_mse", "MSE-only pre-training (ablation A1)", "adp", A1_OVERRIDES, requires=ADP_MODULE),
-    Arm("adp", "ADP only", "adp", [], requires=ADP_MODULE),
-    Arm("dmd_adp", "DMD with ADP (1/2 ADP + 1/2 DMD)", "adm", {"loss": "dmd"}, ("adp", 0.5), ADP_MODULE),
+    Arm("a1_mse", "MSE-only pre-training (ablation A1)", "adp", A1_OVERRIDES),
+    Arm("adp", "ADP only", "adp", []),
+    Arm("dmd_adp", "DMD with ADP (1/2 ADP + 1/2 DMD)", "adm", {"loss": "dmd"}, ("adp", 0.5)),
     Arm("dmdx", "DMDX = ADP + ADM (1/2 + 1/2, ADM generator lr 1e-5)", "adm",
-        {"loss": "adm", "generator_lr": 1e-5}, ("adp", 0.5), ADP_MODULE),
+        {"loss": "adm", "generator_lr": 1e-5}, ("adp", 0.5)),
     # exploratory, by name only: at dt = 1/64 the real and fake one-step moves differ by
     # (dt / t)(x0_real - x0_fake), too little for the discriminator to separate (PAPER.md)
     Arm("adm_equal_lr", "ADM without ADP, generator lr = 1e-4 (exploratory)", "adm", {"loss": "adm"}, default=False),
     Arm("dmdx_equal_lr", "DMDX, ADM generator lr = 1e-4 (exploratory)", "adm", {"loss": "adm"}, ("adp", 0.5),
-        ADP_MODULE, default=False),
+        default=False),
     Arm("adm_dt4", "ADM without ADP, dt = 1/4 (exploratory)", "adm", {"loss": "adm", "dt": 0.25}, default=False),
     Arm("dmdx_dt4", "DMDX with dt = 1/4 (exploratory)", "adm", {"loss": "adm", "dt": 0.25}, ("adp", 0.5),
-        ADP_MODULE, default=False),
+        default=False),
 )
 
 METRICS = ("fd", "precision", "recall", "class_accuracy", "class_coverage", "diversity", "nfe",
@@ -267,17 +264,6 @@ def student_sampler(module, seed: int):
 
 
 # ----------------------------------------------------------------------------------- the run
-def arm_status(arm: Arm, done: dict[str, dict]) -> str | None:
-    """Why ``arm`` cannot run (``None`` if it can)."""
-    why = missing_module(arm.requires)
-    if why:
-        short = arm.requires.rsplit(".", 1)[-1]
-        return f"not run ({'ADPModule' if short == 'adp' else short} missing: {why})"
-    if arm.init_from and done.get(arm.init_from[0], {}).get("status") != "ok":
-        return f"not run (needs arm {arm.init_from[0]!r}, which did not run)"
-    return None
-
-
 def milestone_path(args, arm: str, seed: int, iteration: int) -> Path:
     return Path(args.work) / "checkpoints" / f"{arm}_seed{seed}_it{iteration}.ckpt"
 
@@ -325,13 +311,8 @@ def run(args) -> dict:
         if a.init_from and by_name[a.init_from[0]] not in selected:
             selected.insert(selected.index(a), by_name[a.init_from[0]])
     start = time.perf_counter()
-    results: dict[str, dict] = {}
-    for arm in selected:
-        status = arm_status(arm, results)
-        results[arm.name] = {"title": arm.title, "status": status or "ok", "runs": []}
-        if status:
-            print(f"[{arm.name}] {status}", flush=True)
-    runnable = [a for a in selected if results[a.name]["status"] == "ok"]
+    results = {a.name: {"title": a.title, "status": "ok", "runs": []} for a in selected}
+    runnable = list(selected)
     # shared inputs, made once: teacher samples for DMD2's real branch, ODE pairs for ADP
     if any(a.method == "adm" for a in runnable):
         data = PairData.from_teacher(DigitsTeacher(mode="full"), args.pairs)
@@ -342,7 +323,7 @@ def run(args) -> dict:
         except Exception as e:
             traceback.print_exc()
             for a in runnable:
-                if a.requires == ADP_MODULE:
+                if a.method == "adp" or (a.init_from and by_name[a.init_from[0]].method == "adp"):
                     results[a.name]["status"] = f"failed: ODE pairs: {type(e).__name__}: {e}"
             runnable = [a for a in runnable if results[a.name]["status"] == "ok"]
     # checkpoints other arms start from: {(arm, seed): {iteration: path}}

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.helpers import ROOT, dmdx_fit
+from tests.helpers import dmdx_fit
 
 MODULE_CONFIGS = {"adm": "tests/configs/adm_tiny.yaml"}
 
