@@ -101,6 +101,20 @@ ARMS: tuple[Arm, ...] = (
     Arm("dmdx_equal_lr", "DMDX, ADM generator lr = 1e-4 (exploratory)", "adm", {"loss": "adm"}, ("adp", 0.5),
         default=False),
     Arm("adm_dt4", "ADM without ADP, dt = 1/4 (exploratory)", "adm", {"loss": "adm", "dt": 0.25}, default=False),
+    Arm("adm_dt4_slow", "ADM without ADP, dt = 1/4, generator lr 1e-5 (exploratory)", "adm",
+        {"loss": "adm", "dt": 0.25, "generator_lr": 1e-5}, default=False),
+    Arm("adm_dt1_slow", "ADM without ADP, dt = 1 (x0 predictions), generator lr 1e-5 (exploratory)", "adm",
+        {"loss": "adm", "dt": 1.0, "generator_lr": 1e-5}, default=False),
+    Arm("adm_paired", "ADM without ADP, paired discriminator (adm_pairing: paired) (exploratory)", "adm",
+        {"loss": "adm", "adm_pairing": "paired"}, default=False),
+    Arm("adm_paired_slow", "ADM without ADP, paired discriminator, generator lr 1e-5 (exploratory)", "adm",
+        {"loss": "adm", "adm_pairing": "paired", "generator_lr": 1e-5}, default=False),
+    Arm("adm_paired_dt1_slow", "ADM without ADP, paired, dt = 1, generator lr 1e-5 (exploratory)", "adm",
+        {"loss": "adm", "adm_pairing": "paired", "dt": 1.0, "generator_lr": 1e-5}, default=False),
+    Arm("adm_paired_3e6", "ADM without ADP, paired, generator lr 3e-6 (exploratory)", "adm",
+        {"loss": "adm", "adm_pairing": "paired", "generator_lr": 3e-6}, default=False),
+    Arm("adm_ttur5_slow", "ADM without ADP, update ratio 5, generator lr 1e-5 (exploratory)", "adm",
+        {"loss": "adm", "update_ratio": 5, "generator_lr": 1e-5}, default=False),
     Arm("dmdx_dt4", "DMDX with dt = 1/4 (exploratory)", "adm", {"loss": "adm", "dt": 0.25}, ("adp", 0.5),
         default=False),
 )
@@ -212,6 +226,8 @@ def train(arm: Arm, seed: int, iterations: int, milestones: dict[int, Path], ini
         module, datamodule = build_adp(list(arm.options), seed, args)
     else:
         module, datamodule = build_adm(arm.options, init_from, args.lr)
+    # the budget counts generator updates; with update_ratio k the generator steps every k-th iteration
+    iterations *= getattr(module, "update_ratio", 1)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=10_000, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, callbacks=[StopAfter(iterations, milestones)])

@@ -20,6 +20,21 @@ def hinge_g(fake_logits: Tensor) -> Tensor:
     return -fake_logits.mean()
 
 
+def paired_hinge_d(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Relativistic hinge ``E[max(0, 1 - (D(real) - D(fake)))]`` over PAIRED samples (same ``x_t``).
+
+    ADM's real and fake moves start from one ``x_t``; scoring the pair's logit gap instead of each
+    logit alone cancels whatever the discriminator says about ``x_t``'s content (RpGAN,
+    Jolicoeur-Martineau 2019). An option, not the paper's loss.
+    """
+    return F.relu(1.0 - (real_logits - fake_logits)).mean()
+
+
+def paired_hinge_g(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Generator side of :func:`paired_hinge_d`: ``E[D(real) - D(fake)]`` (gradient through both)."""
+    return (real_logits - fake_logits).mean()
+
+
 def nonsaturating_d(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """Non-saturating GAN discriminator loss ``E[softplus(-D(real))] + E[softplus(D(fake))]`` (DMD2)."""
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()

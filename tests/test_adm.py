@@ -89,9 +89,11 @@ def test_teacher_never_changes(digits_teacher):
     assert not any(p.requires_grad for p in m.teacher.denoiser.parameters())
 
 
-@pytest.mark.parametrize("loss,fake_jacobian", [("adm", True), ("adm", False), ("dmd", True), ("dmd2", True)])
-def test_generator_loss_gradient_reaches_generator(digits_teacher, loss, fake_jacobian):
-    m = make_module(digits_teacher, loss, fake_jacobian=fake_jacobian)
+@pytest.mark.parametrize("loss,fake_jacobian,pairing", [("adm", True, "independent"), ("adm", False, "independent"),
+                                                        ("adm", True, "paired"), ("dmd", True, "independent"),
+                                                        ("dmd2", True, "independent")])
+def test_generator_loss_gradient_reaches_generator(digits_teacher, loss, fake_jacobian, pairing):
+    m = make_module(digits_teacher, loss, fake_jacobian=fake_jacobian, adm_pairing=pairing)
     cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:4]))
     ctx = m.prepare({}, cond, ["generator"])
     losses = m.generator_step({}, cond, ctx)
@@ -117,6 +119,33 @@ def test_fake_jacobian_option_changes_gradient(digits_teacher):
     assert not torch.allclose(grads[True], grads[False])
 
 
+def test_paired_adm_generator_gradient_ignores_a_content_only_discriminator(digits_teacher):
+    """With pairing, a discriminator that scores only what the real and fake moves share gives
+    the generator no gradient; unpaired, the same discriminator pushes the generator."""
+    cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:4]))
+    norms = {}
+    for pairing in ("independent", "paired"):
+        m = make_module(digits_teacher, adm_pairing=pairing, dt=1e-6, log_dmd_diagnostic=False)
+        # the moves differ by O(dt): a discriminator of the sample's content sees them as equal
+        m.discriminator.forward = lambda teacher, x, t, c: x.flatten(1).pow(2).sum(1)
+        torch.manual_seed(0)
+        m.teacher.zero_grad()
+        m.generator_step({}, cond, m.prepare({}, cond, ["generator"]))["loss"].backward()
+        norms[pairing] = sum(float(p.grad.abs().sum()) for p in digits_teacher.trainable_parameters("student"))
+    assert norms["independent"] > 1.0
+    assert norms["paired"] < 1e-3 * norms["independent"]
+
+
+@pytest.mark.parametrize("pairing", ["independent", "paired"])
+def test_adm_discriminator_loss_follows_pairing(digits_teacher, pairing):
+    m = make_module(digits_teacher, adm_pairing=pairing)
+    m.discriminator.forward = lambda teacher, x, t, c: torch.full((x.shape[0],), 3.0)
+    cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:4]))
+    loss = m.discriminator_step({}, cond, m.prepare({}, cond, ["discriminator"]))["loss"]
+    # equal logits 3: unpaired hinge relu(1 - 3) + relu(1 + 3) = 4; paired relu(1 - 0) = 1
+    assert loss.item() == pytest.approx(4.0 if pairing == "independent" else 1.0)
+
+
 def test_multistep_backward_simulation(digits_teacher):
     m = make_module(digits_teacher, student_steps=4)
     assert m.student_timesteps == [1.0, 0.75, 0.5, 0.25]
@@ -139,6 +168,8 @@ def test_bad_options_are_refused(digits_teacher):
         make_module(digits_teacher, "gan")
     with pytest.raises(ValueError, match="dt"):
         make_module(digits_teacher, dt=0.0)
+    with pytest.raises(ValueError, match="adm_pairing"):
+        make_module(digits_teacher, adm_pairing="both")
     with pytest.raises(ValueError, match="student_timesteps"):
         make_module(digits_teacher, student_timesteps=[0.5, 0.9])
 

@@ -15,6 +15,8 @@ from dmdx_lightning.losses import (
     hinge_g,
     nonsaturating_d,
     nonsaturating_g,
+    paired_hinge_d,
+    paired_hinge_g,
 )
 
 LN3 = math.log(3.0)
@@ -35,6 +37,16 @@ def test_hinge_d_hand_value():
 
 def test_hinge_d_is_zero_beyond_the_margin():
     assert hinge_d(torch.tensor([1.0, 5.0]), torch.tensor([-1.0, -7.0])).item() == 0.0
+
+
+def test_paired_hinge_hand_values():
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([0.0, 1.0, -1.5])
+    # gaps 2, -0.5, 0.5 -> relu(1 - gap) = 0, 1.5, 0.5
+    assert paired_hinge_d(real, fake).item() == pytest.approx(2 / 3)
+    assert paired_hinge_g(real, fake).item() == pytest.approx(2 / 3)  # mean gap
+    # a shift common to both logits (the discriminator's opinion of the shared x_t) changes nothing
+    assert paired_hinge_d(real + 5.0, fake + 5.0).item() == pytest.approx(2 / 3)
+    assert paired_hinge_g(real - 3.0, fake - 3.0).item() == pytest.approx(2 / 3)
 
 
 def test_hinge_g_hand_value():

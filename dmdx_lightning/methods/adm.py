@@ -13,6 +13,10 @@ by one config value. Per iteration:
 - ``discriminator_step``: ``adm``: hinge loss between one real-score ODE step (with CFG) and one
   fake-score ODE step from the SAME ``x_t``; ``dmd2``: non-saturating loss, real = teacher ODE
   latents from the batch (``batch["x0"]``, e.g. ODE pairs).
+
+``adm_pairing="paired"`` (an option, not the paper) scores each real/fake pair by its logit gap
+(:func:`~dmdx_lightning.losses.paired_hinge_d`), and the generator's loss takes its gradient
+through both moves, so the discriminator's opinion of ``x_t`` itself cancels.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from torch import Tensor
 
 from dmdx_lightning.discriminators.latent import LatentDiscriminator
 from dmdx_lightning.losses import (denoising_loss, dmd_loss, hinge_d, hinge_g, nonsaturating_d,
-                                   nonsaturating_g)
+                                   nonsaturating_g, paired_hinge_d, paired_hinge_g)
 from dmdx_lightning.methods.base import DistillationModule, _default_optimizer
 from dmdx_lightning.schedules import sample_t
 from dmdx_lightning.teachers.base import Conditioning, Teacher
@@ -47,6 +51,12 @@ class ADMModule(DistillationModule):
         fake_jacobian: ADM only: let the generator gradient flow through the fake score's Jacobian
             (``True``) or only through ``x_t`` (``False``: straight-through ODE step). An open
             question of the paper, kept as an option.
+        adm_pairing: ADM only: ``independent`` (the paper: hinge on each logit,
+            ``L_G = -E[D(x_fake)]``) or ``paired`` (hinge on the logit gap of the real and fake
+            moves from the same ``x_t``; ``L_G = E[D(x_real) - D(x_fake)]`` with the gradient
+            through both moves). At ``dt = 1/64`` the two moves differ by
+            ``(dt / t)(x0_real - x0_fake)`` only; an unpaired discriminator's gradient is then
+            dominated by what it says about ``x_t``'s content, which pairing cancels.
         gan_generator_weight, gan_discriminator_weight: DMD2's GAN weights (5e-3, 1e-2).
         log_dmd_diagnostic: ``adm``: compute and log the (unoptimised) DMD loss every iteration.
         fake_score_optimizer, discriminator_optimizer: optimizer factories of those players.
@@ -66,6 +76,7 @@ class ADMModule(DistillationModule):
         t_max: float = 0.98,
         t_sampler: str = "uniform",
         fake_jacobian: bool = True,
+        adm_pairing: Literal["independent", "paired"] = "independent",
         gan_generator_weight: float = 5e-3,
         gan_discriminator_weight: float = 1e-2,
         log_dmd_diagnostic: bool = True,
@@ -83,7 +94,9 @@ class ADMModule(DistillationModule):
         self.loss = loss
         self.dt, self.real_cfg_scale, self.update_ratio = dt, real_cfg_scale, update_ratio
         self.t_min, self.t_max, self.t_sampler = t_min, t_max, t_sampler
-        self.fake_jacobian = fake_jacobian
+        if adm_pairing not in ("independent", "paired"):
+            raise ValueError(f"adm_pairing must be 'independent' or 'paired', got {adm_pairing!r}")
+        self.fake_jacobian, self.adm_pairing = fake_jacobian, adm_pairing
         self.gan_generator_weight, self.gan_discriminator_weight = gan_generator_weight, gan_discriminator_weight
         self.log_dmd_diagnostic = log_dmd_diagnostic
         self.fake_score_optimizer, self.discriminator_optimizer = fake_score_optimizer, discriminator_optimizer
@@ -156,12 +169,20 @@ class ADMModule(DistillationModule):
             # straight-through: d x_fake / d x_t = I, the fake score's prediction is a constant
             x_fake = x_t + (x_fake - x_t).detach()
         s = (t - self.dt).clamp_min(0.0)
-        adm = hinge_g(self.discriminator(self.teacher, x_fake, s, cond))
+        logits_fake = self.discriminator(self.teacher, x_fake, s, cond)
+        x0_real = None
+        if self.adm_pairing == "paired":
+            # the frozen real score passes the gradient on to x_t (its weights get none)
+            x_real, x0_real = self._ode_step("real", x_t, t, cond, self.real_cfg_scale)
+            adm = paired_hinge_g(self.discriminator(self.teacher, x_real, s, cond), logits_fake)
+        else:
+            adm = hinge_g(logits_fake)
         out = {"loss": adm, "adm": adm}
         if self.log_dmd_diagnostic:
             with torch.no_grad():
-                x0_real, _ = self.teacher.predict("real", x_t.detach(), t, cond, self.real_cfg_scale)
-                out["dmd_diagnostic"] = dmd_loss(x0_hat.detach(), x0_real, x0_fake.detach())
+                if x0_real is None:
+                    x0_real, _ = self.teacher.predict("real", x_t.detach(), t, cond, self.real_cfg_scale)
+                out["dmd_diagnostic"] = dmd_loss(x0_hat.detach(), x0_real.detach(), x0_fake.detach())
         return out
 
     def fake_score_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
@@ -193,7 +214,8 @@ class ADMModule(DistillationModule):
         s = (t - self.dt).clamp_min(0.0)
         logits_real = self.discriminator(self.teacher, x_real, s, cond)
         logits_fake = self.discriminator(self.teacher, x_fake, s, cond)
-        loss = hinge_d(logits_real, logits_fake)
+        pair_loss = paired_hinge_d if self.adm_pairing == "paired" else hinge_d
+        loss = pair_loss(logits_real, logits_fake)
         return {"loss": loss, "hinge": loss, "logit_gap": (logits_real - logits_fake).mean().detach()}
 
     @property
