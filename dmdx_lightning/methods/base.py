@@ -141,6 +141,11 @@ class DistillationModule(pl.LightningModule):
         self.iteration += 1
         self.log("train/iteration", self.iteration.float(), batch_size=len(cond))
 
+    def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        super().manual_backward(loss, *args, **kwargs)
+        if self._trainer is not None:
+            finish_fsdp_backward(self.trainer.strategy.model)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Nothing per batch: validation metrics are callbacks (``callbacks/metrics.py``) that
         sample fixed prompts and seeds at the end of the validation epoch. Defining this step
@@ -207,7 +212,11 @@ class DistillationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        frozen = {f"{name}" for name, p in self.named_parameters() if not p.requires_grad}
+        # clean names: under FSDP the parameters live in wrapped units (``_fsdp_wrapped_module.``)
+        # while the full state dict's keys are the plain ones
+        # (remove_duplicate=False: a tied frozen weight, e.g. T5's embed_tokens/shared, under every name)
+        frozen = {clean_name(name) for name, p in self.named_parameters(remove_duplicate=False)
+                  if not p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["dmdx"] = {
             "teacher_family": self.teacher.family,
@@ -230,8 +239,11 @@ class DistillationModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         _check_family(checkpoint, self.teacher, "the checkpoint")
-        expected = {n for n, p in self.named_parameters() if p.requires_grad} | {n for n, _ in self.named_buffers()}
-        missing = sorted(k for k in expected if k not in checkpoint["state_dict"])
+        expected = {clean_name(n) for n, p in self.named_parameters() if p.requires_grad} | \
+            {clean_name(n) for n, _ in self.named_buffers()}
+        # FSDPStrategy loads (non-strictly) and pops "state_dict" before this hook: nothing to check then
+        state = checkpoint.get("state_dict")
+        missing = sorted(k for k in expected if k not in state) if state is not None else []
         if missing:
             raise KeyError(f"checkpoint lacks trainable state {missing[:5]}: it was saved by a different "
                            "configuration (method, discriminator layers or LoRA settings)")
@@ -266,6 +278,67 @@ class DistillationModule(pl.LightningModule):
     def arm_name(self) -> str:
         """Short name of this run in reports (e.g. ``adm_1step``)."""
         return f"{type(self).__name__.removesuffix('Module').lower()}_{len(self.student_timesteps)}step"
+
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without FSDP / activation-checkpoint wrapper parts (the state-dict key)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def finish_fsdp_backward(model: torch.nn.Module) -> None:
+    """Do what FSDP's post-backward final callback does, after a backward run inside the root's forward.
+
+    Lightning runs ``training_step`` INSIDE the root FSDP unit's forward, and manual optimization
+    calls ``manual_backward`` there. FSDP queues its end-of-backward callback only from the root's
+    pre-backward hook, which hangs on the root forward's outputs, so it never runs
+    (Lightning-AI/pytorch-lightning#19685). Units then stay in their backward state: a unit whose
+    parameters do not require grad (the frozen real score under the discriminator and generator
+    losses, and the roles Lightning's ``toggled_optimizer`` freezes for one player) is unsharded
+    for backward by its pre-backward hook but has no post-backward hook to reshard it, so its
+    parameters remain plain tensors outside ``_parameters``: the full state dict then fails with
+    "FSDP assumes ...transformer_blocks.0.norm1.linear.weight is in the state_dict", training
+    states never return to IDLE, and with FULL_SHARD the sharded gradients are never handed to
+    the optimizer. This finishes every non-root unit as torch's ``_post_backward_final_callback``
+    does. The root unit is still in its forward (its own parameters, if any, stay unsharded until
+    its post-forward) and is left alone. A no-op for a model that is not FSDP.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not isinstance(model, FullyShardedDataParallel):
+        return
+    from torch.distributed.fsdp import _runtime_utils as rt
+    from torch.distributed.fsdp._common_utils import TrainingState
+    from torch.distributed.fsdp._flat_param import HandleTrainingState
+
+    root = model
+    if not getattr(root, "_is_root", False):
+        return
+    if root._sync_gradients:  # gradient reductions run on side streams: wait for them first
+        current = root._device_handle.current_stream()
+        current.wait_stream(root._post_backward_stream)
+        if root._all_reduce_stream is not current:
+            current.wait_stream(root._all_reduce_stream)
+        if root.cpu_offload.offload_params:
+            current.synchronize()
+    with torch.no_grad():
+        for state in root._all_fsdp_states:
+            if state is root:
+                continue
+            rt._catch_all_reshard(state)
+            rt._finalize_params(state)
+            state.training_state = TrainingState.IDLE
+            handle = state._handle
+            if handle:
+                handle._ran_pre_backward_hook = False
+                handle._needs_pre_backward_unshard = False
+                handle._post_forward_index = None
+                handle._training_state = HandleTrainingState.IDLE
+                handle._prefetched = False
 
 
 def student_timesteps_default(num_steps: int, shift: float) -> list[float]:
