@@ -88,3 +88,15 @@ def test_fsdp_full_mode_sd3_adm_saves_trainable_state_and_restarts(tiny_sd3_dir,
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_with_generator_ema_is_refused_by_name(tiny_sd3_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    try:
+        cli = fsdp_cli(tiny_sd3_dir, tmp_path, 1, "--model.init_args.ema_decay", "0.99")
+        with pytest.raises(ValueError, match="ema_decay.*FSDP"):
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

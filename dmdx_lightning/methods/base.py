@@ -89,6 +89,10 @@ class DistillationModule(pl.LightningModule):
         self._init_from_loaded = False
 
     def setup(self, stage: str) -> None:
+        if self.ema is not None and self._trainer is not None and _is_fsdp(self.trainer.strategy):
+            # the EMA holds the student's parameters as they were before FSDP flattened them
+            raise ValueError("model.init_args.ema_decay is set, but the generator EMA does not work with "
+                             "FSDP (trainer.strategy): remove ema_decay or use DDP")
         # init_from is resolved here, once; a --ckpt_path resume restores its own state afterwards
         if self.init_from and not self._init_from_loaded:
             self.load_student_from(self.init_from)
@@ -278,6 +282,12 @@ class DistillationModule(pl.LightningModule):
     def arm_name(self) -> str:
         """Short name of this run in reports (e.g. ``adm_1step``)."""
         return f"{type(self).__name__.removesuffix('Module').lower()}_{len(self.student_timesteps)}step"
+
+
+def _is_fsdp(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
 
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
