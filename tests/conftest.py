@@ -9,6 +9,20 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """Undo what a test's in-process Trainer writes to os.environ.
+
+    A distributed strategy run in-process (test_fsdp.py) sets LOCAL_RANK / NODE_RANK / MASTER_PORT;
+    a later test's subprocess inherits them, and Lightning then takes a fresh 2-process DDP run for
+    an already-launched rank 0 and waits forever for a rank 1 it never starts.
+    """
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def digits_teacher():
     from dmdx_lightning.teachers.digits import DigitsTeacher
