@@ -368,7 +368,7 @@ def run(args) -> dict:
         "settings": {"budget_generator_updates": args.budget, "seeds": args.seeds, "batch_size": args.batch_size,
                      "lr": args.lr, "samples_per_digit": args.samples_per_digit, "diversity_k": args.diversity_k,
                      "teacher_pairs": args.pairs, "adp_pairs": args.adp_pairs, "jobs": args.jobs,
-                     "quick": args.quick},
+                     "quick": args.quick, "command": args.command},
         "machine": machine(threads), "wall_seconds": time.perf_counter() - start, "arms": results,
         "verdict": verdict(results),
     }
@@ -461,7 +461,7 @@ def markdown(report: dict) -> str:
     return "\n".join([
         "# Quality benchmark (digits teacher)",
         "",
-        f"`python benchmarks/quality.py{' --quick' if s['quick'] else ''}` on {m['cpu_count']} CPU cores "
+        f"`{s['command']}` on {m['cpu_count']} CPU cores "
         f"({m['torch_threads']} torch threads), {m['date_utc']} UTC, {report['wall_seconds'] / 60:.1f} min in all.",
         f"Every student: one step, {s['budget_generator_updates']} generator updates, batch {s['batch_size']}, "
         f"AdamW lr {s['lr']:g}; {s['seeds']} seed(s) per arm; mean ± std over seeds.",
@@ -526,6 +526,13 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--out", default=str(RESULTS), help="output folder (default benchmarks/results)")
     p.add_argument("--work", help="checkpoints and pairs (default runs/benchmarks/quality)")
     args = p.parse_args(argv)
+    # the command as typed, without the output folders (machine-specific), for the report's header
+    shown = list(sys.argv[1:] if argv is None else argv)
+    for flag in ("--out", "--work"):
+        while flag in shown:
+            i = shown.index(flag)
+            del shown[i:i + 2]
+    args.command = " ".join(["python benchmarks/quality.py", *shown])
     quick = {"budget": 3, "seeds": 1, "samples_per_digit": 20, "diversity_k": 3, "pairs": 64, "adp_pairs": 64}
     full = {"budget": 300, "seeds": 3, "samples_per_digit": 180, "diversity_k": 10, "pairs": 2048,
             "adp_pairs": 1280}
