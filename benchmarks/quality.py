@@ -171,6 +171,18 @@ class StopAfter(pl.Callback):
             trainer.should_stop = True
 
 
+def iterations_for(module, generator_updates: int) -> int:
+    """The budget counts generator updates: run up to the iteration of the next one after
+    ``generator_updates`` (the module's ``players_for_step`` decides who steps when)."""
+    iteration = updates = 0
+    while True:
+        if "generator" in module.players_for_step(iteration):
+            if updates == generator_updates:
+                return iteration
+            updates += 1
+        iteration += 1
+
+
 def build_adm(options: dict, init_from: str | None, lr: float):
     from dmdx_lightning.discriminators.latent import LatentDiscriminator
     from dmdx_lightning.methods.adm import ADMModule
@@ -226,8 +238,7 @@ def train(arm: Arm, seed: int, iterations: int, milestones: dict[int, Path], ini
         module, datamodule = build_adp(list(arm.options), seed, args)
     else:
         module, datamodule = build_adm(arm.options, init_from, args.lr)
-    # the budget counts generator updates; with update_ratio k the generator steps every k-th iteration
-    iterations *= getattr(module, "update_ratio", 1)
+    iterations = iterations_for(module, iterations)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=10_000, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, callbacks=[StopAfter(iterations, milestones)])

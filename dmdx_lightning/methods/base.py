@@ -89,7 +89,8 @@ class DistillationModule(pl.LightningModule):
         self._init_from_loaded = False
 
     def setup(self, stage: str) -> None:
-        if self.ema is not None and self._trainer is not None and _is_fsdp(self.trainer.strategy):
+        if self.ema is not None and self._trainer is not None and \
+                isinstance(self.trainer.strategy, pl.strategies.FSDPStrategy):
             # the EMA holds the student's parameters as they were before FSDP flattened them
             raise ValueError("model.init_args.ema_decay is set, but the generator EMA does not work with "
                              "FSDP (trainer.strategy): remove ema_decay or use DDP")
@@ -147,8 +148,7 @@ class DistillationModule(pl.LightningModule):
 
     def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         super().manual_backward(loss, *args, **kwargs)
-        if self._trainer is not None:
-            finish_fsdp_backward(self.trainer.strategy.model)
+        finish_fsdp_backward(self.trainer.strategy.model)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Nothing per batch: validation metrics are callbacks (``callbacks/metrics.py``) that
@@ -243,14 +243,15 @@ class DistillationModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         _check_family(checkpoint, self.teacher, "the checkpoint")
-        expected = {clean_name(n) for n, p in self.named_parameters() if p.requires_grad} | \
-            {clean_name(n) for n, _ in self.named_buffers()}
         # FSDPStrategy loads (non-strictly) and pops "state_dict" before this hook: nothing to check then
         state = checkpoint.get("state_dict")
-        missing = sorted(k for k in expected if k not in state) if state is not None else []
-        if missing:
-            raise KeyError(f"checkpoint lacks trainable state {missing[:5]}: it was saved by a different "
-                           "configuration (method, discriminator layers or LoRA settings)")
+        if state is not None:
+            expected = {clean_name(n) for n, p in self.named_parameters() if p.requires_grad} | \
+                {clean_name(n) for n, _ in self.named_buffers()}
+            missing = sorted(k for k in expected if k not in state)
+            if missing:
+                raise KeyError(f"checkpoint lacks trainable state {missing[:5]}: it was saved by a different "
+                               "configuration (method, discriminator layers or LoRA settings)")
         # applied in on_train_start, just before the first step: between here and there Lightning
         # builds loaders and may run sanity validation, which would advance the RNGs
         self._rng_to_restore = checkpoint.get("dmdx", {}).get("rng")
@@ -284,12 +285,6 @@ class DistillationModule(pl.LightningModule):
         return f"{type(self).__name__.removesuffix('Module').lower()}_{len(self.student_timesteps)}step"
 
 
-def _is_fsdp(strategy: Any) -> bool:
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return isinstance(strategy, FSDPStrategy)
-
-
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
@@ -300,7 +295,7 @@ def clean_name(name: str) -> str:
     return name
 
 
-def finish_fsdp_backward(model: torch.nn.Module) -> None:
+def finish_fsdp_backward(root: torch.nn.Module) -> None:
     """Do what FSDP's post-backward final callback does, after a backward run inside the root's forward.
 
     Lightning runs ``training_step`` INSIDE the root FSDP unit's forward, and manual optimization
@@ -319,15 +314,12 @@ def finish_fsdp_backward(model: torch.nn.Module) -> None:
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    if not isinstance(model, FullyShardedDataParallel):
+    if not isinstance(root, FullyShardedDataParallel) or not getattr(root, "_is_root", False):
         return
     from torch.distributed.fsdp import _runtime_utils as rt
     from torch.distributed.fsdp._common_utils import TrainingState
     from torch.distributed.fsdp._flat_param import HandleTrainingState
 
-    root = model
-    if not getattr(root, "_is_root", False):
-        return
     if root._sync_gradients:  # gradient reductions run on side streams: wait for them first
         current = root._device_handle.current_stream()
         current.wait_stream(root._post_backward_stream)
