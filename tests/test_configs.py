@@ -45,11 +45,13 @@ OVERLAY_BASES = {"quickstart/dmdx.yaml": "quickstart/adm.yaml"}
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "trainer" not in p.parts)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
-def test_config_instantiates(config, monkeypatch, tmp_path, request):
-    monkeypatch.chdir(ROOT)
+def build_cli(config, tmp_path, request, drop=()):
+    """The config through the real CLI (run=False) with its tiny substitutes, minus the ``drop`` keys."""
     name = str(config.relative_to(ROOT / "configs"))
     extra = list(OVERRIDES.get(name, []))
+    for key in drop:  # options come in (key, value) pairs
+        i = extra.index(key)
+        del extra[i:i + 2]
     if "{tiny_sd3}" in extra:
         tiny = str(request.getfixturevalue("tiny_sd3_dir"))
         extra = [a.replace("{tiny_sd3}", tiny) for a in extra]
@@ -58,9 +60,16 @@ def test_config_instantiates(config, monkeypatch, tmp_path, request):
     if name in PAIR_CONFIGS:
         extra += ["--data.init_args.path", str(write_tiny_pairs(tmp_path / "pairs"))]
     base = ["--config", str(ROOT / "configs" / OVERLAY_BASES[name])] if name in OVERLAY_BASES else []
-    cli = DMDXCLI(args=[*base, "--config", str(config), *extra,
-                        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"],
-                  run=False)
+    return DMDXCLI(args=[*base, "--config", str(config), *extra,
+                         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"],
+                   run=False)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_config_instantiates(config, monkeypatch, tmp_path, request):
+    monkeypatch.chdir(ROOT)
+    name = str(config.relative_to(ROOT / "configs"))
+    cli = build_cli(config, tmp_path, request)
     assert cli.model is not None and cli.trainer is not None
     if cli.datamodule is not None:
         cli.datamodule.setup("fit")
@@ -69,6 +78,26 @@ def test_config_instantiates(config, monkeypatch, tmp_path, request):
         assert cli.trainer.max_steps == overlay["trainer"]["max_steps"]
         assert cli.model.init_from == overlay["model"]["init_args"]["init_from"]
         assert cli.trainer.checkpoint_callback.dirpath.endswith("runs/quickstart/dmdx/checkpoints")
+
+
+def _teacher_args(config):
+    model = yaml.safe_load(config.read_text()).get("model") or {}
+    return ((model.get("init_args") or {}).get("teacher") or {}).get("init_args") or {}
+
+
+LORA_CONFIGS = [p for p in CONFIGS if _teacher_args(p).get("mode") == "lora"]
+
+
+@pytest.mark.parametrize("config", LORA_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_lora_configs_train_fp32_adapters_on_their_frozen_dtype(config, monkeypatch, tmp_path, request):
+    """Built with the config's own ``torch_dtype`` (bf16 for the SD3 configs): peft creates adapters
+    in the base layer's dtype; every trainable parameter must still be fp32."""
+    monkeypatch.chdir(ROOT)
+    teacher = build_cli(config, tmp_path, request, drop=[_TEACHER + "torch_dtype"]).model.teacher
+    frozen_dtype = getattr(torch, _teacher_args(config).get("torch_dtype", "float32"))
+    assert {p.dtype for n, p in teacher.denoiser.named_parameters() if "lora_" not in n} == {frozen_dtype}
+    trainable = {n: p.dtype for n, p in teacher.named_parameters() if p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32}, trainable
 
 
 def test_fsdp_trainer_config_builds_its_strategy():

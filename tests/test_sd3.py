@@ -148,6 +148,25 @@ def test_roles_in_lora_mode(tiny_sd3_dir):
     torch.testing.assert_close(teacher.forward_role("fake", x_t, t, cond), real)  # untouched adapter
 
 
+def test_bf16_lora_keeps_fp32_adapters_and_trains(tiny_sd3_dir):
+    """``torch_dtype: bfloat16`` + lora (configs/adm_sd3.yaml): the frozen base is bf16, the adapters
+    are fp32 master weights (peft alone makes them bf16), and forward + backward run through both."""
+    teacher = SD3Teacher(str(tiny_sd3_dir), mode="lora", torch_dtype="bfloat16", **TINY_SD3)
+    trainable = [p for p in teacher.parameters() if p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    assert {p.dtype for n, p in teacher.denoiser.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    perturb_adapter(teacher, "student", 0.1)  # LoRA B starts at 0: make the adapter count
+    cond = teacher.encode_prompts(PROMPTS[:2])
+    x_t, t = torch.randn(teacher.latent_shape(2)), torch.tensor([0.4, 0.9])
+    x0, _ = teacher.predict("student", x_t, t, cond)
+    real, _ = teacher.predict("real", x_t, t, cond)
+    assert x0.dtype == torch.float32 and not torch.allclose(x0, real)
+    x0.square().mean().backward()
+    grads = [p.grad for p in teacher.trainable_parameters("student")]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in teacher.trainable_parameters("fake"))
+
+
 def test_decode_encode_use_scaling_and_shift(lora_teacher):
     lat = torch.randn(lora_teacher.latent_shape(2))
     img = lora_teacher.decode(lat)

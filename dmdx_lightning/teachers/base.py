@@ -139,6 +139,12 @@ class Teacher(nn.Module):
                 inject_adapter_in_model(config, denoiser, adapter_name=role)
             for name, p in denoiser.named_parameters():
                 p.requires_grad_(_lora_role_of(name) is not None)
+                if p.requires_grad:
+                    # peft creates adapters in their base layer's dtype; in bf16 an AdamW update of
+                    # lr 1e-5 is mostly below the weight's resolution and is lost. The adapters are
+                    # the optimizer's master weights, so they are fp32 whatever the frozen base is
+                    # (peft casts a layer's input to its adapter's dtype and the sum back).
+                    p.data = p.data.float()
         if self.gradient_checkpointing:
             for role in TRAINABLE_ROLES:
                 self.enable_gradient_checkpointing(self.network(role))

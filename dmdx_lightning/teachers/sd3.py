@@ -56,7 +56,8 @@ class SD3Teacher(Teacher):
         trainable_dtype: dtype of the trainable copies in ``full`` mode (``None``: same as
             ``torch_dtype``). ``float32`` keeps fp32 master weights for the optimizer while the
             frozen teacher stays in ``torch_dtype``; bf16 compute comes from the trainer's
-            ``precision: bf16-mixed``. In ``lora`` mode peft keeps the adapters in float32.
+            ``precision: bf16-mixed``. In ``lora`` mode the adapters are always float32
+            (``Teacher.setup_roles``; peft alone would create them in ``torch_dtype``).
         drop_t5: do not load T5 (``text_encoder_3``), saving ~9 GB in bf16 for SD3; its tokens
             become zeros, exactly as diffusers' ``text_encoder_3=None`` (a quality cost; the
             exported pipeline must then be run without T5 too).
