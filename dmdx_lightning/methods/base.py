@@ -89,6 +89,8 @@ class DistillationModule(pl.LightningModule):
         self._init_from_loaded = False
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            check_ddp_finds_unused_parameters(self.trainer.strategy)
         if self.ema is not None and self._trainer is not None and \
                 isinstance(self.trainer.strategy, pl.strategies.FSDPStrategy):
             # the EMA holds the student's parameters as they were before FSDP flattened them
@@ -293,6 +295,27 @@ def clean_name(name: str) -> str:
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
+
+
+def check_ddp_finds_unused_parameters(strategy) -> None:
+    """Refuse DDP that expects every parameter to get a gradient in every backward.
+
+    Each player's backward reaches only its own parameters (the others are frozen by
+    ``toggled_optimizer``), so DDP with ``find_unused_parameters=False`` (Lightning's plain ``ddp``,
+    also what ``devices: auto`` picks on a multi-GPU node) fails within the first steps (DDP's
+    "Expected to have finished reduction in the prior iteration"); this says so before training.
+    """
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, XLAStrategy
+
+    if not isinstance(strategy, DDPStrategy) or isinstance(strategy, (DeepSpeedStrategy, XLAStrategy)):
+        return  # the two subclasses do not wrap the model in torch's DistributedDataParallel
+    # the keyword arguments Lightning passes to DistributedDataParallel (no public accessor)
+    if not strategy._ddp_kwargs.get("find_unused_parameters", False):
+        raise ValueError(
+            "trainer.strategy is DDP with find_unused_parameters=False, but each player's backward uses "
+            "only its own parameters: set trainer.strategy to ddp_find_unused_parameters_true (or give "
+            "lightning.pytorch.strategies.DDPStrategy init_args {find_unused_parameters: true}), as "
+            "configs/trainer/ddp_cpu.yaml does")
 
 
 def finish_fsdp_backward(root: torch.nn.Module) -> None:
