@@ -35,6 +35,13 @@ def paired_hinge_g(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     return (real_logits - fake_logits).mean()
 
 
+def gradient_penalty(grad: Tensor) -> Tensor:
+    """``E||grad||^2`` over the batch: R1 when ``grad`` is the discriminator's input gradient at real
+    samples, R2 at fake ones (Mescheder et al. 2018; R3GAN, Huang et al. 2024). The caller scales
+    it by ``gamma / 2``."""
+    return grad.float().pow(2).flatten(1).sum(1).mean()
+
+
 def nonsaturating_d(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """Non-saturating GAN discriminator loss ``E[softplus(-D(real))] + E[softplus(D(fake))]`` (DMD2)."""
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()

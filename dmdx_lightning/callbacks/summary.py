@@ -22,6 +22,23 @@ def _timed(fn, n: int) -> tuple[torch.Tensor, float]:
     return out, (time.perf_counter() - start) / n
 
 
+def write_json_atomic(path: str | Path, data) -> None:
+    """Write JSON through a temporary file and a rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def update_summary(path: str | Path, arm: str, row: dict) -> None:
+    """Set one arm's row of a summary JSON file, keeping the other arms."""
+    path = Path(path)
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    summary[arm] = row
+    write_json_atomic(path, summary)
+
+
 def format_table(summary: dict) -> str:
     cols = ("nfe", "class_accuracy", "fd", "precision", "recall", "class_coverage", "seconds_per_sample")
     lines = ["| arm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -72,8 +89,5 @@ class DigitsSummary(pl.Callback):
             summary[self.arm or module.arm_name] = {
                 "nfe": len(module.student_timesteps), **digits_metrics(x, cond.labels, classifier),
                 "seconds_per_sample": sps}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(self.path)
+        write_json_atomic(self.path, summary)
         print(f"\n{self.path}:\n{format_table(summary)}\n")

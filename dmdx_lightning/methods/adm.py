@@ -28,8 +28,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from dmdx_lightning.discriminators.latent import LatentDiscriminator
-from dmdx_lightning.losses import (denoising_loss, dmd_loss, hinge_d, hinge_g, nonsaturating_d,
-                                   nonsaturating_g, paired_hinge_d, paired_hinge_g)
+from dmdx_lightning.losses import (denoising_loss, dmd_loss, gradient_penalty, hinge_d, hinge_g,
+                                   nonsaturating_d, nonsaturating_g, paired_hinge_d, paired_hinge_g)
 from dmdx_lightning.methods.base import DistillationModule, _default_optimizer
 from dmdx_lightning.schedules import sample_t
 from dmdx_lightning.teachers.base import Conditioning, Teacher
@@ -57,6 +57,17 @@ class ADMModule(DistillationModule):
             through both moves). At ``dt = 1/64`` the two moves differ by
             ``(dt / t)(x0_real - x0_fake)`` only; an unpaired discriminator's gradient is then
             dominated by what it says about ``x_t``'s content, which pairing cancels.
+        adm_steps: ADM only: Euler steps of each score's PF-ODE move from ``t`` to its end time (1 =
+            the paper's one step). With ``dt = 1`` and ``adm_steps > 1`` both moves run to ``t = 0``:
+            the discriminator compares the teacher's own CFG ODE endpoint with the fake score's
+            from the same ``x_t`` (ADM issue, hypothesis 1).
+        dt_scaling: ``absolute`` (end time ``t - dt``, the paper) or ``relative`` (end time
+            ``t - dt * t``, i.e. ``dt`` is ``kappa`` of a move proportional to ``t``).
+        r1_gamma, r2_gamma: ADM only: gradient penalties ``gamma / 2 * E||grad_x D(x)||^2`` on the
+            real (R1) and fake (R2) moves (R3GAN, Huang et al. 2024); 0 = off (the paper: none).
+        fake_score_warmup: iterations at the start in which only the fake score (and the
+            discriminator) step, so the fake score fits the starting student before the generator
+            moves (0 = off, the paper).
         gan_generator_weight, gan_discriminator_weight: DMD2's GAN weights (5e-3, 1e-2).
         log_dmd_diagnostic: ``adm``: compute and log the (unoptimised) DMD loss every iteration.
         fake_score_optimizer, discriminator_optimizer: optimizer factories of those players.
@@ -77,6 +88,11 @@ class ADMModule(DistillationModule):
         t_sampler: str = "uniform",
         fake_jacobian: bool = True,
         adm_pairing: Literal["independent", "paired"] = "independent",
+        adm_steps: int = 1,
+        dt_scaling: Literal["absolute", "relative"] = "absolute",
+        r1_gamma: float = 0.0,
+        r2_gamma: float = 0.0,
+        fake_score_warmup: int = 0,
         gan_generator_weight: float = 5e-3,
         gan_discriminator_weight: float = 1e-2,
         log_dmd_diagnostic: bool = True,
@@ -97,6 +113,15 @@ class ADMModule(DistillationModule):
         if adm_pairing not in ("independent", "paired"):
             raise ValueError(f"adm_pairing must be 'independent' or 'paired', got {adm_pairing!r}")
         self.fake_jacobian, self.adm_pairing = fake_jacobian, adm_pairing
+        if adm_steps < 1:
+            raise ValueError(f"adm_steps must be >= 1, got {adm_steps}")
+        if dt_scaling not in ("absolute", "relative"):
+            raise ValueError(f"dt_scaling must be 'absolute' or 'relative', got {dt_scaling!r}")
+        if r1_gamma < 0 or r2_gamma < 0 or fake_score_warmup < 0:
+            raise ValueError(f"r1_gamma, r2_gamma and fake_score_warmup must be >= 0, got "
+                             f"{r1_gamma}, {r2_gamma}, {fake_score_warmup}")
+        self.adm_steps, self.dt_scaling = adm_steps, dt_scaling
+        self.r1_gamma, self.r2_gamma, self.fake_score_warmup = r1_gamma, r2_gamma, fake_score_warmup
         self.gan_generator_weight, self.gan_discriminator_weight = gan_generator_weight, gan_discriminator_weight
         self.log_dmd_diagnostic = log_dmd_diagnostic
         self.fake_score_optimizer, self.discriminator_optimizer = fake_score_optimizer, discriminator_optimizer
@@ -111,9 +136,10 @@ class ADMModule(DistillationModule):
 
     # ------------------------------------------------------------------ who steps
     def players_for_step(self, iteration: int) -> list[str]:
-        """Generator every ``update_ratio``-th iteration; fake score (and discriminator) every one."""
+        """Generator every ``update_ratio``-th iteration after the fake-score warm-up; fake score (and
+        discriminator) every one."""
         players = [p for p in self.player_names if p != "generator"]
-        if iteration % self.update_ratio == 0:
+        if iteration >= self.fake_score_warmup and (iteration - self.fake_score_warmup) % self.update_ratio == 0:
             players.insert(0, "generator")
         return players
 
@@ -140,11 +166,24 @@ class ADMModule(DistillationModule):
         eps = torch.randn_like(x0)
         return self.teacher.schedule.add_noise(x0, eps, t), t, eps
 
+    def _end_time(self, t: Tensor) -> Tensor:
+        """Where the real and fake moves end: ``t - dt`` (absolute) or ``t - dt * t`` (relative), >= 0."""
+        return (t - (self.dt * t if self.dt_scaling == "relative" else self.dt)).clamp_min(0.0)
+
     def _ode_step(self, role: str, x_t: Tensor, t: Tensor, cond: Conditioning, cfg: float) -> tuple[Tensor, Tensor]:
-        """One PF-ODE move of ``role`` from ``t`` to ``s = t - dt``; returns ``(x_s, x0_pred)``."""
-        s = (t - self.dt).clamp_min(0.0)
-        x0, eps = self.teacher.predict(role, x_t, t, cond, cfg)
-        return self.teacher.schedule.ode_step(x0, eps, s), x0
+        """The PF-ODE move of ``role`` from ``t`` to :meth:`_end_time` in ``adm_steps`` Euler steps.
+
+        Returns ``(x_s, x0_pred)``, ``x0_pred`` being the prediction at the start (for the DMD diagnostic).
+        """
+        s_end = self._end_time(t)
+        x, x0_first = x_t, None
+        for i in range(self.adm_steps):
+            t_i = t + (s_end - t) * (i / self.adm_steps)
+            s_i = t + (s_end - t) * ((i + 1) / self.adm_steps)
+            x0, eps = self.teacher.predict(role, x, t_i, cond, cfg)
+            x0_first = x0 if x0_first is None else x0_first
+            x = self.teacher.schedule.ode_step(x0, eps, s_i)
+        return x, x0_first
 
     # ------------------------------------------------------------------ players
     def generator_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
@@ -168,7 +207,7 @@ class ADMModule(DistillationModule):
         if not self.fake_jacobian:
             # straight-through: d x_fake / d x_t = I, the fake score's prediction is a constant
             x_fake = x_t + (x_fake - x_t).detach()
-        s = (t - self.dt).clamp_min(0.0)
+        s = self._end_time(t)
         logits_fake = self.discriminator(self.teacher, x_fake, s, cond)
         x0_real = None
         if self.adm_pairing == "paired":
@@ -211,12 +250,28 @@ class ADMModule(DistillationModule):
         with torch.no_grad():
             x_real, _ = self._ode_step("real", x_t, t, cond, self.real_cfg_scale)
             x_fake, _ = self._ode_step("fake", x_t, t, cond, 1.0)
-        s = (t - self.dt).clamp_min(0.0)
-        logits_real = self.discriminator(self.teacher, x_real, s, cond)
-        logits_fake = self.discriminator(self.teacher, x_fake, s, cond)
+        s = self._end_time(t)
+        logits_real, r1 = self._logits_and_penalty(x_real, s, cond, self.r1_gamma)
+        logits_fake, r2 = self._logits_and_penalty(x_fake, s, cond, self.r2_gamma)
         pair_loss = paired_hinge_d if self.adm_pairing == "paired" else hinge_d
-        loss = pair_loss(logits_real, logits_fake)
-        return {"loss": loss, "hinge": loss, "logit_gap": (logits_real - logits_fake).mean().detach()}
+        hinge = pair_loss(logits_real, logits_fake)
+        out = {"loss": hinge, "hinge": hinge, "logit_gap": (logits_real - logits_fake).mean().detach()}
+        if r1 is not None:
+            out["loss"] = out["loss"] + 0.5 * self.r1_gamma * r1
+            out["r1"] = r1.detach()
+        if r2 is not None:
+            out["loss"] = out["loss"] + 0.5 * self.r2_gamma * r2
+            out["r2"] = r2.detach()
+        return out
+
+    def _logits_and_penalty(self, x: Tensor, s: Tensor, cond: Conditioning, gamma: float) -> tuple[Tensor, Tensor | None]:
+        """Discriminator logits at ``x`` and, when ``gamma > 0``, ``E||grad_x D(x)||^2`` (R1 / R2)."""
+        if gamma == 0:
+            return self.discriminator(self.teacher, x, s, cond), None
+        x = x.detach().requires_grad_(True)
+        logits = self.discriminator(self.teacher, x, s, cond)
+        (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
+        return logits, gradient_penalty(grad)
 
     @property
     def arm_name(self) -> str:

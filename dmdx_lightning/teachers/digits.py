@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from dmdx_lightning.schedules import FlowMatchSchedule, sample_t
 from dmdx_lightning.teachers.base import Conditioning, Teacher
+from dmdx_lightning.teachers.blocks import ResBlock, timestep_embedding
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_TEACHER = ASSETS / "digits_teacher.safetensors"
@@ -69,29 +70,6 @@ def load_digits_data(split: str = "train", seed: int = 0) -> tuple[Tensor, Tenso
 
 
 # -------------------------------------------------------------------------------- networks
-def timestep_embedding(timestep: Tensor, dim: int) -> Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=timestep.device) / half)
-    args = timestep.float()[:, None] * freqs[None]
-    return torch.cat([args.cos(), args.sin()], dim=-1)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, channels: int, emb_dim: int) -> None:
-        super().__init__()
-        self.norm1 = nn.GroupNorm(8, channels)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.film = nn.Linear(emb_dim, 2 * channels)
-        self.norm2 = nn.GroupNorm(8, channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
-        return x + self.conv2(F.silu(h))
-
-
 class DigitsDenoiser(nn.Module):
     """Small conv net ``(x_t, timestep, label) -> velocity`` on ``(B, 1, 8, 8)``.
 

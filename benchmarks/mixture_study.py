@@ -1,0 +1,270 @@
+"""The ADM study on the exact Gaussian-mixture teacher: arms x generator learning rates x seeds.
+
+    python benchmarks/mixture_study.py --arms dmd,adm,dmdx --lrs 1e-4,3e-5 --seeds 0,1,2
+    python benchmarks/mixture_study.py --quick            # smoke run (tests)
+
+Every arm is configs (``benchmarks/arms/mixture.yaml``: a list of YAML files and overrides), run
+by the same ``dmdx fit`` command a user types, one subprocess per (arm, lr, seed), ``--jobs`` at a
+time. The study adds only a per-run overlay (seed, generator learning rate, output folder, the
+``GeneratorBudget`` of ``--updates`` generator updates, the ``MixtureSummary`` that scores the
+student at its start and end). A run whose summary already exists is not run again, so a long
+study resumes where it stopped. Writes ``benchmarks/results/<name>.md`` and ``.json``
+(``<name>`` contains ``mixture``) and ``<name>_modes.png`` (per-mode mass, teacher vs arms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from threading import Lock
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine, markdown_table, mean_std, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ARMS_FILE = ROOT / "benchmarks/arms/mixture.yaml"
+METRICS = ("coverage", "modes_covered", "precision", "tv", "min_weight_covered")
+
+
+def load_arms(path: Path = ARMS_FILE) -> dict[str, dict]:
+    arms = yaml.safe_load(path.read_text())
+    for name, arm in arms.items():
+        unknown = set(arm) - {"title", "configs", "args", "init_from", "teacher"}
+        if unknown:
+            raise ValueError(f"{path}: arm {name!r} has unknown keys {sorted(unknown)}")
+        if arm.get("init_from") and arm["init_from"] not in arms:
+            raise ValueError(f"{path}: arm {name!r} starts from unknown arm {arm['init_from']!r}")
+    return arms
+
+
+def run_dir(root: Path, arm: str, lr: float, seed: int) -> Path:
+    return root / arm / f"lr{lr:g}" / f"seed{seed}"
+
+
+def overlay(directory: Path, arm: str, lr: float, seed: int, updates: int, samples: int,
+            init_from: Path | None) -> dict:
+    """The per-run config the study adds on top of the arm's own configs."""
+    model: dict = {"generator_optimizer": {"init_args": {"lr": lr}}}
+    if init_from is not None:
+        model["init_from"] = str(init_from)
+    return {
+        "seed_everything": seed,
+        "model": {"init_args": model},
+        "trainer": {
+            "max_steps": -1, "max_epochs": 10_000, "enable_progress_bar": False, "log_every_n_steps": 25,
+            "default_root_dir": str(directory),
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(directory), "name": "", "version": ""}},
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(directory / "checkpoints"), "save_last": True}},
+                {"class_path": "dmdx_lightning.callbacks.budget.GeneratorBudget", "init_args": {"updates": updates}},
+                {"class_path": "dmdx_lightning.callbacks.mixture.MixtureSummary",
+                 "init_args": {"path": str(directory / "summary.json"), "arm": arm, "samples_per_class": samples}},
+            ],
+        },
+    }
+
+
+class Study:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.arms = args, load_arms(Path(args.arms_file))
+        self.root = Path(args.root)
+        self.futures: dict[tuple, Future] = {}
+        self.lock = Lock()
+        self.pool = ThreadPoolExecutor(args.jobs)
+
+    def submit(self, arm: str, lr: float, seed: int) -> Future:
+        key = (arm, lr, seed)
+        with self.lock:
+            if key not in self.futures:
+                spec = self.arms[arm]
+                dep = None
+                if spec.get("init_from"):  # the stage it starts from runs at the study's base lr
+                    dep = self.submit(spec["init_from"], self.args.base_lr, seed)
+                self.futures[key] = self.pool.submit(self._run, arm, lr, seed, dep)
+            return self.futures[key]
+
+    def _run(self, arm: str, lr: float, seed: int, dep: Future | None) -> dict:
+        spec, directory = self.arms[arm], run_dir(self.root, arm, lr, seed)
+        summary = directory / "summary.json"
+        if summary.is_file() and arm in json.loads(summary.read_text()):
+            return json.loads(summary.read_text())
+        init_from = None
+        if dep is not None:
+            dep.result()  # raises if the stage it starts from failed
+            init_from = run_dir(self.root, spec["init_from"], self.args.base_lr, seed) / "checkpoints/last.ckpt"
+        directory.mkdir(parents=True, exist_ok=True)
+        extra = directory / "study_overlay.yaml"
+        extra.write_text(yaml.safe_dump(overlay(directory, arm, lr, seed, self.args.updates, self.args.samples,
+                                                init_from)))
+        cmd = [sys.executable, "-m", "dmdx_lightning.cli", "fit"]
+        for config in spec["configs"]:
+            cmd += ["--config", str(ROOT / config)]
+        cmd += ["--config", str(extra), *[str(a) for a in spec.get("args", [])]]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        start = time.time()
+        with open(directory / "log.txt", "w") as log:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc != 0 or not summary.is_file():
+            raise RuntimeError(f"{arm} lr {lr:g} seed {seed} failed (exit {rc}); see {directory / 'log.txt'}")
+        result = json.loads(summary.read_text())
+        result["seconds"] = time.time() - start
+        print(f"[{time.strftime('%H:%M:%S')}] {arm} lr {lr:g} seed {seed}: "
+              f"{ {k: round(result[arm][k], 3) for k in METRICS} } ({result['seconds']:.0f} s)", flush=True)
+        return result
+
+
+def aggregate(study: Study, tasks: list[tuple]) -> dict:
+    report: dict = {"arms": {}, "teacher": None}
+    for arm, lr, seed in tasks:
+        try:
+            result = study.futures[(arm, lr, seed)].result()
+        except Exception as e:  # an arm that fails reports its error instead of failing the study
+            report["arms"].setdefault(arm, {}).setdefault(f"{lr:g}", {"runs": [], "errors": []})["errors"].append(str(e))
+            continue
+        report["teacher"] = report["teacher"] or result.get("teacher")
+        entry = report["arms"].setdefault(arm, {}).setdefault(f"{lr:g}", {"runs": [], "errors": []})
+        entry["runs"].append({"seed": seed, "final": result[arm], "init": result.get(f"{arm}@init"),
+                              "seconds": result.get("seconds")})
+    for arm, by_lr in report["arms"].items():
+        for entry in by_lr.values():
+            for which in ("final", "init"):
+                rows = [r[which] for r in entry["runs"] if r[which]]
+                if rows:
+                    entry[which] = {k: mean_std(row[k] for row in rows) for k in METRICS}
+        scored = {lr: e for lr, e in by_lr.items() if "final" in e}
+        if scored:  # best learning rate: lowest mean TV (it counts dropped modes, wrong weights and blur)
+            report["arms"][arm]["best_lr"] = min(scored, key=lambda lr: scored[lr]["final"]["tv"][0])
+    return report
+
+
+def fmt(ms: tuple[float, float], digits: int = 3) -> str:
+    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+
+
+def markdown(report: dict, study: Study, command: str, seconds: float) -> str:
+    args = study.args
+    lines = [f"# Mixture study: {args.name}", "",
+             f"`{command}` on {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"{seconds / 60:.1f} min in all. Every arm: one-step student, {args.updates} generator updates "
+             f"(chained arms: that many per stage), batch 32, AdamW betas (0, 0.99); fake score and "
+             f"discriminators at lr 1e-4; the generator lr as listed. {args.samples} samples per class on fixed "
+             "noise; mean ± std over seeds.", ""]
+    t = report.get("teacher")
+    if t:
+        lines += [f"Teacher (exact ODE, {t['nfe']} NFE): modes {t['modes_covered']}/{t['modes_total']}, "
+                  f"precision {t['precision']:.3f}, TV {t['tv']:.3f} (TV of a finite sample of the exact "
+                  "mixture is not 0: it is the noise floor).", ""]
+    rows = []
+    for arm, by_lr in report["arms"].items():
+        for lr, e in by_lr.items():
+            if lr == "best_lr":
+                continue
+            best = " (best)" if by_lr.get("best_lr") == lr else ""
+            if "final" not in e:
+                rows.append([arm, lr, "failed: " + "; ".join(e["errors"])[:120], "", "", "", "", ""])
+                continue
+            f, i = e["final"], e.get("init")
+            start = f"{i['modes_covered'][0]:.1f} / {i['precision'][0]:.2f} / {i['tv'][0]:.2f}" if i else ""
+            rows.append([arm + best, lr, fmt(f["modes_covered"], 1), fmt(f["precision"]), fmt(f["tv"]),
+                         fmt(f["min_weight_covered"], 2), start, len(e["runs"])])
+    lines.append(markdown_table(["arm", "generator lr", "modes covered (of 64)", "precision", "TV",
+                                 "lightest third covered", "start: modes / precision / TV", "seeds"], rows))
+    lines += ["", "Arms: " + "; ".join(f"`{a}`: {study.arms[a]['title']}" for a in report["arms"]), "",
+              "Metrics (exact, `dmdx_lightning.teachers.mixture.mixture_metrics`): a sample is precise within "
+              "`std (sqrt(d) + 3)` of its nearest mode mean of the prompted class; a mode is covered when its "
+              "share of precise samples is at least 1/4 of its true weight; TV between the student's mode "
+              "weights (plus an 'off every mode' bin) and the true ones, averaged over classes."]
+    return "\n".join(lines) + "\n"
+
+
+def mode_picture(report: dict, study: Study, path: Path) -> None:
+    """Per-mode mass of class 0 (modes sorted by true weight): true weights, then each arm's best run."""
+    from PIL import Image, ImageDraw
+
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from dmdx_lightning.teachers.mixture import GaussianMixture
+
+    spec = yaml.safe_load((ROOT / "configs/mixture/adm.yaml").read_text())["model"]["init_args"]["teacher"]["init_args"]
+    mixture = GaussianMixture(spec["shape"], spec["num_classes"], spec["modes_per_class"], spec["std"],
+                              spec["weight_ratio"], spec["mixture_seed"])
+    weights = mixture.log_weights[0].exp()
+    order = torch.argsort(weights, descending=True).tolist()
+    rows = [("true weights", weights.tolist())]
+    if report.get("teacher"):
+        rows.append(("teacher ODE", report["teacher"]["mode_mass"][0]))
+    for arm, by_lr in report["arms"].items():
+        lr = by_lr.get("best_lr")
+        if lr and by_lr[lr]["runs"]:
+            rows.append((f"{arm} (lr {lr})", by_lr[lr]["runs"][0]["final"]["mode_mass"][0]))
+    bar, gap, height, label_w = 14, 4, 60, 150
+    M = len(order)
+    img = Image.new("RGB", (label_w + M * (bar + gap) + 10, len(rows) * (height + 12) + 10), "white")
+    draw = ImageDraw.Draw(img)
+    top = max(weights.max().item() * 1.5, 1e-6)
+    for r, (name, mass) in enumerate(rows):
+        y0 = 5 + r * (height + 12)
+        draw.text((5, y0 + height // 2 - 5), name, fill="black")
+        for j, k in enumerate(order):
+            x0 = label_w + j * (bar + gap)
+            h = int(min(mass[k] / top, 1.0) * height)
+            colour = (60, 120, 200) if mass[k] >= weights[k].item() / 4 else (220, 80, 60)
+            draw.rectangle([x0, y0 + height - h, x0 + bar, y0 + height], fill=colour)
+            tick = y0 + height - int(weights[k].item() / top * height)
+            draw.line([x0 - 1, tick, x0 + bar + 1, tick], fill="black")
+        draw.line([label_w, y0 + height, label_w + M * (bar + gap), y0 + height], fill="grey")
+    img.save(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arms", default="mse,adp,dmd,dmd2,adm,dmd_adp,dmdx")
+    p.add_argument("--lrs", default="1e-4,3e-5", help="generator learning rates swept for every arm")
+    p.add_argument("--base-lr", type=float, default=1e-4, help="generator lr of a stage other arms start from")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--updates", type=int, default=400, help="generator updates per arm (per stage)")
+    p.add_argument("--samples", type=int, default=1000, help="evaluation samples per class")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--name", default="quality_mixture", help="results file stem (must contain 'mixture')")
+    p.add_argument("--root", default=str(ROOT / "runs/mixture_study"))
+    p.add_argument("--arms-file", default=str(ARMS_FILE))
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 arms, 1 seed, 5 updates, few samples")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.arms, args.lrs, args.seeds, args.updates, args.samples = "dmd,adm", "1e-4", "0", 5, 50
+        args.root = str(Path(args.root).with_name(Path(args.root).name + "_quick"))
+    if "mixture" not in args.name:
+        raise SystemExit(f"--name {args.name!r} must contain 'mixture' (results files are found by it)")
+    command = "python benchmarks/mixture_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    study = Study(args)
+    arms = [a for a in args.arms.split(",") if a and not study.arms[a].get("teacher")]
+    lrs = [float(x) for x in args.lrs.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    start = time.time()
+    tasks = [(arm, lr, seed) for seed in seeds for arm in arms for lr in lrs]
+    for task in tasks:
+        study.submit(*task)
+    report = aggregate(study, tasks)
+    study.pool.shutdown()
+    seconds = time.time() - start
+    report.update(command=command, machine=machine(1), updates=args.updates, seconds=seconds,
+                  titles={a: study.arms[a]["title"] for a in arms})
+    out = RESULTS if not args.quick else Path(args.root)
+    write_json(out / f"{args.name}.json", report)
+    (out / f"{args.name}.md").write_text(markdown(report, study, command, seconds))
+    mode_picture(report, study, out / f"{args.name}_modes.png")
+    print((out / f"{args.name}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""End-of-fit report for the Gaussian-mixture teacher: exact coverage, precision and TV per arm.
+
+One row per run merged into a JSON file (like :class:`~dmdx_lightning.callbacks.summary.DigitsSummary`),
+and the same numbers logged as ``mixture/*`` so TensorBoard shows them next to the losses.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from dmdx_lightning.callbacks.samples import fixed_noise
+from dmdx_lightning.callbacks.summary import update_summary
+from dmdx_lightning.teachers.mixture import MixtureTeacher, class_prompt, mixture_metrics
+
+
+@torch.no_grad()
+def evaluate_mixture(module, samples_per_class: int = 1000, teacher: bool = False,
+                     teacher_steps: int | None = None, teacher_cfg_scale: float | None = None) -> dict:
+    """Score ``module``'s student (or, with ``teacher=True``, the teacher's own ODE sampler) on fixed seeds.
+
+    The noise of sample ``i`` is seeded by ``i`` so every arm of a study sees the same noise.
+    """
+    mixture_teacher: MixtureTeacher = module.teacher
+    if not isinstance(mixture_teacher, MixtureTeacher):
+        raise TypeError(f"mixture metrics need a MixtureTeacher, this run's teacher is {type(mixture_teacher).__name__}")
+    K = mixture_teacher.mixture.num_classes
+    prompts = [class_prompt(k) for k in range(K) for _ in range(samples_per_class)]
+    cond = mixture_teacher.encode_prompts(prompts)
+    noise = fixed_noise(mixture_teacher.latent_shape(len(prompts)), list(range(len(prompts)))).to(module.device)
+    was_training = module.training
+    module.eval()
+    steps = teacher_steps or mixture_teacher.sample_steps
+    cfg = teacher_cfg_scale if teacher_cfg_scale is not None else mixture_teacher.cfg_scale
+    chunks = []
+    for i in range(0, len(prompts), 500):
+        part, c = noise[i:i + 500], cond[i:i + 500]
+        if teacher:
+            chunks.append(mixture_teacher.sample_ode(part, c, steps, cfg))
+        else:
+            gen = torch.Generator(module.device).manual_seed(i)
+            chunks.append(module.sample(c, part, generator=gen))
+    module.train(was_training)
+    x = torch.cat(chunks)
+    nfe = steps * (1 if cfg == 1.0 else 2) if teacher else len(module.student_timesteps)
+    return {"nfe": nfe, **mixture_metrics(x, cond.labels, mixture_teacher.mixture)}
+
+
+class MixtureSummary(pl.Callback):
+    """Score the student at the start (``initial``) and end of fit; the teacher once per file.
+
+    Args:
+        path: the summary JSON file (rows merged by arm name).
+        arm: this run's row name (default: the module's ``arm_name``).
+        samples_per_class: evaluation samples per class (seeds ``0..``).
+        score_initial: also score the student before its first step (tells "failed to
+            de-collapse" from "collapsed"), as row ``<arm>@init``.
+    """
+
+    def __init__(self, path: str = "runs/mixture/summary.json", arm: str | None = None,
+                 samples_per_class: int = 1000, score_initial: bool = True) -> None:
+        self.path, self.arm = path, arm
+        self.samples_per_class, self.score_initial = samples_per_class, score_initial
+
+    def _arm(self, module) -> str:
+        return self.arm or module.arm_name
+
+    @rank_zero_only
+    def on_train_start(self, trainer, module) -> None:
+        if self.score_initial:
+            update_summary(self.path, f"{self._arm(module)}@init", evaluate_mixture(module, self.samples_per_class))
+
+    @rank_zero_only
+    def on_fit_end(self, trainer, module) -> None:
+        rows = {}
+        if not _has_row(self.path, "teacher"):
+            rows["teacher"] = evaluate_mixture(module, self.samples_per_class, teacher=True)
+        rows[self._arm(module)] = row = evaluate_mixture(module, self.samples_per_class)
+        for name, value in rows.items():
+            update_summary(self.path, name, value)
+        for key in ("coverage", "precision", "tv"):
+            if module.logger is not None:
+                module.logger.log_metrics({f"mixture/{key}": row[key]}, step=trainer.global_step)
+        print(f"{self._arm(module)}: modes {row['modes_covered']}/{row['modes_total']}, "
+              f"precision {row['precision']:.3f}, TV {row['tv']:.3f}")
+
+
+def _has_row(path: str, name: str) -> bool:
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    return p.is_file() and name in json.loads(p.read_text())
