@@ -1,0 +1,38 @@
+"""The `dmdx` command as a user first meets it: its help lists only verbs that work, with no noise."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DMDX = str(Path(sys.executable).with_name("dmdx"))
+
+
+def dmdx(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([DMDX, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_the_verbs_that_work():
+    out = dmdx("--help")
+    assert out.returncode == 0, out.stderr
+    assert "{fit,validate,predict,export}" in out.stdout  # no `test`: the modules have no test_step
+    assert "Export a trained student" in out.stdout.split("Available subcommands:")[-1]
+
+
+@pytest.mark.parametrize("verb", ["fit", "validate", "predict"])
+def test_verb_help_has_no_single_optimizer_options_and_no_warning(verb):
+    out = dmdx(verb, "--help")
+    assert out.returncode == 0, out.stderr
+    # each player's optimizer is a model option; a top-level one would replace them all
+    assert "--optimizer" not in out.stdout and "--lr_scheduler" not in out.stdout
+    assert "--model CONFIG" in out.stdout  # the whole parser was printed
+    assert "args parameter is intended" not in out.stderr, out.stderr
+
+
+def test_test_verb_is_refused_and_export_still_dispatches():
+    out = dmdx("test", "--help")
+    assert out.returncode != 0 and "invalid choice: 'test'" in out.stderr
+    out = dmdx("export", "--help")
+    assert out.returncode == 0 and "--ckpt_path" in out.stdout and "--format" in out.stdout
