@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -30,6 +31,8 @@ EXTRA = sys.argv[2:]  # extra CLI args for the fit of section 1 (e.g. a CPU dry 
 OUT.mkdir(parents=True, exist_ok=True)
 RESULT: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
 GIB = 2**30
+SCRATCH = Path(tempfile.gettempdir())  # random weights, the FSDP run and its export
+RUN, EXPORT = SCRATCH / "fsdp_run", SCRATCH / "fsdp_export"
 
 
 def save():
@@ -53,7 +56,7 @@ def section(name):
 
 from dmdx_lightning.teachers.sd3_random import save_random_sd3  # noqa: E402
 
-tiny = save_random_sd3(Path("/tmp/tiny_sd3"))
+tiny = save_random_sd3(SCRATCH / "tiny_sd3")
 
 
 @section("fsdp_cli")
@@ -63,26 +66,26 @@ def fsdp_cli():
             "--config", "configs/trainer/fsdp.yaml", t + "pretrained_model_name_or_path", str(tiny),
             t + "resolution", "16", t + "max_sequence_length", "16",
             "--model.init_args.discriminator.init_args.layers", "[0, 1]", "--trainer.devices", "1",
-            "--trainer.max_steps", "9", "--trainer.logger", "false", "--trainer.default_root_dir", "/tmp/fsdp_run",
+            "--trainer.max_steps", "9", "--trainer.logger", "false", "--trainer.default_root_dir", str(RUN),
             "--trainer.callbacks", json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
-                "dirpath": "/tmp/fsdp_run/checkpoints", "save_last": True, "every_n_train_steps": 3}}])] + EXTRA
+                "dirpath": str(RUN / "checkpoints"), "save_last": True, "every_n_train_steps": 3}}])] + EXTRA
     fit = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     print(fit.stdout[-3000:], fit.stderr[-6000:])
     out = {"fit_rc": fit.returncode}
-    ckpts = sorted(Path("/tmp/fsdp_run/checkpoints").glob("*.ckpt")) if Path("/tmp/fsdp_run/checkpoints").exists() else []
+    ckpts = sorted((RUN / "checkpoints").glob("*.ckpt")) if (RUN / "checkpoints").exists() else []
     out["checkpoints"] = [c.name for c in ckpts]
     if fit.returncode or not ckpts:
         out["fit_error_lines"] = [line[:600] for line in fit.stderr.splitlines() if "Error" in line][-6:]
         return out
-    ckpt = Path("/tmp/fsdp_run/checkpoints/last.ckpt")
+    ckpt = RUN / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     out["ckpt_keys"] = len(state)
     out["ckpt_frozen_teacher_keys"] = sum(k.startswith("teacher.denoiser.") or k.startswith("teacher.text_encoder")
                                           for k in state)
     out["ckpt_mib"] = round(ckpt.stat().st_size / 2**20, 2)
     exp = subprocess.run([sys.executable, "-m", "dmdx_lightning.cli", "export", "--ckpt_path", str(ckpt),
-                          "--output", "/tmp/fsdp_export", "--format", "pipeline",
-                          "--config", "/tmp/fsdp_run/config.yaml"], capture_output=True, text=True, cwd=ROOT)
+                          "--output", str(EXPORT), "--format", "pipeline",
+                          "--config", str(RUN / "config.yaml")], capture_output=True, text=True, cwd=ROOT)
     print(exp.stdout[-2000:], exp.stderr[-4000:])
     out["export_rc"] = exp.returncode
     if exp.returncode:
@@ -90,8 +93,8 @@ def fsdp_cli():
         return out
     from diffusers import DiffusionPipeline
 
-    info = json.loads(Path("/tmp/fsdp_export/dmdx_export.json").read_text())
-    pipe = DiffusionPipeline.from_pretrained("/tmp/fsdp_export", torch_dtype=torch.bfloat16).to("cuda")
+    info = json.loads((EXPORT / "dmdx_export.json").read_text())
+    pipe = DiffusionPipeline.from_pretrained(str(EXPORT), torch_dtype=torch.bfloat16).to("cuda")
     img = pipe("a cat", height=16, width=16, guidance_scale=1.0, sigmas=info["sigmas"],
                max_sequence_length=16, output_type="pt").images
     out.update(exported_image_shape=list(img.shape), exported_finite=bool(torch.isfinite(img).all()))
@@ -101,7 +104,7 @@ def fsdp_cli():
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
                   caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192)
-big = Path("/tmp/sd3_medium_size")
+big = SCRATCH / "sd3_medium_size"
 
 
 @section("build_sd3_medium_size")
