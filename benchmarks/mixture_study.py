@@ -37,7 +37,7 @@ METRICS = ("coverage", "modes_covered", "precision", "tv", "min_weight_covered")
 def load_arms(path: Path = ARMS_FILE) -> dict[str, dict]:
     arms = yaml.safe_load(path.read_text())
     for name, arm in arms.items():
-        unknown = set(arm) - {"title", "configs", "args", "init_from", "teacher"}
+        unknown = set(arm) - {"title", "configs", "args", "init_from", "teacher", "lr", "updates"}
         if unknown:
             raise ValueError(f"{path}: arm {name!r} has unknown keys {sorted(unknown)}")
         if arm.get("init_from") and arm["init_from"] not in arms:
@@ -68,7 +68,8 @@ def overlay(directory: Path, arm: str, lr: float, seed: int, updates: int, sampl
                  "init_args": {"dirpath": str(directory / "checkpoints"), "save_last": True}},
                 {"class_path": "dmdx_lightning.callbacks.budget.GeneratorBudget", "init_args": {"updates": updates}},
                 {"class_path": "dmdx_lightning.callbacks.mixture.MixtureSummary",
-                 "init_args": {"path": str(directory / "summary.json"), "arm": arm, "samples_per_class": samples}},
+                 "init_args": {"path": str(directory / "summary.json"), "arm": arm, "samples_per_class": samples,
+                               "score_teacher": False}},  # scored once by the study (teacher_row)
             ],
         },
     }
@@ -82,13 +83,18 @@ class Study:
         self.lock = Lock()
         self.pool = ThreadPoolExecutor(args.jobs)
 
+    def lr_of(self, arm: str, lr: float) -> float:
+        """An arm with its own ``lr`` (a fixed pre-training stage) is not swept."""
+        return float(self.arms[arm].get("lr", lr))
+
     def submit(self, arm: str, lr: float, seed: int) -> Future:
+        lr = self.lr_of(arm, lr)
         key = (arm, lr, seed)
         with self.lock:
             if key not in self.futures:
                 spec = self.arms[arm]
                 dep = None
-                if spec.get("init_from"):  # the stage it starts from runs at the study's base lr
+                if spec.get("init_from"):  # the stage it starts from runs at its own (or the base) lr
                     dep = self.submit(spec["init_from"], self.args.base_lr, seed)
                 self.futures[key] = self.pool.submit(self._run, arm, lr, seed, dep)
             return self.futures[key]
@@ -101,11 +107,12 @@ class Study:
         init_from = None
         if dep is not None:
             dep.result()  # raises if the stage it starts from failed
-            init_from = run_dir(self.root, spec["init_from"], self.args.base_lr, seed) / "checkpoints/last.ckpt"
+            dep_lr = self.lr_of(spec["init_from"], self.args.base_lr)
+            init_from = run_dir(self.root, spec["init_from"], dep_lr, seed) / "checkpoints/last.ckpt"
         directory.mkdir(parents=True, exist_ok=True)
         extra = directory / "study_overlay.yaml"
-        extra.write_text(yaml.safe_dump(overlay(directory, arm, lr, seed, self.args.updates, self.args.samples,
-                                                init_from)))
+        updates = int(spec.get("updates", self.args.updates))
+        extra.write_text(yaml.safe_dump(overlay(directory, arm, lr, seed, updates, self.args.samples, init_from)))
         cmd = [sys.executable, "-m", "dmdx_lightning.cli", "fit"]
         for config in spec["configs"]:
             cmd += ["--config", str(ROOT / config)]
@@ -123,15 +130,36 @@ class Study:
         return result
 
 
+def teacher_row(samples: int, root: Path) -> dict:
+    """The teacher's own ODE sampler on the study's noise, scored once (cached under ``root``)."""
+    cache = root / "teacher.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    import torch
+
+    from dmdx_lightning.callbacks.mixture import evaluate_mixture
+    from dmdx_lightning.teachers.mixture import MixtureTeacher
+
+    spec = yaml.safe_load((ROOT / "configs/mixture/adm.yaml").read_text())["model"]["init_args"]["teacher"]["init_args"]
+    torch.set_num_threads(1)
+    teacher = MixtureTeacher(**spec)
+    holder = torch.nn.Module()  # evaluate_mixture reads .teacher / .device / .training of a module
+    holder.teacher = teacher
+    holder.device = torch.device("cpu")
+    row = evaluate_mixture(holder, samples, teacher=True)
+    root.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(row))
+    return row
+
+
 def aggregate(study: Study, tasks: list[tuple]) -> dict:
-    report: dict = {"arms": {}, "teacher": None}
+    report: dict = {"arms": {}, "teacher": teacher_row(study.args.samples, study.root)}
     for arm, lr, seed in tasks:
         try:
             result = study.futures[(arm, lr, seed)].result()
         except Exception as e:  # an arm that fails reports its error instead of failing the study
             report["arms"].setdefault(arm, {}).setdefault(f"{lr:g}", {"runs": [], "errors": []})["errors"].append(str(e))
             continue
-        report["teacher"] = report["teacher"] or result.get("teacher")
         entry = report["arms"].setdefault(arm, {}).setdefault(f"{lr:g}", {"runs": [], "errors": []})
         entry["runs"].append({"seed": seed, "final": result[arm], "init": result.get(f"{arm}@init"),
                               "seconds": result.get("seconds")})
@@ -251,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     lrs = [float(x) for x in args.lrs.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     start = time.time()
-    tasks = [(arm, lr, seed) for seed in seeds for arm in arms for lr in lrs]
+    tasks = list(dict.fromkeys((arm, study.lr_of(arm, lr), seed) for seed in seeds for arm in arms for lr in lrs))
     for task in tasks:
         study.submit(*task)
     report = aggregate(study, tasks)

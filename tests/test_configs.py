@@ -25,23 +25,27 @@ OVERRIDES: dict[str, list[str]] = {
     "ode_pairs_sd3.yaml": SD3_TINY,
 }
 # configs that train on ODE pairs read a small pair set written here instead of the quickstart's
-PAIR_CONFIGS = {"quickstart/adp.yaml", "adp_sd3.yaml"}
+PAIR_CONFIGS = {"quickstart/adp.yaml", "adp_sd3.yaml", "mixture/adp.yaml", "mixture/a1.yaml", "mixture/dmd2.yaml"}
+#: pair sets of the mixture teacher hold its family and latent shape (the data module checks both)
+MIXTURE_PAIRS = {"teacher_family": "mixture", "latent_shape": (16, 8, 8), "prompt": "mixture class 0"}
 
 
-def write_tiny_pairs(directory, num_pairs=64, latent_shape=(1, 8, 8)):
+def write_tiny_pairs(directory, num_pairs=64, latent_shape=(1, 8, 8), teacher_family="digits", prompt="the digit 3"):
     """A valid pair directory (random latents) written with the real writer helpers."""
     from dmdx_lightning.data.ode_pairs import FORMAT, SEED_RULE, write_manifest, write_shard
 
-    header = {"format": FORMAT, "teacher_family": "digits", "teacher_id": "digits",
+    header = {"format": FORMAT, "teacher_family": teacher_family, "teacher_id": teacher_family,
               "latent_shape": list(latent_shape), "dtype": "float32", "sampler": "test", "num_steps": 1,
               "cfg_scale": 1.0, "seed_rule": SEED_RULE, "seed": 0, "num_pairs": num_pairs,
               "shard_size": num_pairs, "prompts_sha256": ""}
     x = torch.randn(num_pairs, *latent_shape)
-    entry = write_shard(directory, 0, x, x.clone(), torch.arange(num_pairs), ["the digit 3"] * num_pairs)
+    entry = write_shard(directory, 0, x, x.clone(), torch.arange(num_pairs), [prompt] * num_pairs)
     write_manifest(directory, header, {0: entry})
     return directory
 # overlays: YAMLs that hold only what differs from a base config; parsed after their base
-OVERLAY_BASES = {"quickstart/dmdx.yaml": "quickstart/adm.yaml"}
+OVERLAY_BASES = {"quickstart/dmdx.yaml": "quickstart/adm.yaml", "mixture/dmd.yaml": "mixture/adm.yaml",
+                 "mixture/dmd2.yaml": "mixture/adm.yaml", "mixture/dmdx.yaml": "mixture/adm.yaml",
+                 "mixture/a1.yaml": "mixture/adp.yaml"}
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "trainer" not in p.parts)
 
 
@@ -58,7 +62,8 @@ def build_cli(config, tmp_path, request, drop=()):
     if "{tiny_sam}" in extra:
         extra = [a.replace("{tiny_sam}", request.getfixturevalue("tiny_sam_path")) for a in extra]
     if name in PAIR_CONFIGS:
-        extra += ["--data.init_args.path", str(write_tiny_pairs(tmp_path / "pairs"))]
+        kind = MIXTURE_PAIRS if name.startswith("mixture/") else {}
+        extra += ["--data.init_args.path", str(write_tiny_pairs(tmp_path / "pairs", **kind))]
     base = ["--config", str(ROOT / "configs" / OVERLAY_BASES[name])] if name in OVERLAY_BASES else []
     return DMDXCLI(args=[*base, "--config", str(config), *extra,
                          "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"],
@@ -73,7 +78,7 @@ def test_config_instantiates(config, monkeypatch, tmp_path, request):
     assert cli.model is not None and cli.trainer is not None
     if cli.datamodule is not None:
         cli.datamodule.setup("fit")
-    if name in OVERLAY_BASES:  # the overlay's own values win over its base's
+    if name == "quickstart/dmdx.yaml":  # the overlay's own values win over its base's
         overlay = yaml.safe_load(config.read_text())
         assert cli.trainer.max_steps == overlay["trainer"]["max_steps"]
         assert cli.model.init_from == overlay["model"]["init_args"]["init_from"]

@@ -56,12 +56,14 @@ class MixtureSummary(pl.Callback):
         samples_per_class: evaluation samples per class (seeds ``0..``).
         score_initial: also score the student before its first step (tells "failed to
             de-collapse" from "collapsed"), as row ``<arm>@init``.
+        score_teacher: add the teacher's row (its own ODE sampler) when the file lacks one.
     """
 
     def __init__(self, path: str = "runs/mixture/summary.json", arm: str | None = None,
-                 samples_per_class: int = 1000, score_initial: bool = True) -> None:
+                 samples_per_class: int = 1000, score_initial: bool = True, score_teacher: bool = True) -> None:
         self.path, self.arm = path, arm
         self.samples_per_class, self.score_initial = samples_per_class, score_initial
+        self.score_teacher = score_teacher
 
     def _arm(self, module) -> str:
         return self.arm or module.arm_name
@@ -74,7 +76,7 @@ class MixtureSummary(pl.Callback):
     @rank_zero_only
     def on_fit_end(self, trainer, module) -> None:
         rows = {}
-        if not _has_row(self.path, "teacher"):
+        if self.score_teacher and not _has_row(self.path, "teacher"):
             rows["teacher"] = evaluate_mixture(module, self.samples_per_class, teacher=True)
         rows[self._arm(module)] = row = evaluate_mixture(module, self.samples_per_class)
         for name, value in rows.items():

@@ -51,6 +51,11 @@ class ADPModule(DistillationModule):
         student_t_sampler: density of the student's time ``t`` for one-step students
             (``cubic`` = ``1 - u^3``; any :func:`~dmdx_lightning.schedules.sample_t` kind).
             Multi-step students always draw one of their own ``student_timesteps``.
+        student_t_min: lowest student time of a one-step student (``t`` lies in
+            ``[student_t_min, 1]``). 0 = the paper's cubic draw over the whole range; 1 = always
+            the time the one-step student is sampled at (pure noise, DMD2's ``t = 999``). Where a
+            teacher's prediction at ``t < 1`` already holds the answer (the exact mixture
+            teacher), only ``t`` near 1 trains what one-step sampling uses.
         t_min, t_max: range of the uniform re-noising time ``t'`` of ``D1``.
         discriminator_optimizer: optimizer factory of both discriminators' heads (one player).
         **kwargs: :class:`~dmdx_lightning.methods.base.DistillationModule` options
@@ -66,6 +71,7 @@ class ADPModule(DistillationModule):
         lambda2: float = 0.15,
         mse_weight: float = 0.0,
         student_t_sampler: str = "cubic",
+        student_t_min: float = 0.0,
         t_min: float = 0.02,
         t_max: float = 0.98,
         discriminator_optimizer: OptimizerCallable = _default_optimizer,
@@ -78,7 +84,8 @@ class ADPModule(DistillationModule):
             raise ValueError("lambda1, lambda2 and mse_weight are all 0: the generator would have no loss")
         if lambda2 > 0 and pixel_discriminator is None:
             raise ValueError("lambda2 > 0 needs a pixel_discriminator (or set lambda2: 0)")
-        sample_t(student_t_sampler, 1)  # fail now on an unknown sampler name
+        sample_t(student_t_sampler, 1, t_min=student_t_min)  # fail now on an unknown sampler name or range
+        self.student_t_min = student_t_min
         self.lambda1, self.lambda2, self.mse_weight = lambda1, lambda2, mse_weight
         self.student_t_sampler, self.t_min, self.t_max = student_t_sampler, t_min, t_max
         self.discriminator_optimizer = discriminator_optimizer
@@ -111,7 +118,7 @@ class ADPModule(DistillationModule):
     # ------------------------------------------------------------------ shared tensors
     def student_t(self, n: int, device) -> Tensor:
         if len(self.student_timesteps) == 1:
-            return sample_t(self.student_t_sampler, n, device=device)
+            return sample_t(self.student_t_sampler, n, t_min=self.student_t_min, device=device)
         return sample_discrete(self.student_timesteps, n, device=device)[1]
 
     def prepare(self, batch: dict, cond: Conditioning, players) -> dict[str, Any]:
