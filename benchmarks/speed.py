@@ -10,6 +10,12 @@
     sum of its parts timed alone in a plain PyTorch loop: prompt encoding, the student sample,
     then for each player its forward (loss), backward and optimizer step. The ratio is the
     framework's overhead (Lightning's loop, optimizer toggling, logging, our bookkeeping).
+(c) ADM vs DMD2: teacher-network passes per iteration (a forward pre-hook on each of the teacher's
+    denoiser modules counts every call: a CFG prediction, batched, is one pass; a discriminator
+    forward that stops early is one pass), per player, and the ADM / DMD2 iteration-time ratio
+    (fastest sum of parts of the bare loop, both with a one-step student and update ratio 1; DMD2's
+    real latents are fixed random tensors, which cost the same as ODE-pair latents).
+    ``--baseline OLD/speed.json`` puts a run of another commit beside this one (before / after).
 
 Teachers: the built-in digits teacher, and a tiny random SD3 pipeline (``SD3Teacher`` in LoRA
 mode, as the paper's SD3-Medium run). A teacher that fails reports its error in its row. Writes
@@ -19,6 +25,7 @@ mode, as the paper's SD3-Medium run). A teacher that fails reports its error in 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -77,15 +84,40 @@ def sd3_setup(args):
 TEACHERS = {"digits": digits_setup, "tiny_sd3": sd3_setup}
 
 
-def make_module(teacher, disc):
+def make_module(teacher, disc, loss: str = "adm"):
     from functools import partial
 
+    from dmdx_lightning.discriminators.latent import LatentDiscriminator
     from dmdx_lightning.methods.adm import ADMModule
 
+    if loss == "dmd2":  # DMD2's GAN head reads the fake score's features
+        disc = LatentDiscriminator(layers=disc.layers, head_channels=disc.head_channels, num_down=disc.num_down,
+                                   backbone_role="fake")
     opt = partial(torch.optim.AdamW, lr=1e-5, betas=(0.0, 0.99), weight_decay=0.0)
     # one-step student: every iteration does the same work (no random backward-simulation depth)
-    return ADMModule(teacher, disc, loss="adm", update_ratio=1, student_steps=1, generator_optimizer=opt,
+    return ADMModule(teacher, disc, loss=loss, update_ratio=1, student_steps=1, generator_optimizer=opt,
                      fake_score_optimizer=opt, discriminator_optimizer=opt)
+
+
+class PassCounter:
+    """Counts forward calls of the teacher's denoiser modules (one per distinct module of the
+    ``real`` / ``fake`` / ``student`` roles: three copies in full mode, one shared base in lora
+    mode) with forward pre-hooks, while used as a context manager."""
+
+    def __init__(self, teacher) -> None:
+        self.modules = list({id(m): m for m in (teacher.network(r) for r in ("real", "fake", "student"))}.values())
+        self.total = 0
+
+    def _hook(self, module, args, kwargs=None):
+        self.total += 1
+
+    def __enter__(self) -> "PassCounter":
+        self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 # ----------------------------------------------------------------------------------- (a) sampling
@@ -136,13 +168,18 @@ def lightning_iteration(module, loader, iterations: int, warmup: int) -> float:
     return [b - a for a, b in zip(clock.starts, clock.starts[1:])][warmup:]
 
 
-def bare_iteration(module, optimizers: dict, batch: dict) -> dict[str, float]:
-    """One ADM iteration without Lightning; every part timed on its own."""
+def bare_iteration(module, optimizers: dict, batch: dict, counter: PassCounter | None = None,
+                   passes: dict | None = None) -> dict[str, float]:
+    """One ADM iteration without Lightning; every part timed on its own (and, with ``counter``,
+    the teacher-network passes of each part added up in ``passes``)."""
     device, parts = module.device, {}
 
     def part(name, fn):
+        before = counter.total if counter is not None else 0
         out, seconds = timed(fn, device)
         parts[name] = parts.get(name, 0.0) + seconds
+        if counter is not None and counter.total > before:
+            passes[name] = passes.get(name, 0) + counter.total - before
         return out
 
     cond = part("encode prompts", lambda: module.teacher.encode_prompts(batch["prompt"]))
@@ -168,9 +205,12 @@ def overhead(setup: Callable, args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     iterations, warmup = (min(3, args.iterations), 1) if args.quick else (args.iterations, 2)
     items = [{"prompt": prompts[i % len(prompts)], "index": i} for i in range(batch_size * (warmup + iterations + 4))]
+    # DMD2's real latents (ODE pairs in training): fixed random tensors cost the same; ADM ignores them
+    x0 = fixed_noise(teacher.latent_shape(len(items)), list(range(len(items))))
 
     def collate(b):
-        return {"prompt": [x["prompt"] for x in b], "index": torch.tensor([x["index"] for x in b])}
+        index = torch.tensor([x["index"] for x in b])
+        return {"prompt": [x["prompt"] for x in b], "index": index, "x0": x0[index]}
 
     loader = torch.utils.data.DataLoader(items, batch_size=batch_size, drop_last=True, collate_fn=collate)
     # sampling and the bare loop on one module, Lightning on a fresh one (same weights, same shapes)
@@ -198,7 +238,33 @@ def overhead(setup: Callable, args) -> dict:
         "median_sum_of_parts_seconds": statistics.median(sums),
         "median_lightning_iteration_seconds": statistics.median(periods),
         "median_overhead_ratio": statistics.median(periods) / statistics.median(sums)}
+    result["adm_vs_dmd2"] = adm_vs_dmd2(teacher, disc, loader, iterations, warmup, device)
     return result
+
+
+def adm_vs_dmd2(teacher, disc, loader, iterations: int, warmup: int, device) -> dict:
+    """(c): teacher-network passes and the fastest bare iteration of ADM and of DMD2."""
+    out = {}
+    for loss in ("adm", "dmd2"):
+        pl.seed_everything(0, verbose=False)
+        module = make_module(teacher, disc, loss).to(device)
+        optimizers = dict(zip(module.player_names, module.configure_optimizers()))
+        sums, per_iteration, per_part = [], [], []
+        with PassCounter(teacher) as counter:
+            for i, (batch, _) in enumerate(zip(loader, range(warmup + iterations))):
+                passes: dict[str, int] = {}
+                parts = bare_iteration(module, optimizers, batch, counter, passes)
+                if i >= warmup:
+                    sums.append(sum(parts.values()))
+                    per_iteration.append(sum(passes.values()))
+                    per_part.append(passes)
+        out[loss] = {"min_iteration_seconds": min(sums), "median_iteration_seconds": statistics.median(sums),
+                     "passes_per_iteration": per_iteration,
+                     "mean_passes_per_iteration": statistics.fmean(per_iteration),
+                     "passes_by_part": per_part[per_iteration.index(min(per_iteration))]}
+    out["time_ratio"] = out["adm"]["min_iteration_seconds"] / out["dmd2"]["min_iteration_seconds"]
+    out["median_time_ratio"] = out["adm"]["median_iteration_seconds"] / out["dmd2"]["median_iteration_seconds"]
+    return out
 
 
 # ----------------------------------------------------------------------------------- report
@@ -229,13 +295,41 @@ def markdown(report: dict) -> str:
               "PyTorch loop. The Lightning iteration is the period between batch starts in `Trainer.fit` "
               "(logging, optimizer toggling and the loop included). Both are the fastest of the timed "
               "iterations (medians in speed.json); the bare loop runs before and after Lightning.", ""]
+    runs = [(report.get("label", "this run"), report)]
+    if report.get("baseline"):
+        runs.insert(0, (report["baseline"].get("label", "baseline"), report["baseline"]))
+    rows_c = []
+    for name in report["teachers"]:
+        for label, r in runs:
+            c = r["teachers"].get(name, {}).get("adm_vs_dmd2")
+            if c is None:
+                continue
+            adm, dmd2 = c["adm"], c["dmd2"]
+            rows_c.append([name, label, f"{adm['mean_passes_per_iteration']:.2f}",
+                           ", ".join(f"{k} {v}" for k, v in adm["passes_by_part"].items()),
+                           f"{dmd2['mean_passes_per_iteration']:.2f}", f"{adm['min_iteration_seconds'] * 1e3:.1f}",
+                           f"{dmd2['min_iteration_seconds'] * 1e3:.1f}", f"{c['time_ratio']:.3f}",
+                           f"{c['median_time_ratio']:.3f}"])
+    lines += ["## (c) ADM vs DMD2: teacher-network passes and iteration time", "",
+              markdown_table(["teacher", "code", "ADM passes / iteration (mean)", "ADM passes by part (fewest)",
+                              "DMD2 passes / iteration", "ADM iteration (ms)", "DMD2 iteration (ms)",
+                              "ADM / DMD2 time", "ADM / DMD2 time (medians)"], rows_c), "",
+              "Passes: forward calls of the teacher's denoiser modules (a forward pre-hook on each), one "
+              "per call whatever the batch (a CFG prediction, both branches batched, is one; a "
+              "discriminator forward that stops after its last feature block is one). Iteration times: "
+              "the fastest sum of parts of the bare loop (as in (b)), one-step student, update ratio 1."
+              + (" The rows of each teacher put the baseline run (another commit, `--baseline`) above this "
+                 "one; each row was measured in its own run." if report.get("baseline") else ""), ""]
     return "\n".join(lines)
 
 
 def run(args) -> dict:
     threads = set_threads(args.threads)
-    report = {"quick": args.quick, "machine": machine(threads),
+    report = {"quick": args.quick, "machine": machine(threads), "label": args.label,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU", "teachers": {}}
+    if args.baseline:
+        report["baseline"] = json.loads(Path(args.baseline).read_text())
+        report["baseline"].pop("baseline", None)
     for name, setup in TEACHERS.items():
         if args.teachers and name not in args.teachers:
             continue
@@ -260,6 +354,8 @@ def parse_args(argv=None):
     p.add_argument("--teachers", type=lambda s: s.split(","), help=f"comma list (default all: {','.join(TEACHERS)})")
     p.add_argument("--threads", type=int, help="torch threads (default 1)")
     p.add_argument("--out", default=str(RESULTS), help="output folder (default benchmarks/results)")
+    p.add_argument("--label", default="this run", help="name of this run's code in the tables (e.g. a commit)")
+    p.add_argument("--baseline", help="speed.json of a run of other code, shown beside this one in (c)")
     args = p.parse_args(argv)
     unknown = set(args.teachers or ()) - set(TEACHERS)
     if unknown:
