@@ -355,8 +355,9 @@ class ODEPairDataModule(ResumableTrainData, pl.LightningDataModule):
     ``teacher``, the manifest's teacher family and latent shape must match it. Each failure is a
     :class:`PairDataError` naming the file.
 
-    DDP: the loader is a plain shuffled ``DataLoader``; Lightning swaps in a
-    ``DistributedSampler`` so every rank reads a disjoint share of each epoch.
+    DDP: the loader splits each epoch across ranks itself, with a
+    :class:`~dmdx_lightning.data.resumable.ResumableDistributedSampler` (so Lightning leaves it
+    alone), and resumes mid-epoch exactly (:mod:`dmdx_lightning.data.resumable`).
 
     Args:
         path: the pair directory written by ``dmdx predict`` (holds ``index.json``).
