@@ -35,6 +35,19 @@ class GeneratorEMA(nn.Module):
     def shadows(self) -> list[torch.Tensor]:
         return [getattr(self, f"shadow_{i}") for i in range(len(self._params))]
 
+    @staticmethod
+    def stored_shadows(state_dict: dict[str, torch.Tensor], prefix: str, count: int) -> list[torch.Tensor] | None:
+        """The ``count`` shadows a checkpoint's ``state_dict`` holds for an EMA saved under
+        ``prefix`` (e.g. ``"ema."``), in parameter order; ``None`` when it holds none (no EMA)."""
+        shadows = [state_dict.get(f"{prefix}shadow_{i}") for i in range(count)]
+        return shadows if all(s is not None for s in shadows) else None
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Start the averages again from the generator's current weights (e.g. after loading them)."""
+        for shadow, p in zip(self.shadows(), self._params):
+            shadow.copy_(p.detach().float())
+
     @torch.no_grad()
     def update(self) -> None:
         for shadow, p in zip(self.shadows(), self._params):

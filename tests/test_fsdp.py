@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.strategies.fsdp import _setup_activation_checkpointing
 
 from dmdx_lightning.cli import DMDXCLI
-from dmdx_lightning.methods.base import clean_name
+from dmdx_lightning.methods.distributed import clean_name
 
 ROOT = Path(__file__).resolve().parent.parent
 _TEACHER = "--model.init_args.teacher.init_args."

@@ -1,13 +1,15 @@
 """Shared plumbing of the distillation LightningModules (ADP, ADM/DMD/DMD2).
 
 What lives here and nowhere else:
-- the player loop: :meth:`DistillationModule.training_step` asks ONE function,
-  :meth:`players_for_step`, who steps at this iteration, then runs each player's short named
-  method (``generator_step``, ``fake_score_step``, ``discriminator_step``) inside
-  ``toggled_optimizer`` with manual optimization;
+- the player loop: a method's players are ONE table, :attr:`DistillationModule.players` (name ->
+  :class:`Player`: step, parameters, optimizer factory), built in its ``__init__``;
+  :meth:`DistillationModule.training_step` asks ONE function, :meth:`players_for_step`, who steps
+  at this iteration, then runs each one's step inside ``toggled_optimizer`` with manual
+  optimization, and ``configure_optimizers`` makes one optimizer per player in table order;
 - student sampling with DMD2-style backward simulation for multi-step students;
 - generator EMA, ``init_from``, and checkpoints that hold only trainable state (the frozen
-  teacher is never written) plus the RNG states needed to resume exactly.
+  teacher is never written) plus the RNG states needed to resume exactly (:mod:`dmdx_lightning.rng`;
+  the DDP / FSDP plumbing is in :mod:`dmdx_lightning.methods.distributed`).
 
 ``trainer.max_steps`` counts optimizer steps (Lightning's ``global_step`` under manual
 optimization): one per player that steps. ``train/iteration`` logs iterations (batches).
@@ -15,18 +17,18 @@ optimization): one per player that steps. ``train/iteration`` logs iterations (b
 
 from __future__ import annotations
 
-import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from dmdx_lightning.ema import GeneratorEMA
+from dmdx_lightning.methods.distributed import check_ddp_finds_unused_parameters, clean_name, finish_fsdp_backward
+from dmdx_lightning.rng import capture_rng, restore_rng
 from dmdx_lightning.schedules import student_timesteps
 from dmdx_lightning.teachers.base import Conditioning, Teacher
 
@@ -37,6 +39,26 @@ def _default_optimizer(params):
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+#: a player's step: ``(batch, cond, ctx) -> {"loss": ..., other logged values}``
+Step = Callable[[dict, Conditioning, dict], dict[str, Tensor]]
+
+
+@dataclass
+class Player:
+    """One row of a method's player table.
+
+    Args:
+        step: computes this player's loss (and values to log under ``train/<player>/``).
+        parameters: returns what its optimizer owns (asked when the optimizers are made, after
+            any strategy has wrapped the model).
+        optimizer: the optimizer factory (a config's ``<player>_optimizer``).
+    """
+
+    step: Step
+    parameters: Callable[[], list[torch.nn.Parameter]]
+    optimizer: OptimizerCallable
 
 
 class DistillationModule(pl.LightningModule):
@@ -56,9 +78,6 @@ class DistillationModule(pl.LightningModule):
         max_nonfinite_steps: consecutive non-finite losses tolerated (each such step is skipped
             and counted as ``train/nonfinite_skipped``) before the run stops with an error.
     """
-
-    #: players in optimizer order; subclasses narrow this per configuration
-    player_names: tuple[str, ...] = ("generator",)
 
     def __init__(
         self,
@@ -87,6 +106,9 @@ class DistillationModule(pl.LightningModule):
         self.register_buffer("nonfinite_streak", torch.zeros((), dtype=torch.long))
         self.ema = GeneratorEMA(teacher.trainable_parameters("student"), ema_decay) if ema_decay else None
         self._init_from_loaded = False
+        #: the player table, in optimizer order (checkpoints store the optimizers in this order);
+        #: each method builds its own in ``__init__``, ``"generator"`` first
+        self.players: dict[str, Player] = {}
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
@@ -100,24 +122,17 @@ class DistillationModule(pl.LightningModule):
         if self.init_from and not self._init_from_loaded:
             self.load_student_from(self.init_from)
             if self.ema is not None:  # the shadows start from the loaded student, not the teacher
-                with torch.no_grad():
-                    for shadow, p in zip(self.ema.shadows(), self.teacher.trainable_parameters("student")):
-                        shadow.copy_(p.detach().float())
+                self.ema.restart()
             self._init_from_loaded = True
 
     # ------------------------------------------------------------------ who steps
     def players_for_step(self, iteration: int) -> list[str]:
-        """THE place that decides which players update at ``iteration`` (in this order)."""
-        raise NotImplementedError
-
-    def player_parameters(self, player: str) -> list[torch.nn.Parameter]:
-        raise NotImplementedError
-
-    def player_optimizer_factory(self, player: str) -> OptimizerCallable:
+        """THE place that decides which players (keys of :attr:`players`) update at ``iteration``,
+        in this order."""
         raise NotImplementedError
 
     def configure_optimizers(self):
-        return [self.player_optimizer_factory(p)(self.player_parameters(p)) for p in self.player_names]
+        return [player.optimizer(player.parameters()) for player in self.players.values()]
 
     # ------------------------------------------------------------------ the player loop
     def prepare(self, batch: dict, cond: Conditioning, players: Sequence[str]) -> dict[str, Any]:
@@ -130,11 +145,11 @@ class DistillationModule(pl.LightningModule):
         ctx = self.prepare(batch, cond, players)
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        by_name = dict(zip(self.player_names, optimizers))
+        by_name = dict(zip(self.players, optimizers))
         for player in players:
             opt = by_name[player]
             with self.toggled_optimizer(opt):
-                losses = getattr(self, f"{player}_step")(batch, cond, ctx)
+                losses = self.players[player].step(batch, cond, ctx)
                 loss = losses.pop("loss")
                 if not self._finite(loss, player):
                     continue
@@ -205,16 +220,14 @@ class DistillationModule(pl.LightningModule):
         ckpt = _load_checkpoint(path)
         state = ckpt["state_dict"]
         _check_family(ckpt, self.teacher, path)
-        names = [n for n, _ in self.teacher.named_trainable_parameters("student")]
         params = dict(self.teacher.named_trainable_parameters("student"))
-        shadows = [state.get(f"ema.shadow_{i}") for i in range(len(names))]
-        use_shadows = use_ema and all(s is not None for s in shadows)
-        missing = [n for n in names if f"teacher.{n}" not in state]
+        missing = [n for n in params if f"teacher.{n}" not in state]
         if missing:
             raise KeyError(f"{path} has no student weights for {missing[:3]}... (is it a checkpoint of this teacher/mode?)")
+        shadows = GeneratorEMA.stored_shadows(state, "ema.", len(params)) if use_ema else None
         with torch.no_grad():
-            for i, n in enumerate(names):
-                params[n].copy_(shadows[i] if use_shadows else state[f"teacher.{n}"])
+            for i, (n, p) in enumerate(params.items()):
+                p.copy_(shadows[i] if shadows is not None else state[f"teacher.{n}"])
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -224,24 +237,13 @@ class DistillationModule(pl.LightningModule):
         frozen = {clean_name(name) for name, p in self.named_parameters(remove_duplicate=False)
                   if not p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        world = self.trainer.world_size if self._trainer is not None else 1
         checkpoint["dmdx"] = {
             "teacher_family": self.teacher.family,
             "teacher_mode": self.teacher.mode,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": _numpy_rng_state(),
-                "python": random.getstate(),
-            },
+            # all ranks run this hook, so the per-rank states can be gathered
+            "rng": capture_rng(self.all_gather if world > 1 else None, self.device),
         }
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            # every rank draws its own noise (see on_train_start), so every rank's torch (and
-            # CUDA) state is saved: rows indexed by global rank. All ranks run this hook.
-            checkpoint["dmdx"]["rng"]["torch_per_rank"] = self.all_gather(torch.get_rng_state().to(self.device)).cpu()
-            if self.device.type == "cuda":
-                cuda = torch.cuda.get_rng_state(self.device).to(self.device)
-                checkpoint["dmdx"]["rng"]["cuda_per_rank"] = self.all_gather(cuda).cpu()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         _check_family(checkpoint, self.teacher, "the checkpoint")
@@ -260,110 +262,7 @@ class DistillationModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         rng, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
-        rank, world = self.global_rank, self.trainer.world_size
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            _set_numpy_rng_state(rng["numpy"])
-            random.setstate(rng["python"])
-            per_rank = rng.get("torch_per_rank")
-            if per_rank is not None and len(per_rank) == world:
-                torch.set_rng_state(per_rank[rank].clone())  # clone: a row view segfaults set_rng_state
-                if "cuda_per_rank" in rng and self.device.type == "cuda":
-                    torch.cuda.set_rng_state(rng["cuda_per_rank"][rank].clone(), self.device)
-                return
-            if world > 1:
-                rank_zero_warn(f"the checkpoint holds RNG states for {len(per_rank) if per_rank is not None else 1} "
-                               f"rank(s), this run has {world}: per-rank noise streams restart (resume not exact)")
-        if world > 1 and rank > 0:
-            # seed_everything gives every rank the same seed, so all ranks would draw the same noise
-            # and timesteps for their different prompts; rank r > 0 gets its own stream
-            torch.manual_seed(torch.initial_seed() + 1_000_003 * rank)
-
-    @property
-    def arm_name(self) -> str:
-        """Short name of this run in reports (e.g. ``adm_1step``)."""
-        return f"{type(self).__name__.removesuffix('Module').lower()}_{len(self.student_timesteps)}step"
-
-
-_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
-
-def clean_name(name: str) -> str:
-    """A parameter name without FSDP / activation-checkpoint wrapper parts (the state-dict key)."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
-def check_ddp_finds_unused_parameters(strategy) -> None:
-    """Refuse DDP that expects every parameter to get a gradient in every backward.
-
-    Each player's backward reaches only its own parameters (the others are frozen by
-    ``toggled_optimizer``), so DDP with ``find_unused_parameters=False`` (Lightning's plain ``ddp``,
-    also what ``devices: auto`` picks on a multi-GPU node) fails within the first steps (DDP's
-    "Expected to have finished reduction in the prior iteration"); this says so before training.
-    """
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, XLAStrategy
-
-    if not isinstance(strategy, DDPStrategy) or isinstance(strategy, (DeepSpeedStrategy, XLAStrategy)):
-        return  # the two subclasses do not wrap the model in torch's DistributedDataParallel
-    # the keyword arguments Lightning passes to DistributedDataParallel (no public accessor)
-    if not strategy._ddp_kwargs.get("find_unused_parameters", False):
-        raise ValueError(
-            "trainer.strategy is DDP with find_unused_parameters=False, but each player's backward uses "
-            "only its own parameters: set trainer.strategy to ddp_find_unused_parameters_true (or give "
-            "lightning.pytorch.strategies.DDPStrategy init_args {find_unused_parameters: true}), as "
-            "configs/trainer/ddp_cpu.yaml does")
-
-
-def finish_fsdp_backward(root: torch.nn.Module) -> None:
-    """Do what FSDP's post-backward final callback does, after a backward run inside the root's forward.
-
-    Lightning runs ``training_step`` INSIDE the root FSDP unit's forward, and manual optimization
-    calls ``manual_backward`` there. FSDP queues its end-of-backward callback only from the root's
-    pre-backward hook, which hangs on the root forward's outputs, so it never runs
-    (Lightning-AI/pytorch-lightning#19685). Units then stay in their backward state: a unit whose
-    parameters do not require grad (the frozen real score under the discriminator and generator
-    losses, and the roles Lightning's ``toggled_optimizer`` freezes for one player) is unsharded
-    for backward by its pre-backward hook but has no post-backward hook to reshard it, so its
-    parameters remain plain tensors outside ``_parameters``: the full state dict then fails with
-    "FSDP assumes ...transformer_blocks.0.norm1.linear.weight is in the state_dict", training
-    states never return to IDLE, and with FULL_SHARD the sharded gradients are never handed to
-    the optimizer. This finishes every non-root unit as torch's ``_post_backward_final_callback``
-    does. The root unit is still in its forward (its own parameters, if any, stay unsharded until
-    its post-forward) and is left alone. A no-op for a model that is not FSDP.
-    """
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    if not isinstance(root, FullyShardedDataParallel) or not getattr(root, "_is_root", False):
-        return
-    from torch.distributed.fsdp import _runtime_utils as rt
-    from torch.distributed.fsdp._common_utils import TrainingState
-    from torch.distributed.fsdp._flat_param import HandleTrainingState
-
-    if root._sync_gradients:  # gradient reductions run on side streams: wait for them first
-        current = root._device_handle.current_stream()
-        current.wait_stream(root._post_backward_stream)
-        if root._all_reduce_stream is not current:
-            current.wait_stream(root._all_reduce_stream)
-        if root.cpu_offload.offload_params:
-            current.synchronize()
-    with torch.no_grad():
-        for state in root._all_fsdp_states:
-            if state is root:
-                continue
-            rt._catch_all_reshard(state)
-            rt._finalize_params(state)
-            state.training_state = TrainingState.IDLE
-            handle = state._handle
-            if handle:
-                handle._ran_pre_backward_hook = False
-                handle._needs_pre_backward_unshard = False
-                handle._post_forward_index = None
-                handle._training_state = HandleTrainingState.IDLE
-                handle._prefetched = False
+        restore_rng(rng, self.global_rank, self.trainer.world_size, self.device)
 
 
 def student_timesteps_default(num_steps: int, shift: float) -> list[float]:
@@ -377,17 +276,6 @@ def _load_checkpoint(path: str) -> dict:
                                 "first, e.g. `dmdx fit --config configs/quickstart/adp.yaml`)")
     # weights_only: never unpickle arbitrary objects (our checkpoints hold tensors and plain types only)
     return torch.load(p, map_location="cpu", weights_only=True)
-
-
-def _numpy_rng_state() -> dict:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}
-
-
-def _set_numpy_rng_state(state: dict) -> None:
-    keys = state["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["gauss"]))
 
 
 def _check_family(checkpoint: dict, teacher: Teacher, where: str) -> None:

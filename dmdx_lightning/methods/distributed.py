@@ -1,0 +1,86 @@
+"""What Lightning's distributed strategies need from modules that optimize manually, several
+players per iteration: DDP must find unused parameters, FSDP must finish each manual backward,
+and parameter names lose FSDP's wrapper parts before they meet state-dict keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without FSDP / activation-checkpoint wrapper parts (the state-dict key)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def check_ddp_finds_unused_parameters(strategy) -> None:
+    """Refuse DDP that expects every parameter to get a gradient in every backward.
+
+    Each player's backward reaches only its own parameters (the others are frozen by
+    ``toggled_optimizer``), so DDP with ``find_unused_parameters=False`` (Lightning's plain ``ddp``,
+    also what ``devices: auto`` picks on a multi-GPU node) fails within the first steps (DDP's
+    "Expected to have finished reduction in the prior iteration"); this says so before training.
+    """
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, XLAStrategy
+
+    if not isinstance(strategy, DDPStrategy) or isinstance(strategy, (DeepSpeedStrategy, XLAStrategy)):
+        return  # the two subclasses do not wrap the model in torch's DistributedDataParallel
+    # the keyword arguments Lightning passes to DistributedDataParallel (no public accessor)
+    if not strategy._ddp_kwargs.get("find_unused_parameters", False):
+        raise ValueError(
+            "trainer.strategy is DDP with find_unused_parameters=False, but each player's backward uses "
+            "only its own parameters: set trainer.strategy to ddp_find_unused_parameters_true (or give "
+            "lightning.pytorch.strategies.DDPStrategy init_args {find_unused_parameters: true}), as "
+            "configs/trainer/ddp_cpu.yaml does")
+
+
+def finish_fsdp_backward(root: torch.nn.Module) -> None:
+    """Do what FSDP's post-backward final callback does, after a backward run inside the root's forward.
+
+    Lightning runs ``training_step`` INSIDE the root FSDP unit's forward, and manual optimization
+    calls ``manual_backward`` there. FSDP queues its end-of-backward callback only from the root's
+    pre-backward hook, which hangs on the root forward's outputs, so it never runs
+    (Lightning-AI/pytorch-lightning#19685). Units then stay in their backward state: a unit whose
+    parameters do not require grad (the frozen real score under the discriminator and generator
+    losses, and the roles Lightning's ``toggled_optimizer`` freezes for one player) is unsharded
+    for backward by its pre-backward hook but has no post-backward hook to reshard it, so its
+    parameters remain plain tensors outside ``_parameters``: the full state dict then fails with
+    "FSDP assumes ...transformer_blocks.0.norm1.linear.weight is in the state_dict", training
+    states never return to IDLE, and with FULL_SHARD the sharded gradients are never handed to
+    the optimizer. This finishes every non-root unit as torch's ``_post_backward_final_callback``
+    does. The root unit is still in its forward (its own parameters, if any, stay unsharded until
+    its post-forward) and is left alone. A no-op for a model that is not FSDP.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not isinstance(root, FullyShardedDataParallel) or not getattr(root, "_is_root", False):
+        return
+    from torch.distributed.fsdp import _runtime_utils as rt
+    from torch.distributed.fsdp._common_utils import TrainingState
+    from torch.distributed.fsdp._flat_param import HandleTrainingState
+
+    if root._sync_gradients:  # gradient reductions run on side streams: wait for them first
+        current = root._device_handle.current_stream()
+        current.wait_stream(root._post_backward_stream)
+        if root._all_reduce_stream is not current:
+            current.wait_stream(root._all_reduce_stream)
+        if root.cpu_offload.offload_params:
+            current.synchronize()
+    with torch.no_grad():
+        for state in root._all_fsdp_states:
+            if state is root:
+                continue
+            rt._catch_all_reshard(state)
+            rt._finalize_params(state)
+            state.training_state = TrainingState.IDLE
+            handle = state._handle
+            if handle:
+                handle._ran_pre_backward_hook = False
+                handle._needs_pre_backward_unshard = False
+                handle._post_forward_index = None
+                handle._training_state = HandleTrainingState.IDLE
+                handle._prefetched = False
