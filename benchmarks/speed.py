@@ -13,8 +13,9 @@
 (c) ADM vs DMD2: teacher-network passes per iteration (a forward pre-hook on each of the teacher's
     denoiser modules counts every call: a CFG prediction, batched, is one pass; a discriminator
     forward that stops early is one pass), per player, and the ADM / DMD2 iteration-time ratio
-    (fastest sum of parts of the bare loop, both with a one-step student and update ratio 1; DMD2's
-    real latents are fixed random tensors, which cost the same as ODE-pair latents).
+    (fastest sum of parts of the bare loop, iterations of the two alternating, both with a one-step
+    student and update ratio 1; DMD2's real latents are fixed random tensors, which cost the same
+    as ODE-pair latents).
     ``--baseline OLD/speed.json`` puts a run of another commit beside this one (before / after).
 
 Teachers: the built-in digits teacher, and a tiny random SD3 pipeline (``SD3Teacher`` in LoRA
@@ -186,15 +187,15 @@ def bare_iteration(module, optimizers: dict, batch: dict, counter: PassCounter |
     players = module.players_for_step(int(module.iteration))
     ctx = part("student sample", lambda: module.prepare(batch, cond, players))
     for player in players:
-        trainable = {id(p) for p in module.player_parameters(player)}
+        trainable = {id(p) for p in module.players[player].parameters()}
         for p in module.parameters():  # what Lightning's toggled_optimizer does, outside the clock
             p.requires_grad_(id(p) in trainable)
-        losses = part(f"{player} forward", lambda: getattr(module, f"{player}_step")(batch, cond, ctx))
+        losses = part(f"{player} forward", lambda: module.players[player].step(batch, cond, ctx))
         part(f"{player} backward", lambda: losses["loss"].backward())
         opt = optimizers[player]
         part(f"{player} optimizer step", lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
-    for player in module.player_names:
-        for p in module.player_parameters(player):
+    for player in module.players.values():
+        for p in player.parameters():
             p.requires_grad_(True)
     module.iteration += 1
     return parts
@@ -218,7 +219,7 @@ def overhead(setup: Callable, args) -> dict:
     module = make_module(teacher, disc).to(device)
     result = {"sampling": sampling(module, prompts, batch_size * (1 if args.quick else 8), 2 if args.quick else 5),
               "model": size}
-    optimizers = dict(zip(module.player_names, module.configure_optimizers()))
+    optimizers = dict(zip(module.players, module.configure_optimizers()))
 
     def bare_block():
         return [bare_iteration(module, optimizers, b) for b, _ in zip(loader, range(warmup + iterations))][warmup:]
@@ -243,25 +244,28 @@ def overhead(setup: Callable, args) -> dict:
 
 
 def adm_vs_dmd2(teacher, disc, loader, iterations: int, warmup: int, device) -> dict:
-    """(c): teacher-network passes and the fastest bare iteration of ADM and of DMD2."""
-    out = {}
-    for loss in ("adm", "dmd2"):
-        pl.seed_everything(0, verbose=False)
-        module = make_module(teacher, disc, loss).to(device)
-        optimizers = dict(zip(module.player_names, module.configure_optimizers()))
-        sums, per_iteration, per_part = [], [], []
-        with PassCounter(teacher) as counter:
-            for i, (batch, _) in enumerate(zip(loader, range(warmup + iterations))):
+    """(c): teacher-network passes and the fastest bare iteration of ADM and of DMD2, their
+    iterations alternating so that load changes on a shared machine hit both alike."""
+    pl.seed_everything(0, verbose=False)
+    modules = {loss: make_module(teacher, disc, loss).to(device) for loss in ("adm", "dmd2")}
+    optimizers = {loss: dict(zip(m.players, m.configure_optimizers())) for loss, m in modules.items()}
+    sums = {loss: [] for loss in modules}
+    per_iteration = {loss: [] for loss in modules}
+    per_part = {loss: [] for loss in modules}
+    with PassCounter(teacher) as counter:
+        for i, (batch, _) in enumerate(zip(loader, range(warmup + iterations))):
+            for loss, module in modules.items():
                 passes: dict[str, int] = {}
-                parts = bare_iteration(module, optimizers, batch, counter, passes)
+                parts = bare_iteration(module, optimizers[loss], batch, counter, passes)
                 if i >= warmup:
-                    sums.append(sum(parts.values()))
-                    per_iteration.append(sum(passes.values()))
-                    per_part.append(passes)
-        out[loss] = {"min_iteration_seconds": min(sums), "median_iteration_seconds": statistics.median(sums),
-                     "passes_per_iteration": per_iteration,
-                     "mean_passes_per_iteration": statistics.fmean(per_iteration),
-                     "passes_by_part": per_part[per_iteration.index(min(per_iteration))]}
+                    sums[loss].append(sum(parts.values()))
+                    per_iteration[loss].append(sum(passes.values()))
+                    per_part[loss].append(passes)
+    out = {loss: {"min_iteration_seconds": min(sums[loss]), "median_iteration_seconds": statistics.median(sums[loss]),
+                  "passes_per_iteration": per_iteration[loss],
+                  "mean_passes_per_iteration": statistics.fmean(per_iteration[loss]),
+                  "passes_by_part": per_part[loss][per_iteration[loss].index(min(per_iteration[loss]))]}
+           for loss in modules}
     out["time_ratio"] = out["adm"]["min_iteration_seconds"] / out["dmd2"]["min_iteration_seconds"]
     out["median_time_ratio"] = out["adm"]["median_iteration_seconds"] / out["dmd2"]["median_iteration_seconds"]
     return out
@@ -317,7 +321,8 @@ def markdown(report: dict) -> str:
               "Passes: forward calls of the teacher's denoiser modules (a forward pre-hook on each), one "
               "per call whatever the batch (a CFG prediction, both branches batched, is one; a "
               "discriminator forward that stops after its last feature block is one). Iteration times: "
-              "the fastest sum of parts of the bare loop (as in (b)), one-step student, update ratio 1."
+              "the fastest sum of parts of the bare loop (as in (b)), ADM and DMD2 iterations alternating, "
+              "one-step student, update ratio 1."
               + (" The rows of each teacher put the baseline run (another commit, `--baseline`) above this "
                  "one; each row was measured in its own run." if report.get("baseline") else ""), ""]
     return "\n".join(lines)

@@ -7,6 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from dmdx_lightning.callbacks.summary import arm_name
 from dmdx_lightning.discriminators.latent import LatentDiscriminator
 from dmdx_lightning.discriminators.pixel import DigitsClassifierBackbone, PixelDiscriminator
 from dmdx_lightning.methods.adm import ADMModule
@@ -57,10 +58,10 @@ def only(module, player):
 
 def test_players_and_arm_names(digits_teacher):
     m = make_module(digits_teacher)
-    assert m.players_for_step(0) == ["generator", "discriminator"] and m.arm_name == "adp_1step"
+    assert m.players_for_step(0) == ["generator", "discriminator"] and arm_name(m) == "adp_1step"
     assert (m.lambda1, m.lambda2, m.mse_weight) == (0.85, 0.15, 0.0)
     mse = ADPModule(digits_teacher, lambda1=0.0, lambda2=0.0, mse_weight=1.0)
-    assert mse.players_for_step(0) == ["generator"] and mse.arm_name == "mse_1step"
+    assert mse.players_for_step(0) == ["generator"] and arm_name(mse) == "mse_1step"
     assert mse.discriminator is None and mse.pixel_discriminator is None
 
 
@@ -98,7 +99,7 @@ def test_each_discriminator_alone_gives_the_generator_a_gradient(digits_teacher,
     assert (m.discriminator is None) == (lambdas[0] == 0) and (m.pixel_discriminator is None) == (lambdas[1] == 0)
     batch = next(iter(pair_loader(digits_teacher)))
     cond = digits_teacher.encode_prompts(batch["prompt"])
-    losses = m.generator_step(batch, cond, m.prepare(batch, cond, ["generator"]))
+    losses = m.players["generator"].step(batch, cond, m.prepare(batch, cond, ["generator"]))
     losses["loss"].backward()
     grads = [p.grad for p in digits_teacher.trainable_parameters("student")]
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
@@ -109,7 +110,7 @@ def test_generator_loss_is_the_weighted_sum(digits_teacher):
     m = make_module(digits_teacher, mse_weight=0.5)
     batch = next(iter(pair_loader(digits_teacher)))
     cond = digits_teacher.encode_prompts(batch["prompt"])
-    losses = m.generator_step(batch, cond, m.prepare(batch, cond, ["generator"]))
+    losses = m.players["generator"].step(batch, cond, m.prepare(batch, cond, ["generator"]))
     expected = 0.85 * losses["latent"] + 0.15 * losses["pixel"] + 0.5 * losses["mse"]
     torch.testing.assert_close(losses["loss"], expected)
 
@@ -173,7 +174,7 @@ def test_dmdx_chain_starts_adm_from_the_adp_student(digits_teacher, tmp_path):
     torch.manual_seed(0)
     fresh = DigitsTeacher()
     adm = ADMModule(fresh, LatentDiscriminator(layers=[1], head_channels=16), init_from=str(ckpt))
-    assert adm.arm_name == "dmdx_1step"
+    assert arm_name(adm) == "dmdx_1step"
     # nothing is read at construction (a config may name a checkpoint not written yet) ...
     assert not all(torch.equal(student[n], p) for n, p in fresh.named_trainable_parameters("student"))
     adm.setup("fit")  # ... but at the start of the run

@@ -125,10 +125,8 @@ def test_bad_prompt_file_stops_dmdx_fit(content, expected, tmp_path):
 def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
     module = make_adm(max_nonfinite_steps=4)
     nan = {"loss": torch.tensor(float("nan"), requires_grad=True)}
-    for player in module.player_names:  # from iteration 2 on every loss is NaN
-        step = getattr(module, f"{player}_step")
-        setattr(module, f"{player}_step",
-                lambda b, c, ctx, step=step: dict(nan) if int(module.iteration) >= 2 else step(b, c, ctx))
+    for player in module.players.values():  # from iteration 2 on every loss is NaN
+        player.step = lambda b, c, ctx, step=player.step: dict(nan) if int(module.iteration) >= 2 else step(b, c, ctx)
     good = {}
 
     class Snapshot(pl.Callback):

@@ -70,3 +70,35 @@ def test_speed_quick_writes_results(tmp_path):
     assert set(t["parts_seconds"]) >= {"student sample", "generator forward", "discriminator backward"}
     assert t["overhead_ratio"] == pytest.approx(t["lightning_iteration_seconds"] / t["sum_of_parts_seconds"])
     assert "overhead ratio" in (tmp_path / "speed.md").read_text()
+
+
+def test_speed_pass_counter_counts_teacher_passes_per_player():
+    """One ADM iteration: student 1; generator: fake move 1 + discriminator 1 (+ the DMD
+    diagnostic's real prediction, on the first iteration of each block); fake score 1;
+    discriminator: real move 1 (CFG batched) + fake move 1 + ONE batched discriminator pass.
+    DMD2: student 1; generator: real 1 + fake 1 + GAN head 1; fake score 1; discriminator 1."""
+    import torch
+
+    from dmdx_lightning.discriminators.latent import LatentDiscriminator
+    from dmdx_lightning.teachers.digits import DIGIT_PROMPTS, DigitsTeacher
+
+    s = load("speed")
+    torch.manual_seed(0)
+    teacher = DigitsTeacher()
+    disc = LatentDiscriminator(layers=[1, 3], head_channels=16)
+    batch = {"prompt": list(DIGIT_PROMPTS[:4]), "x0": torch.randn(4, 1, 8, 8)}
+    expected = {"adm": [{"student sample": 1, "generator forward": 3, "fake_score forward": 1,
+                         "discriminator forward": 3},
+                        {"student sample": 1, "generator forward": 2, "fake_score forward": 1,
+                         "discriminator forward": 3}],
+                "dmd2": [{"student sample": 1, "generator forward": 3, "fake_score forward": 1,
+                          "discriminator forward": 1}] * 2}
+    for loss, per_iteration in expected.items():
+        module = s.make_module(teacher, disc, loss)
+        optimizers = dict(zip(module.players, module.configure_optimizers()))
+        with s.PassCounter(teacher) as counter:
+            for want in per_iteration:
+                passes = {}
+                s.bare_iteration(module, optimizers, batch, counter, passes)
+                assert passes == want, loss
+        assert len(counter.modules) == 3  # full mode: the real, fake and student networks

@@ -29,9 +29,12 @@ DETERMINISTIC = os.environ.get("DMDX_TEST_DETERMINISTIC") == "1"
 
 
 def make_adm(**kw) -> pl.LightningModule:
+    # the DMD diagnostic on every generator step, so that it is compared at every iteration too: at
+    # the default cadence Lightning keeps logging the block's last value, which a run resumed
+    # mid-block has not computed (it logs the key again from the next block on)
     return ADMModule(DigitsTeacher(), LatentDiscriminator(layers=[1, -1], head_channels=16), loss="adm",
                      generator_optimizer=OPT, fake_score_optimizer=OPT, discriminator_optimizer=OPT,
-                     ema_decay=0.9, **kw)
+                     ema_decay=0.9, dmd_diagnostic_every=1, **kw)
 
 
 def make_adp(**kw) -> pl.LightningModule:
@@ -216,3 +219,26 @@ def test_loader_state_resumes_mid_epoch_and_refuses_another_split():
     with pytest.warns(UserWarning, match="restarts from its first batch"):
         c.load_state_dict(state)
     assert len(list(c)) == 4
+
+
+def test_rng_capture_and_restore_round_trip():
+    import random
+
+    import numpy as np
+
+    from dmdx_lightning.rng import capture_rng, restore_rng
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    state = capture_rng()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    restore_rng(state, rank=0, world=1, device=torch.device("cpu"))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+    # a fresh run's rank 1 gets its own stream, rank 0 keeps the seeded one
+    torch.manual_seed(5)
+    restore_rng(None, rank=1, world=2, device=torch.device("cpu"))
+    rank1 = torch.rand(3)
+    torch.manual_seed(5)
+    restore_rng(None, rank=0, world=2, device=torch.device("cpu"))
+    assert not torch.equal(rank1, torch.rand(3))

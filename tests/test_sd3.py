@@ -252,7 +252,7 @@ def generator_grads(tiny_sd3_dir, checkpointing):
     module = make_module(teacher, "adm")
     cond = teacher.encode_prompts(PROMPTS[:2])
     torch.manual_seed(1)
-    module.generator_step({}, cond, module.prepare({}, cond, ["generator"]))["loss"].backward()
+    module.players["generator"].step({}, cond, module.prepare({}, cond, ["generator"]))["loss"].backward()
     return torch.cat([p.grad.flatten() for p in teacher.trainable_parameters("student")])
 
 

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from dmdx_lightning.callbacks.samples import fixed_noise
-from dmdx_lightning.callbacks.summary import update_summary
+from dmdx_lightning.callbacks.summary import arm_name, update_summary
 from dmdx_lightning.teachers.mixture import MixtureTeacher, class_prompt, mixture_metrics
 
 
@@ -52,7 +52,7 @@ class MixtureSummary(pl.Callback):
 
     Args:
         path: the summary JSON file (rows merged by arm name).
-        arm: this run's row name (default: the module's ``arm_name``).
+        arm: this run's row name (default: :func:`~dmdx_lightning.callbacks.summary.arm_name`).
         samples_per_class: evaluation samples per class (seeds ``0..``).
         score_initial: also score the student before its first step (tells "failed to
             de-collapse" from "collapsed"), as row ``<arm>@init``.
@@ -66,7 +66,7 @@ class MixtureSummary(pl.Callback):
         self.score_teacher = score_teacher
 
     def _arm(self, module) -> str:
-        return self.arm or module.arm_name
+        return self.arm or arm_name(module)
 
     @rank_zero_only
     def on_train_start(self, trainer, module) -> None:

@@ -13,6 +13,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from dmdx_lightning.callbacks.metrics import digits_metrics
 from dmdx_lightning.callbacks.samples import fixed_noise
+from dmdx_lightning.methods.adm import ADMModule
+from dmdx_lightning.methods.adp import ADPModule
 from dmdx_lightning.teachers.digits import DIGIT_PROMPTS, load_classifier
 
 
@@ -29,6 +31,22 @@ def write_json_atomic(path: str | Path, data) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+
+
+def arm_name(module: pl.LightningModule) -> str:
+    """A run's row name in reports (``<method>_<n>step``, e.g. ``adm_1step``), the benchmark's names.
+
+    ADM's losses are the arms ``adm`` / ``dmd`` / ``dmd2``; started from an ADP checkpoint
+    (``init_from``) ADM is the paper's two-stage ``dmdx`` and the baselines get ``_adp``. ADP with
+    no adversarial player is the regression ablation ``mse``.
+    """
+    if isinstance(module, ADMModule):
+        name = module.loss if not module.init_from else ("dmdx" if module.loss == "adm" else f"{module.loss}_adp")
+    elif isinstance(module, ADPModule):
+        name = "adp" if "discriminator" in module.players else "mse"
+    else:
+        name = type(module).__name__.removesuffix("Module").lower()
+    return f"{name}_{len(module.student_timesteps)}step"
 
 
 def update_summary(path: str | Path, arm: str, row: dict) -> None:
@@ -56,7 +74,7 @@ class DigitsSummary(pl.Callback):
 
     Args:
         path: the summary JSON file.
-        arm: this run's row name (default: the module's ``arm_name``, e.g. ``adm_1step``).
+        arm: this run's row name (default: :func:`arm_name`, e.g. ``adm_1step``).
         samples_per_digit: samples per prompt (seeds ``0..n-1``).
         teacher_steps, teacher_cfg_scale: the teacher arm's sampler (default: the teacher's own).
     """
@@ -86,7 +104,7 @@ class DigitsSummary(pl.Callback):
                                       **digits_metrics(x, cond.labels, classifier), "seconds_per_sample": sps}
             gen = torch.Generator(module.device).manual_seed(0)
             x, sps = _timed(lambda: module.sample(cond, noise, generator=gen), len(prompts))
-            summary[self.arm or module.arm_name] = {
+            summary[self.arm or arm_name(module)] = {
                 "nfe": len(module.student_timesteps), **digits_metrics(x, cond.labels, classifier),
                 "seconds_per_sample": sps}
         write_json_atomic(self.path, summary)

@@ -56,3 +56,16 @@ class LatentDiscriminator(nn.Module):
         maps = teacher.feature_maps(self.backbone_role, x, t, cond, self.layers)
         logits = [head(m, t, cond.pooled) for head, m in zip(self.heads, maps)]
         return torch.stack(logits).mean(0)
+
+    def pair(self, teacher: Teacher, x_real: Tensor, t_real: Tensor, x_fake: Tensor, t_fake: Tensor,
+             cond: Conditioning) -> tuple[Tensor, Tensor]:
+        """``(D(x_real, t_real), D(x_fake, t_fake))`` for one prompt batch, in ONE backbone pass.
+
+        The halves are concatenated along the batch and split after the heads: the backbone and
+        the heads act on each sample alone, so the logits are those of two separate calls (up to
+        floating-point summation order), at half the passes.
+        """
+        logits = self(teacher, torch.cat([x_real, x_fake]), torch.cat([t_real, t_fake]), Conditioning.cat([cond, cond]))
+        logits_real, logits_fake = logits.chunk(2)
+        return logits_real, logits_fake
+

@@ -1,18 +1,25 @@
 """ADM (adversarial distribution matching, PAPER.md Stage 2) and the DMD / DMD2 baselines.
 
-One code path, three losses (``loss=adm | dmd | dmd2``), so the paper's ablations differ only
-by one config value. Per iteration:
+One module, three losses (``loss=adm | dmd | dmd2``), so the paper's ablations differ only by
+one config value; the loss picks the players' steps once, in ``__init__`` (:attr:`players`). Per
+iteration:
 
-- ``generator_step``:
-    * ``adm``: ``x_t`` from the student sample; ``x_fake = step(f_psi, x_t, t -> t - dt)``;
-      ``L_G = -E[D(x_fake, t - dt)]`` (gradient through ``x_fake``; the DMD gradient is not used,
-      it is only logged as a diagnostic, paper Fig. 3).
-    * ``dmd``: DMD2's normalised distribution-matching loss on ``(x0_real, x0_fake)`` at ``x_t``.
-    * ``dmd2``: ``dmd`` + a non-saturating GAN term from a head on the fake score's features.
+- generator: ``adm_generator_step``: ``x_t`` from the student sample;
+  ``x_fake = step(f_psi, x_t, t -> t - dt)``; ``L_G = -E[D(x_fake, t - dt)]`` (gradient through
+  ``x_fake``; the DMD gradient is not used, it is only logged as a diagnostic, paper Fig. 3).
+  ``dmd_generator_step``: DMD2's normalised distribution-matching loss on ``(x0_real, x0_fake)``
+  at ``x_t``. ``dmd2_generator_step``: that + a non-saturating GAN term from a head on the fake
+  score's features.
 - ``fake_score_step``: the teacher's own denoising / flow-matching loss on detached student samples.
-- ``discriminator_step``: ``adm``: hinge loss between one real-score ODE step (with CFG) and one
-  fake-score ODE step from the SAME ``x_t``; ``dmd2``: non-saturating loss, real = teacher ODE
-  latents from the batch (``batch["x0"]``, e.g. ODE pairs).
+- discriminator: ``adm_discriminator_step``: hinge loss between one real-score ODE step (with CFG)
+  and one fake-score ODE step from the SAME ``x_t``; ``dmd2_discriminator_step``: non-saturating
+  loss, real = teacher ODE latents from the batch (``batch["x0"]``, e.g. ODE pairs).
+
+No network pass is run twice in an iteration: the discriminator scores its real and fake inputs in
+one batched backbone pass (:meth:`LatentDiscriminator.pair`), and ADM's DMD diagnostic, which
+needs a real-score prediction (with CFG) that ADM's generator step does not otherwise make, is
+computed on one generator step in ``dmd_diagnostic_every`` iterations (every generator step with
+``adm_pairing="paired"``, whose generator step makes that prediction anyway).
 
 ``adm_pairing="paired"`` (an option, not the paper) scores each real/fake pair by its logit gap
 (:func:`~dmdx_lightning.losses.paired_hinge_d`), and the generator's loss takes its gradient
@@ -30,7 +37,7 @@ from torch import Tensor
 from dmdx_lightning.discriminators.latent import LatentDiscriminator
 from dmdx_lightning.losses import (denoising_loss, dmd_loss, gradient_penalty, hinge_d, hinge_g,
                                    nonsaturating_d, nonsaturating_g, paired_hinge_d, paired_hinge_g)
-from dmdx_lightning.methods.base import DistillationModule, _default_optimizer
+from dmdx_lightning.methods.base import DistillationModule, Player, _default_optimizer
 from dmdx_lightning.schedules import sample_t
 from dmdx_lightning.teachers.base import Conditioning, Teacher
 
@@ -69,7 +76,15 @@ class ADMModule(DistillationModule):
             discriminator) step, so the fake score fits the starting student before the generator
             moves (0 = off, the paper).
         gan_generator_weight, gan_discriminator_weight: DMD2's GAN weights (5e-3, 1e-2).
-        log_dmd_diagnostic: ``adm``: compute and log the (unoptimised) DMD loss every iteration.
+        log_dmd_diagnostic: ``adm``: compute and log the (unoptimised) DMD loss
+            (``train/generator/dmd_diagnostic``), at the generator's ``x_t`` before the fake score's
+            update of the iteration.
+        dmd_diagnostic_every: ``adm``, unpaired: compute the DMD diagnostic on the first generator
+            step of each block of this many iterations (it costs one real-score prediction with CFG
+            the ADM loss does not need); Lightning logs the latest value at each logging step.
+            1 = every generator step (the behaviour before this option: one extra real-score pass
+            per generator step). Paired ADM computes it on every generator step
+            (free: its generator step predicts with the real score anyway).
         fake_score_optimizer, discriminator_optimizer: optimizer factories of those players.
         **kwargs: :class:`~dmdx_lightning.methods.base.DistillationModule` options
             (``student_steps``, ``generator_optimizer``, ``ema_decay``, ``init_from``, ...).
@@ -96,6 +111,7 @@ class ADMModule(DistillationModule):
         gan_generator_weight: float = 5e-3,
         gan_discriminator_weight: float = 1e-2,
         log_dmd_diagnostic: bool = True,
+        dmd_diagnostic_every: int = 10,
         fake_score_optimizer: OptimizerCallable = _default_optimizer,
         discriminator_optimizer: OptimizerCallable = _default_optimizer,
         **kwargs: Any,
@@ -117,42 +133,41 @@ class ADMModule(DistillationModule):
             raise ValueError(f"adm_steps must be >= 1, got {adm_steps}")
         if dt_scaling not in ("absolute", "relative"):
             raise ValueError(f"dt_scaling must be 'absolute' or 'relative', got {dt_scaling!r}")
+        if dmd_diagnostic_every < 1:
+            raise ValueError(f"dmd_diagnostic_every must be >= 1, got {dmd_diagnostic_every}")
         if r1_gamma < 0 or r2_gamma < 0 or fake_score_warmup < 0:
             raise ValueError(f"r1_gamma, r2_gamma and fake_score_warmup must be >= 0, got "
                              f"{r1_gamma}, {r2_gamma}, {fake_score_warmup}")
         self.adm_steps, self.dt_scaling = adm_steps, dt_scaling
         self.r1_gamma, self.r2_gamma, self.fake_score_warmup = r1_gamma, r2_gamma, fake_score_warmup
         self.gan_generator_weight, self.gan_discriminator_weight = gan_generator_weight, gan_discriminator_weight
-        self.log_dmd_diagnostic = log_dmd_diagnostic
+        self.log_dmd_diagnostic, self.dmd_diagnostic_every = log_dmd_diagnostic, dmd_diagnostic_every
         self.fake_score_optimizer, self.discriminator_optimizer = fake_score_optimizer, discriminator_optimizer
-        if loss == "dmd":
-            self.discriminator = None
-            self.player_names = ("generator", "fake_score")
-        else:
+        generator_step = {"adm": self.adm_generator_step, "dmd": self.dmd_generator_step,
+                          "dmd2": self.dmd2_generator_step}[loss]
+        self.players = {
+            "generator": Player(generator_step, lambda: teacher.trainable_parameters("student"),
+                                self.generator_optimizer),
+            "fake_score": Player(self.fake_score_step, lambda: teacher.trainable_parameters("fake"),
+                                 fake_score_optimizer),
+        }
+        self.discriminator = None
+        if loss != "dmd":
             if discriminator is None:
                 discriminator = LatentDiscriminator(backbone_role="fake" if loss == "dmd2" else "real")
             self.discriminator = discriminator.build(teacher)
-            self.player_names = ("generator", "fake_score", "discriminator")
+            discriminator_step = self.adm_discriminator_step if loss == "adm" else self.dmd2_discriminator_step
+            self.players["discriminator"] = Player(discriminator_step, lambda: list(self.discriminator.parameters()),
+                                                   discriminator_optimizer)
 
     # ------------------------------------------------------------------ who steps
     def players_for_step(self, iteration: int) -> list[str]:
         """Generator every ``update_ratio``-th iteration after the fake-score warm-up; fake score (and
         discriminator) every one."""
-        players = [p for p in self.player_names if p != "generator"]
+        players = [p for p in self.players if p != "generator"]
         if iteration >= self.fake_score_warmup and (iteration - self.fake_score_warmup) % self.update_ratio == 0:
             players.insert(0, "generator")
         return players
-
-    def player_parameters(self, player: str):
-        if player == "generator":
-            return self.teacher.trainable_parameters("student")
-        if player == "fake_score":
-            return self.teacher.trainable_parameters("fake")
-        return list(self.discriminator.parameters())
-
-    def player_optimizer_factory(self, player: str) -> OptimizerCallable:
-        return {"generator": self.generator_optimizer, "fake_score": self.fake_score_optimizer,
-                "discriminator": self.discriminator_optimizer}[player]
 
     # ------------------------------------------------------------------ shared tensors
     def prepare(self, batch: dict, cond: Conditioning, players) -> dict[str, Any]:
@@ -186,43 +201,50 @@ class ADMModule(DistillationModule):
         return x, x0_first
 
     # ------------------------------------------------------------------ players
-    def generator_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
+    def adm_generator_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
         x0_hat = ctx["x0_hat"]
-        if self.loss == "adm":
-            return self._adm_generator(x0_hat, cond)
-        x_t, t, _ = self._noised(x0_hat.detach())
-        with torch.no_grad():
-            x0_real, _ = self.teacher.predict("real", x_t, t, cond, self.real_cfg_scale)
-            x0_fake, _ = self.teacher.predict("fake", x_t, t, cond)
-        dmd = dmd_loss(x0_hat, x0_real, x0_fake)
-        if self.loss == "dmd":
-            return {"loss": dmd, "dmd": dmd}
-        x_t_g, t_g, _ = self._noised(x0_hat)
-        gan = nonsaturating_g(self.discriminator(self.teacher, x_t_g, t_g, cond))
-        return {"loss": dmd + self.gan_generator_weight * gan, "dmd": dmd, "gan": gan}
-
-    def _adm_generator(self, x0_hat: Tensor, cond: Conditioning) -> dict[str, Tensor]:
         x_t, t, _ = self._noised(x0_hat)
         x_fake, x0_fake = self._ode_step("fake", x_t, t, cond, 1.0)
         if not self.fake_jacobian:
             # straight-through: d x_fake / d x_t = I, the fake score's prediction is a constant
             x_fake = x_t + (x_fake - x_t).detach()
         s = self._end_time(t)
-        logits_fake = self.discriminator(self.teacher, x_fake, s, cond)
         x0_real = None
         if self.adm_pairing == "paired":
             # the frozen real score passes the gradient on to x_t (its weights get none)
             x_real, x0_real = self._ode_step("real", x_t, t, cond, self.real_cfg_scale)
-            adm = paired_hinge_g(self.discriminator(self.teacher, x_real, s, cond), logits_fake)
+            logits_real, logits_fake = self.discriminator.pair(self.teacher, x_real, s, x_fake, s, cond)
+            adm = paired_hinge_g(logits_real, logits_fake)
         else:
-            adm = hinge_g(logits_fake)
+            adm = hinge_g(self.discriminator(self.teacher, x_fake, s, cond))
         out = {"loss": adm, "adm": adm}
-        if self.log_dmd_diagnostic:
+        if self.log_dmd_diagnostic and (x0_real is not None or self._dmd_diagnostic_due(int(self.iteration))):
             with torch.no_grad():
                 if x0_real is None:
                     x0_real, _ = self.teacher.predict("real", x_t.detach(), t, cond, self.real_cfg_scale)
                 out["dmd_diagnostic"] = dmd_loss(x0_hat.detach(), x0_real.detach(), x0_fake.detach())
         return out
+
+    def dmd_generator_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
+        x0_hat = ctx["x0_hat"]
+        x_t, t, _ = self._noised(x0_hat.detach())
+        with torch.no_grad():
+            x0_real, _ = self.teacher.predict("real", x_t, t, cond, self.real_cfg_scale)
+            x0_fake, _ = self.teacher.predict("fake", x_t, t, cond)
+        dmd = dmd_loss(x0_hat, x0_real, x0_fake)
+        return {"loss": dmd, "dmd": dmd}
+
+    def dmd2_generator_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
+        dmd = self.dmd_generator_step(batch, cond, ctx)["dmd"]
+        x_t_g, t_g, _ = self._noised(ctx["x0_hat"])
+        gan = nonsaturating_g(self.discriminator(self.teacher, x_t_g, t_g, cond))
+        return {"loss": dmd + self.gan_generator_weight * gan, "dmd": dmd, "gan": gan}
+
+    def _dmd_diagnostic_due(self, iteration: int) -> bool:
+        """Whether this generator step is the first in its block of ``dmd_diagnostic_every``
+        iterations (a function of the iteration alone, so a resumed run logs the same)."""
+        start = iteration - iteration % self.dmd_diagnostic_every
+        return not any("generator" in self.players_for_step(i) for i in range(start, iteration))
 
     def fake_score_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
         x0 = ctx["x0_hat"].detach()
@@ -234,25 +256,13 @@ class ADMModule(DistillationModule):
         loss = denoising_loss(pred, target)
         return {"loss": loss, "denoising": loss}
 
-    def discriminator_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
-        x0_hat = ctx["x0_hat"].detach()
-        if self.loss == "dmd2":
-            if "x0" not in batch:
-                raise KeyError("loss=dmd2 needs real latents in the batch (key 'x0'): train on an "
-                               "ODEPairDataModule, whose teacher latents stand in for real images")
-            x0_real = batch["x0"].to(x0_hat)
-            x_real, t_r, _ = self._noised(x0_real)
-            x_fake, t_f, _ = self._noised(x0_hat)
-            gan = nonsaturating_d(self.discriminator(self.teacher, x_real, t_r, cond),
-                                  self.discriminator(self.teacher, x_fake, t_f, cond))
-            return {"loss": self.gan_discriminator_weight * gan, "gan": gan}
-        x_t, t, _ = self._noised(x0_hat)
+    def adm_discriminator_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
+        x_t, t, _ = self._noised(ctx["x0_hat"].detach())
         with torch.no_grad():
             x_real, _ = self._ode_step("real", x_t, t, cond, self.real_cfg_scale)
             x_fake, _ = self._ode_step("fake", x_t, t, cond, 1.0)
         s = self._end_time(t)
-        logits_real, r1 = self._logits_and_penalty(x_real, s, cond, self.r1_gamma)
-        logits_fake, r2 = self._logits_and_penalty(x_fake, s, cond, self.r2_gamma)
+        logits_real, logits_fake, r1, r2 = self._logits_and_penalties(x_real, x_fake, s, cond)
         pair_loss = paired_hinge_d if self.adm_pairing == "paired" else hinge_d
         hinge = pair_loss(logits_real, logits_fake)
         out = {"loss": hinge, "hinge": hinge, "logit_gap": (logits_real - logits_fake).mean().detach()}
@@ -264,18 +274,31 @@ class ADMModule(DistillationModule):
             out["r2"] = r2.detach()
         return out
 
-    def _logits_and_penalty(self, x: Tensor, s: Tensor, cond: Conditioning, gamma: float) -> tuple[Tensor, Tensor | None]:
-        """Discriminator logits at ``x`` and, when ``gamma > 0``, ``E||grad_x D(x)||^2`` (R1 / R2)."""
-        if gamma == 0:
-            return self.discriminator(self.teacher, x, s, cond), None
-        x = x.detach().requires_grad_(True)
-        logits = self.discriminator(self.teacher, x, s, cond)
-        (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
-        return logits, gradient_penalty(grad)
+    def dmd2_discriminator_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
+        x0_hat = ctx["x0_hat"].detach()
+        if "x0" not in batch:
+            raise KeyError("loss=dmd2 needs real latents in the batch (key 'x0'): train on an "
+                           "ODEPairDataModule, whose teacher latents stand in for real images")
+        x_real, t_r, _ = self._noised(batch["x0"].to(x0_hat))
+        x_fake, t_f, _ = self._noised(x0_hat)
+        gan = nonsaturating_d(*self.discriminator.pair(self.teacher, x_real, t_r, x_fake, t_f, cond))
+        return {"loss": self.gan_discriminator_weight * gan, "gan": gan}
 
-    @property
-    def arm_name(self) -> str:
-        name = "dmdx" if (self.init_from and self.loss == "adm") else self.loss
-        if self.init_from and self.loss != "adm":
-            name += "_adp"
-        return f"{name}_{len(self.student_timesteps)}step"
+    def _logits_and_penalties(self, x_real: Tensor, x_fake: Tensor, s: Tensor, cond: Conditioning
+                              ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Logits of both moves in one backbone pass and, where ``r1_gamma`` / ``r2_gamma`` > 0,
+        ``E||grad_x D(x)||^2`` of each (R1 on the real moves, R2 on the fake ones).
+
+        One input gradient of the summed logits serves both penalties: each sample's logit depends
+        on its own input only (backbone and heads act per sample), so each half's gradient is that
+        of its own logits.
+        """
+        penalties = self.r1_gamma > 0 or self.r2_gamma > 0
+        x_real, x_fake = x_real.detach().requires_grad_(penalties), x_fake.detach().requires_grad_(penalties)
+        logits_real, logits_fake = self.discriminator.pair(self.teacher, x_real, s, x_fake, s, cond)
+        if not penalties:
+            return logits_real, logits_fake, None, None
+        grad_real, grad_fake = torch.autograd.grad(logits_real.sum() + logits_fake.sum(), (x_real, x_fake),
+                                                   create_graph=True)
+        return (logits_real, logits_fake, gradient_penalty(grad_real) if self.r1_gamma > 0 else None,
+                gradient_penalty(grad_fake) if self.r2_gamma > 0 else None)

@@ -30,7 +30,7 @@ from torch import Tensor
 from dmdx_lightning.discriminators.latent import LatentDiscriminator
 from dmdx_lightning.discriminators.pixel import PixelDiscriminator
 from dmdx_lightning.losses import hinge_d, hinge_g
-from dmdx_lightning.methods.base import DistillationModule, _default_optimizer
+from dmdx_lightning.methods.base import DistillationModule, Player, _default_optimizer
 from dmdx_lightning.schedules import sample_discrete, sample_t
 from dmdx_lightning.teachers.base import Conditioning, Teacher
 
@@ -96,24 +96,22 @@ class ADPModule(DistillationModule):
                 raise ValueError("ADP's latent discriminator reads the frozen teacher: backbone_role must be 'real'")
             self.discriminator = discriminator.build(teacher)
         self.pixel_discriminator = pixel_discriminator.build(teacher) if lambda2 > 0 else None
-        adversarial = self.discriminator is not None or self.pixel_discriminator is not None
-        self.player_names = ("generator", "discriminator") if adversarial else ("generator",)
+        self.players = {"generator": Player(self.generator_step, lambda: teacher.trainable_parameters("student"),
+                                            self.generator_optimizer)}
+        if self.discriminator is not None or self.pixel_discriminator is not None:
+            self.players["discriminator"] = Player(self.discriminator_step, self._head_parameters,
+                                                   discriminator_optimizer)
 
     # ------------------------------------------------------------------ who steps
     def players_for_step(self, iteration: int) -> list[str]:
         """Both players every iteration (1:1), generator first."""
-        return list(self.player_names)
+        return list(self.players)
 
-    def player_parameters(self, player: str):
-        if player == "generator":
-            return self.teacher.trainable_parameters("student")
+    def _head_parameters(self) -> list[torch.nn.Parameter]:
         heads = list(self.discriminator.heads.parameters()) if self.discriminator is not None else []
         if self.pixel_discriminator is not None:
             heads += self.pixel_discriminator.head_parameters()
         return heads
-
-    def player_optimizer_factory(self, player: str) -> OptimizerCallable:
-        return {"generator": self.generator_optimizer, "discriminator": self.discriminator_optimizer}[player]
 
     # ------------------------------------------------------------------ shared tensors
     def student_t(self, n: int, device) -> Tensor:
@@ -161,8 +159,7 @@ class ADPModule(DistillationModule):
         if self.discriminator is not None:
             x_real, t_r = self._renoised(real)
             x_fake, t_f = self._renoised(fake)
-            out["latent_hinge"] = hinge_d(self.discriminator(self.teacher, x_real, t_r, cond),
-                                          self.discriminator(self.teacher, x_fake, t_f, cond))
+            out["latent_hinge"] = hinge_d(*self.discriminator.pair(self.teacher, x_real, t_r, x_fake, t_f, cond))
             loss = loss + self.lambda1 * out["latent_hinge"]
         if self.pixel_discriminator is not None:
             with torch.no_grad():  # the decoder needs no gradient when only heads learn
@@ -173,8 +170,3 @@ class ADPModule(DistillationModule):
             out["pixel_logit_gap"] = (logits_real - logits_fake).mean().detach()
             loss = loss + self.lambda2 * out["pixel_hinge"]
         return {"loss": loss, **out}
-
-    @property
-    def arm_name(self) -> str:
-        name = "adp" if len(self.player_names) > 1 else "mse"
-        return f"{name}_{len(self.student_timesteps)}step"
