@@ -273,8 +273,11 @@ def adm_vs_dmd2(teacher, disc, loader, iterations: int, warmup: int, device) -> 
 
 # ----------------------------------------------------------------------------------- report
 def markdown(report: dict) -> str:
+    command = "python benchmarks/speed.py" + (" --quick" if report["quick"] else "")
+    if report.get("baseline"):
+        command += f" --label '{report['label']}' --baseline BASELINE/speed.json"
     lines = ["# Speed benchmark", "",
-             f"`python benchmarks/speed.py{' --quick' if report['quick'] else ''}` on {report['machine']['cpu_count']} "
+             f"`{command}` on {report['machine']['cpu_count']} "
              f"CPU cores ({report['machine']['torch_threads']} torch threads), {report['device']}, "
              f"{report['machine']['date_utc']} UTC.", "", "## (a) Sampling, student vs teacher", ""]
     rows_a, rows_b = [], []
@@ -323,8 +326,11 @@ def markdown(report: dict) -> str:
               "discriminator forward that stops after its last feature block is one). Iteration times: "
               "the fastest sum of parts of the bare loop (as in (b)), ADM and DMD2 iterations alternating, "
               "one-step student, update ratio 1."
-              + (" The rows of each teacher put the baseline run (another commit, `--baseline`) above this "
-                 "one; each row was measured in its own run." if report.get("baseline") else ""), ""]
+              + (f" The rows of each teacher put the baseline run above this one: BASELINE/speed.json is "
+                 f"this script run on other code (label '{report['baseline'].get('label')}', "
+                 f"{report['baseline']['machine']['date_utc']} UTC), each row measured in its own run: trust the "
+                 "pass counts (exact) and the ratios (ADM and DMD2 alternate, so load changes hit both) more "
+                 "than the absolute times." if report.get("baseline") else ""), ""]
     return "\n".join(lines)
 
 
