@@ -22,7 +22,7 @@ import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from threading import Lock
+from threading import RLock
 
 import yaml
 
@@ -31,7 +31,7 @@ from _common import RESULTS, machine, markdown_table, mean_std, write_json  # no
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS_FILE = ROOT / "benchmarks/arms/mixture.yaml"
-METRICS = ("coverage", "modes_covered", "precision", "tv", "min_weight_covered")
+METRICS = ("coverage", "modes_covered", "precision", "tv", "min_weight_covered", "modes_covered_2r", "tv_2r")
 
 
 def load_arms(path: Path = ARMS_FILE) -> dict[str, dict]:
@@ -80,7 +80,7 @@ class Study:
         self.args, self.arms = args, load_arms(Path(args.arms_file))
         self.root = Path(args.root)
         self.futures: dict[tuple, Future] = {}
-        self.lock = Lock()
+        self.lock = RLock()  # submit() recurses into the stage an arm starts from
         self.pool = ThreadPoolExecutor(args.jobs)
 
     def lr_of(self, arm: str, lr: float) -> float:
@@ -101,8 +101,12 @@ class Study:
 
     def _run(self, arm: str, lr: float, seed: int, dep: Future | None) -> dict:
         spec, directory = self.arms[arm], run_dir(self.root, arm, lr, seed)
-        summary = directory / "summary.json"
-        if summary.is_file() and arm in json.loads(summary.read_text()):
+        summary, stamp = directory / "summary.json", directory / "arm.json"
+        # what this run is: a finished run is reused only if its arm, budget and configs are unchanged
+        identity = {"spec": spec, "updates": int(spec.get("updates", self.args.updates)), "samples": self.args.samples,
+                    "configs": {c: (ROOT / c).read_text() for c in spec.get("configs", [])}}
+        if summary.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == identity \
+                and arm in json.loads(summary.read_text()):
             return json.loads(summary.read_text())
         init_from = None
         if dep is not None:
@@ -110,6 +114,7 @@ class Study:
             dep_lr = self.lr_of(spec["init_from"], self.args.base_lr)
             init_from = run_dir(self.root, spec["init_from"], dep_lr, seed) / "checkpoints/last.ckpt"
         directory.mkdir(parents=True, exist_ok=True)
+        summary.unlink(missing_ok=True)  # a stale row must not pass for this run's result
         extra = directory / "study_overlay.yaml"
         updates = int(spec.get("updates", self.args.updates))
         extra.write_text(yaml.safe_dump(overlay(directory, arm, lr, seed, updates, self.args.samples, init_from)))
@@ -121,12 +126,13 @@ class Study:
         start = time.time()
         with open(directory / "log.txt", "w") as log:
             rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        stamp.write_text(json.dumps(identity))
         if rc != 0 or not summary.is_file():
             raise RuntimeError(f"{arm} lr {lr:g} seed {seed} failed (exit {rc}); see {directory / 'log.txt'}")
         result = json.loads(summary.read_text())
         result["seconds"] = time.time() - start
         print(f"[{time.strftime('%H:%M:%S')}] {arm} lr {lr:g} seed {seed}: "
-              f"{ {k: round(result[arm][k], 3) for k in METRICS} } ({result['seconds']:.0f} s)", flush=True)
+              f"{ {k: round(result[arm].get(k, float('nan')), 3) for k in METRICS} } ({result['seconds']:.0f} s)", flush=True)
         return result
 
 
@@ -152,6 +158,44 @@ def teacher_row(samples: int, root: Path) -> dict:
     return row
 
 
+def rescore(root: Path, samples: int) -> None:
+    """Score every finished one-step run under ``root`` again with today's metrics (its saved
+    ``config.yaml`` and final student), rewriting its summary row in place."""
+    import torch
+
+    from dmdx_lightning.callbacks.mixture import evaluate_mixture
+    from dmdx_lightning.callbacks.summary import update_summary
+    from dmdx_lightning.teachers.mixture import MixtureTeacher
+
+    class Student(torch.nn.Module):  # what evaluate_mixture reads of a distillation module
+        student_timesteps = [1.0]
+
+        def __init__(self, teacher):
+            super().__init__()
+            self.teacher, self.device = teacher, torch.device("cpu")
+
+        def sample(self, cond, noise, generator=None):
+            return self.teacher.sample_student(noise, cond, self.student_timesteps, generator)
+
+    torch.set_num_threads(1)
+    for summary in sorted(root.glob("*/lr*/seed*/summary.json")):
+        directory, arm = summary.parent, summary.parent.parent.parent.name
+        config, ckpt = directory / "config.yaml", directory / "checkpoints/last.ckpt"
+        if not (config.is_file() and ckpt.is_file()):
+            continue
+        spec = yaml.safe_load(config.read_text())["model"]["init_args"]["teacher"]["init_args"]
+        teacher = MixtureTeacher(**{k: v for k, v in spec.items() if k != "mode"}, mode=spec.get("mode", "full"))
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        prefix = "teacher.roles.student."
+        teacher.roles["student"].load_state_dict(
+            {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
+        row = json.loads(summary.read_text())[arm]
+        new = evaluate_mixture(Student(teacher), samples)
+        update_summary(summary, arm, {**row, **new})
+        print(f"rescored {directory.relative_to(root)}: modes {new['modes_covered']}, "
+              f"within 2r {new['modes_covered_2r']}, TV {new['tv']:.3f}", flush=True)
+
+
 def aggregate(study: Study, tasks: list[tuple]) -> dict:
     report: dict = {"arms": {}, "teacher": teacher_row(study.args.samples, study.root)}
     for arm, lr, seed in tasks:
@@ -168,7 +212,7 @@ def aggregate(study: Study, tasks: list[tuple]) -> dict:
             for which in ("final", "init"):
                 rows = [r[which] for r in entry["runs"] if r[which]]
                 if rows:
-                    entry[which] = {k: mean_std(row[k] for row in rows) for k in METRICS}
+                    entry[which] = {k: mean_std(row.get(k, float("nan")) for row in rows) for k in METRICS}
         scored = {lr: e for lr, e in by_lr.items() if "final" in e}
         if scored:  # best learning rate: lowest mean TV (it counts dropped modes, wrong weights and blur)
             report["arms"][arm]["best_lr"] = min(scored, key=lambda lr: scored[lr]["final"]["tv"][0])
@@ -204,14 +248,17 @@ def markdown(report: dict, study: Study, command: str, seconds: float) -> str:
             f, i = e["final"], e.get("init")
             start = f"{i['modes_covered'][0]:.1f} / {i['precision'][0]:.2f} / {i['tv'][0]:.2f}" if i else ""
             rows.append([arm + best, lr, fmt(f["modes_covered"], 1), fmt(f["precision"]), fmt(f["tv"]),
-                         fmt(f["min_weight_covered"], 2), start, len(e["runs"])])
+                         fmt(f["min_weight_covered"], 2), fmt(f["modes_covered_2r"], 1), fmt(f["tv_2r"]), start,
+                         len(e["runs"])])
     lines.append(markdown_table(["arm", "generator lr", "modes covered (of 64)", "precision", "TV",
-                                 "lightest third covered", "start: modes / precision / TV", "seeds"], rows))
+                                 "lightest third covered", "modes within 2r", "TV within 2r",
+                                 "start: modes / precision / TV", "seeds"], rows))
     lines += ["", "Arms: " + "; ".join(f"`{a}`: {study.arms[a]['title']}" for a in report["arms"]), "",
               "Metrics (exact, `dmdx_lightning.teachers.mixture.mixture_metrics`): a sample is precise within "
               "`std (sqrt(d) + 3)` of its nearest mode mean of the prompted class; a mode is covered when its "
               "share of precise samples is at least 1/4 of its true weight; TV between the student's mode "
-              "weights (plus an 'off every mode' bin) and the true ones, averaged over classes."]
+              "weights (plus an 'off every mode' bin) and the true ones, averaged over classes. The `2r` columns "
+              "count a sample within twice that radius (near a mode, off its typical set). Best lr: lowest mean TV."]
     return "\n".join(lines) + "\n"
 
 
@@ -267,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", default=str(ROOT / "runs/mixture_study"))
     p.add_argument("--arms-file", default=str(ARMS_FILE))
     p.add_argument("--quick", action="store_true", help="smoke run: 2 arms, 1 seed, 5 updates, few samples")
+    p.add_argument("--rescore", action="store_true", help="score the finished runs under --root again with "
+                   "today's metrics (then report as usual)")
     args = p.parse_args(argv)
     if args.quick:
         args.arms, args.lrs, args.seeds, args.updates, args.samples = "dmd,adm", "1e-4", "0", 5, 50
@@ -275,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--name {args.name!r} must contain 'mixture' (results files are found by it)")
     command = "python benchmarks/mixture_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     study = Study(args)
+    if args.rescore:
+        rescore(Path(args.root), args.samples)
     arms = [a for a in args.arms.split(",") if a and not study.arms[a].get("teacher")]
     lrs = [float(x) for x in args.lrs.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]

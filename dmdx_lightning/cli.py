@@ -6,12 +6,17 @@ so a new teacher or method needs a YAML file, not a change here.
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
 from typing import Any
 
 import lightning.pytorch as pl
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from dmdx_lightning.callbacks.preemption import RequeueOnSignal
 
@@ -24,7 +29,13 @@ class DMDXCLI(LightningCLI):
 
     Verbs: ``fit``, ``validate``, ``predict`` (Lightning's) and ``export`` (``main`` dispatches it to
     :mod:`dmdx_lightning.export`; it is listed here only so that ``dmdx --help`` shows it).
+
+    A run's outputs follow ``trainer.default_root_dir`` (see :func:`place_run_outputs`), so that
+    ``--trainer.default_root_dir DIR`` alone moves a whole run.
     """
+
+    def before_instantiate_classes(self) -> None:
+        place_run_outputs(self.config[self.subcommand] if self.subcommand else self.config)
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -52,6 +63,35 @@ class DMDXCLI(LightningCLI):
             # jsonargparse keeps the one subcommands action of a parser here (add_subcommands runs once)
             self.parser._subcommands_action.add_subcommand("export", ArgumentParser(description=EXPORT_HELP),
                                                            help=EXPORT_HELP)
+
+
+def place_run_outputs(config: Namespace) -> None:
+    """Put what a config leaves unplaced under ``trainer.default_root_dir`` (default: the cwd).
+
+    - ``trainer.logger`` left at its default: TensorBoard logs to ``<root>/version_<n>/`` (events,
+      the resolved ``config.yaml``, ``samples/``), as the quickstart's explicit loggers do;
+      Lightning's own default adds a ``lightning_logs/`` level that ``dmdx export`` would not search.
+      Under SLURM the version is the job id (Lightning's choice), so a requeued job keeps its folder.
+    - a ``ModelCheckpoint`` without ``dirpath``: ``<root>/checkpoints/``, one fixed folder for
+      ``--ckpt_path``, ``init_from`` and ``dmdx export`` (Lightning's default would be inside the
+      version folder, which changes with every run).
+
+    A config that pins a logger's ``save_dir`` or a ``dirpath`` keeps it (the quickstart chains its
+    stages through such fixed paths). Edits ``config`` in place, so the saved ``config.yaml`` records
+    the resolved paths.
+    """
+    trainer = config.trainer
+    root = os.fspath(trainer.default_root_dir or os.getcwd())
+    if trainer.logger is None or trainer.logger is True:
+        trainer.logger = Namespace(class_path=f"{TensorBoardLogger.__module__}.{TensorBoardLogger.__name__}",
+                                   init_args=Namespace(save_dir=root, name="", version=SLURMEnvironment.job_id()))
+    for callback in trainer.callbacks or []:
+        if not isinstance(callback, Namespace) or "class_path" not in callback:
+            continue  # an already built object (passed from Python): nothing to place
+        module, _, name = callback.class_path.rpartition(".")  # fully qualified once parsed
+        is_checkpoint = issubclass(getattr(importlib.import_module(module), name), ModelCheckpoint)
+        if is_checkpoint and callback.init_args.get("dirpath") is None:
+            callback.init_args.dirpath = os.path.join(root, "checkpoints")
 
 
 def main(args: list[str] | None = None) -> None:

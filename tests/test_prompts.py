@@ -105,7 +105,6 @@ def test_unknown_extension_lists_supported(tmp_path):
     ("empty.txt", ""),
     ("comments.txt", "# only a header\n\n  \n"),
     ("empty.jsonl", "\n\n"),
-    ("blank_values.jsonl", '{"prompt": "  "}\n'),
     ("empty.csv", ""),
     ("header_only.csv", "prompt\n"),
 ])
@@ -164,6 +163,140 @@ def test_short_csv_row_names_file_and_line(tmp_path):
     path = _write(tmp_path / "short.csv", "id,prompt\n1,a\n2\n")
     with pytest.raises(ValueError, match=r"short\.csv, line 3: row is too short"):
         read_prompts(path)
+
+
+@pytest.mark.parametrize("name,text,line", [
+    ("blank.jsonl", '{"prompt": "a"}\n\n{"prompt": "  "}\n', 3),
+    ("blank.csv", 'id,prompt\n1,a\n2,\n', 3),
+])
+def test_empty_row_names_file_and_line(tmp_path, name, text, line):
+    # a blank value in a table is a broken row, not layout: it is no longer skipped silently
+    path = _write(tmp_path / name, text)
+    with pytest.raises(ValueError, match=rf"{re.escape(name)}, line {line}: empty prompt in 'prompt'"):
+        read_prompts(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# read_prompts: Parquet, save_to_disk folders, Hub dataset ids
+# ----------------------------------------------------------------------------------------------
+
+
+def _parquet(path: Path, **columns) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_read_parquet_column_in_row_order(tmp_path):
+    import pyarrow as pa
+
+    path = _parquet(tmp_path / "p.parquet", prompt=[" a cat ", "a dog", "a cat"], id=[3, 1, 2],
+                    caption=pa.array([b"caf\xc3\xa9", b"x", b"y"], pa.binary()))
+    assert read_prompts(path) == ["a cat", "a dog", "a cat"]
+    # a binary column (some writers store text so) is read as UTF-8
+    assert read_prompts(path, field="caption") == ["café", "x", "y"]
+
+
+def _bad_rows():
+    import pyarrow as pa
+
+    not_utf8 = pa.array([b"ok", b"ok", b"\xffbad"], pa.binary())
+    return [
+        ("empty", pa.array(["a", "b", "  "]), r"row 2: empty prompt in 'prompt'"),
+        ("null", pa.array(["a", "b", None]), r"row 2: 'prompt' must be a string, got NoneType"),
+        ("int", pa.array([1, 2, 3]), r"row 0: 'prompt' must be a string, got int 1"),
+        ("binary", not_utf8, r"row 2: 'prompt' is not UTF-8 text \(byte 0xff at offset 0\)"),
+        # a string column whose bytes are not UTF-8: Arrow does not check them when reading
+        ("string", not_utf8.view(pa.string()), r"row 2: 'prompt' is not UTF-8 text"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5), ids=["empty", "null", "int", "binary", "string"])
+def test_bad_parquet_row_names_file_and_row(tmp_path, case):
+    name, column, message = _bad_rows()[case]
+    path = _parquet(tmp_path / f"{name}.parquet", prompt=column)
+    with pytest.raises(ValueError, match=rf"prompt file .*{name}\.parquet, {message}"):
+        read_prompts(path)
+
+
+def test_parquet_missing_column_and_broken_file(tmp_path):
+    path = _parquet(tmp_path / "cols.parquet", text=["a"])
+    with pytest.raises(ValueError, match=r"cols\.parquet: missing column 'prompt'.*\['text'\].*`field`"):
+        read_prompts(path)
+    broken = _write(tmp_path / "broken.parquet", "not parquet at all")
+    with pytest.raises(ValueError, match=r"broken\.parquet is not a readable Parquet file"):
+        read_prompts(broken)
+
+
+def test_read_save_to_disk_dataset_and_dataset_dict_split(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["a", "b", "a"], "n": [0, 1, 2]}).save_to_disk(tmp_path / "ds")
+    assert read_prompts(tmp_path / "ds", field="text") == ["a", "b", "a"]
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"prompt": ["t1", "t2"]}),
+        "validation": datasets.Dataset.from_dict({"prompt": ["v1"]}),
+    }).save_to_disk(tmp_path / "dd")
+    assert read_prompts(tmp_path / "dd") == ["t1", "t2"]
+    assert read_prompts(tmp_path / "dd", split="validation") == ["v1"]
+    with pytest.raises(ValueError, match=r"dd has no split 'test' \(splits: \['train', 'validation'\]\).*`split`"):
+        read_prompts(tmp_path / "dd", split="test")
+    with pytest.raises(ValueError, match=r"ds: missing column 'prompt' \(columns present: \['text', 'n'\]\)"):
+        read_prompts(tmp_path / "ds")
+
+
+def test_bad_dataset_row_names_folder_split_and_row(tmp_path):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"prompt": ["a", "", "c"]})}).save_to_disk(
+        tmp_path / "dd")
+    with pytest.raises(ValueError, match=r"dataset folder .*dd, split 'train', row 1: empty prompt"):
+        read_prompts(tmp_path / "dd")
+
+
+def test_folder_that_save_to_disk_did_not_write(tmp_path):
+    (tmp_path / "notes.txt").write_text("a\n")
+    with pytest.raises(FileNotFoundError, match=r"is a directory but not a `datasets` save_to_disk folder"):
+        read_prompts(tmp_path, key="data.init_args.train_file")
+
+
+def test_hub_id_goes_through_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_dict({"prompt": ["h1", "h2"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert read_prompts("someone/prompts", split="validation") == ["h1", "h2"]
+    assert calls == [("someone/prompts", "validation")]
+    # a path-like name that does not exist is a missing file, never a Hub lookup
+    for missing in ("./prompts", "configs/prompts/none", "nope.txt"):
+        with pytest.raises(FileNotFoundError, match="not found"):
+            read_prompts(missing)
+    assert len(calls) == 1
+
+
+def test_missing_hub_id_offline_names_the_key_and_the_fix(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    # never the network, whatever the environment: offline, with an empty cache
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    dm = PromptDataModule("nobody/no-such-prompts", batch_size=1)
+    with pytest.raises(FileNotFoundError) as err:
+        dm.setup("fit")
+    message = str(err.value)
+    for words in ("'nobody/no-such-prompts' (data.init_args.train_file)", "offline",
+                  "point data.init_args.train_file at", "save_to_disk(folder)"):
+        assert words in message, words
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,6 +459,37 @@ def test_datamodule_val_file(tmp_path):
     assert next(iter(dm.val_dataloader()))["prompt"] == ["v1", "v2"]
 
 
+def test_datamodule_reads_dataset_splits_and_resumes_like_a_text_file(tmp_path):
+    import datasets
+
+    from dmdx_lightning.data.resumable import ResumableDataLoader
+
+    train = [f"prompt {i}" for i in range(6)]
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"prompt": train + ["prompt 0"]}),
+        "validation": datasets.Dataset.from_dict({"prompt": ["v1", "v2"]}),
+    }).save_to_disk(tmp_path / "dd")
+    from_dataset = PromptDataModule(str(tmp_path / "dd"), val_file=str(tmp_path / "dd"),
+                                    val_split="validation", batch_size=2)
+    from_text = PromptDataModule(str(_write(tmp_path / "t.txt", "\n".join(train))), batch_size=2)
+    for dm in (from_dataset, from_text):
+        dm.setup("fit")
+    assert from_dataset.train_prompts == train and from_dataset.val_prompts == ["v1", "v2"]
+    # the same prompts give the same resumable loader: same order, same saved position
+    loader = from_dataset.train_dataloader()
+    assert isinstance(loader, ResumableDataLoader)
+    it = iter(loader)
+    first = next(it)["prompt"]
+    loader.consumed()  # what the DataModule's on_after_batch_transfer does in training
+    state = loader.state_dict()
+    rest = [b["prompt"] for b in it]
+    text_batches = [b["prompt"] for b in from_text.train_dataloader()]
+    assert [first, *rest] == text_batches
+    resumed = from_dataset.train_dataloader()
+    resumed.load_state_dict(state)
+    assert [b["prompt"] for b in resumed] == rest
+
+
 def test_datamodule_argument_checks(tmp_path):
     path = str(_digits_like(tmp_path))
     with pytest.raises(ValueError, match="either val_file"):
@@ -348,9 +512,10 @@ def test_datamodule_help_documents_every_argument():
     parser.add_class_arguments(PromptDataModule, "data")
     help_text = " ".join(parser.format_help().split())  # undo argparse's line wrapping
     for arg, words in {
-        "train_file": "for training", "val_file": "separate prompt file",
+        "train_file": "for training", "val_file": "separate prompt source",
         "val_fraction": "held out",
-        "field": "holding the prompt", "batch_size": "prompts per batch", "repeat": "per epoch",
+        "field": "holding the prompt", "split": "saved ``DatasetDict``", "val_split": "same dataset",
+        "batch_size": "prompts per batch", "repeat": "per epoch",
         "num_workers": "worker processes", "seed": "hash split", "shuffle": "every epoch",
     }.items():
         assert f"--data.{arg}" in help_text

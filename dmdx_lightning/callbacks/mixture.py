@@ -64,6 +64,14 @@ class MixtureSummary(pl.Callback):
         self.path, self.arm = path, arm
         self.samples_per_class, self.score_initial = samples_per_class, score_initial
         self.score_teacher = score_teacher
+        self._gaps: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        # ADM's discriminator logit gap E[D(real move)] - E[D(fake move)]: how well it separates the
+        # two moves (the signal the ADM issue expects to grow with d); the last 50 iterations are kept
+        gap = trainer.callback_metrics.get("train/discriminator/logit_gap")
+        if gap is not None:
+            self._gaps = (self._gaps + [float(gap)])[-50:]
 
     def _arm(self, module) -> str:
         return self.arm or arm_name(module)
@@ -79,6 +87,8 @@ class MixtureSummary(pl.Callback):
         if self.score_teacher and not _has_row(self.path, "teacher"):
             rows["teacher"] = evaluate_mixture(module, self.samples_per_class, teacher=True)
         rows[self._arm(module)] = row = evaluate_mixture(module, self.samples_per_class)
+        if self._gaps:
+            row["logit_gap"] = sum(self._gaps) / len(self._gaps)
         for name, value in rows.items():
             update_summary(self.path, name, value)
         for key in ("coverage", "precision", "tv"):

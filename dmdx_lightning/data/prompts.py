@@ -1,8 +1,10 @@
-"""Prompt files, a deterministic train/val split, and the prompt DataModule.
+"""Prompt sources, a deterministic train/val split, and the prompt DataModule.
 
 Distillation here is data-free apart from prompts: the student is trained on text prompts
-only, and the teacher supplies the targets. A prompt file is ``.txt`` (one prompt a line),
-``.jsonl`` (one JSON object a line) or ``.csv`` (one row a prompt, with a header).
+only, and the teacher supplies the targets. A prompt source is a ``.txt`` file (one prompt a
+line), a ``.jsonl`` file (one JSON object a line), a ``.csv`` file (one row a prompt, with a
+header), a ``.parquet`` file (one row a prompt), a Hugging Face ``datasets`` folder written by
+``save_to_disk``, or a dataset name on the Hugging Face Hub (e.g. a JourneyDB prompt dump).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from dmdx_lightning.data.resumable import ResumableTrainData
 
-SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".csv")
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".csv", ".parquet")
+# `name` or `owner/name` as the Hub spells dataset ids; anything else is only ever a local path
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,8 +83,8 @@ def _prompts_from_jsonl(text: str, path: Path, field: str) -> list[str]:
                 f"prompt file {path}, line {lineno}: missing key {field!r} "
                 f"(keys present: {sorted(record)}); choose the key with `field`"
             )
-        prompts.append(_as_prompt(record[field], path, lineno, field))
-    return [p for p in prompts if p]
+        prompts.append(_as_prompt(record[field], f"prompt file {path}, line {lineno}", field))
+    return prompts
 
 
 def _prompts_from_csv(text: str, path: Path, field: str) -> list[str]:
@@ -100,64 +105,191 @@ def _prompts_from_csv(text: str, path: Path, field: str) -> list[str]:
                     f"prompt file {path}, line {reader.line_num}: row is too short to have "
                     f"column {field!r}"
                 )
-            prompts.append(_as_prompt(row[field], path, reader.line_num, field))
+            prompts.append(_as_prompt(row[field], f"prompt file {path}, line {reader.line_num}", field))
     except csv.Error as e:
         raise ValueError(
             f"prompt file {path}, line {reader.line_num}: malformed CSV ({e})"
         ) from None
-    return [p for p in prompts if p]
+    return prompts
 
 
-def _as_prompt(value: Any, path: Path, lineno: int, field: str) -> str:
+def _as_prompt(value: Any, where: str, field: str) -> str:
+    """One row's prompt, stripped; ``where`` names the file (or dataset) and the row."""
+    if isinstance(value, bytes):  # Parquet / Arrow binary columns: text only if it is UTF-8
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{where}: {field!r} is not UTF-8 text (byte 0x{value[e.start]:02x} at offset "
+                f"{e.start}); re-encode the column as UTF-8"
+            ) from None
     if not isinstance(value, str):
         raise ValueError(
-            f"prompt file {path}, line {lineno}: {field!r} must be a string, "
-            f"got {type(value).__name__} {value!r}"
+            f"{where}: {field!r} must be a string, got {type(value).__name__} {value!r}"
         )
-    return value.strip()
+    prompt = value.strip()
+    # A blank row in a table is a broken row (a wrong column, a failed export), not layout as a
+    # blank line of a .txt file is; skipping it would quietly change which prompts are trained.
+    if not prompt:
+        raise ValueError(
+            f"{where}: empty prompt in {field!r} (an empty prompt is the unconditional CFG "
+            f"branch, never a training prompt); remove the row or fill it in"
+        )
+    return prompt
 
 
-def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
-    """Read the prompts of a ``.txt``, ``.jsonl`` or ``.csv`` file, in file order.
+def _prompts_from_arrow(column, where: str, field: str) -> list[str]:
+    """The prompts of one Arrow column (a Parquet file's or a ``datasets.Dataset``'s), in row order.
+
+    Rows are counted from 0, as ``dataset[i]`` and ``pandas.DataFrame.iloc[i]`` count them.
+    """
+    import pyarrow as pa
+
+    try:
+        values = column.to_pylist()
+    except UnicodeDecodeError:
+        # a string column whose bytes are not UTF-8 (Arrow does not check on read): find the row
+        values = column.cast(pa.large_binary()).to_pylist()
+    return [_as_prompt(v, f"{where}, row {i}", field) for i, v in enumerate(values)]
+
+
+def _prompts_from_parquet(path: Path, field: str) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"prompt file {path} is not a readable Parquet file ({e})") from None
+    names = parquet.schema_arrow.names
+    if field not in names:
+        raise ValueError(
+            f"prompt file {path}: missing column {field!r} (columns present: {names}); "
+            f"choose the column with `field`"
+        )
+    column = parquet.read(columns=[field]).column(field)
+    return _prompts_from_arrow(column, f"prompt file {path}", field)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    # what datasets' save_to_disk writes: a Dataset, or a DatasetDict of one folder per split
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _prompts_from_dataset(dataset, where: str, field: str, split: str) -> list[str]:
+    """The prompts of a ``datasets.Dataset`` or, by ``split``, of a ``DatasetDict``."""
+    import datasets
+
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(
+                f"{where} has no split {split!r} (splits: {sorted(dataset)}); choose one with `split`"
+            )
+        dataset, where = dataset[split], f"{where}, split {split!r}"
+    if field not in dataset.column_names:
+        raise ValueError(
+            f"{where}: missing column {field!r} (columns present: {dataset.column_names}); "
+            f"choose the column with `field`"
+        )
+    # Arrow, not dataset[field]: the latter builds Python objects row by row (~1 s per 100k rows);
+    # the arrow format still applies any row selection (indices) the dataset carries
+    column = dataset.select_columns([field]).with_format("arrow")[:].column(field)
+    return _prompts_from_arrow(column, where, field)
+
+
+def _prompts_from_hub(name: str, field: str, split: str, key: str | None) -> list[str]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as e:  # offline, unknown name, gated, no such split: all end the same way
+        offline = datasets.config.HF_HUB_OFFLINE
+        why = ("offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set), so only a dataset already in "
+               "the Hugging Face cache loads" if offline else "the Hub could not provide it")
+        origin, option = (f" ({key})", key) if key else ("", "it")
+        raise FileNotFoundError(
+            f"prompt source {name!r}{origin} is not a local file or folder (resolved to "
+            f"{Path(name).resolve()}) and loading it as a Hugging Face dataset failed: {why} "
+            f"({type(e).__name__}: {e}). Fix: point {option} at a prompt file or at a folder written "
+            f"by `datasets.load_dataset({name!r}, split={split!r}).save_to_disk(folder)` on a "
+            f"machine with network access, or load it once online so that it is cached"
+        ) from None
+    return _prompts_from_dataset(dataset, f"dataset {name!r}, split {split!r}", field, split)
+
+
+def read_prompts(
+    path: str | Path, field: str = "prompt", split: str = "train", key: str | None = None
+) -> list[str]:
+    """Read the prompts of a file, a ``save_to_disk`` folder or a Hub dataset, in row order.
 
     - ``.txt``: one prompt a line; blank lines and lines starting with ``#`` are skipped.
-    - ``.jsonl``: one JSON object a line; the prompt is ``object[field]``.
+    - ``.jsonl``: one JSON object a line (blank lines skipped); the prompt is ``object[field]``.
     - ``.csv``: a header row, then one prompt a row in column ``field``.
+    - ``.parquet``: one prompt a row in column ``field``.
+    - a folder written by ``datasets``' ``save_to_disk``: column ``field`` of the ``Dataset``,
+      or of split ``split`` of a ``DatasetDict``.
+    - anything else that does not exist locally and reads as ``name`` or ``owner/name``: the
+      Hugging Face Hub dataset of that id, split ``split`` (``datasets.load_dataset``; offline,
+      only from the local cache).
 
-    Prompts are stripped of surrounding whitespace and empty ones are skipped in every format
-    (an empty prompt is the unconditional CFG branch, never a training prompt). Duplicates are
-    kept; see :func:`dedupe`.
+    Prompts are stripped of surrounding whitespace. A row of a table format (every format but
+    ``.txt``) whose prompt is empty, not a string, or not UTF-8 is an error: an empty prompt is
+    the unconditional CFG branch, never a training prompt. Duplicates are kept; see :func:`dedupe`.
 
     Args:
-        path: the prompt file.
-        field: the JSON key (``.jsonl``) or column name (``.csv``) holding the prompt.
+        path: the prompt file, ``save_to_disk`` folder or Hub dataset id.
+        field: the JSON key (``.jsonl``) or column (every other table format) holding the prompt.
+        split: the split of a Hub dataset or a saved ``DatasetDict`` (unused for files).
+        key: the config option ``path`` came from, named in not-found errors (e.g.
+            ``data.init_args.train_file``).
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: unsupported extension, bytes that are not UTF-8, malformed JSON/CSV, a
-            missing key or column, a non-string prompt, or a file without any prompt. Every
-            message names the file (and the line, where there is one).
+        FileNotFoundError: ``path`` does not exist (and is no loadable Hub dataset), or is a
+            directory that ``save_to_disk`` did not write.
+        ValueError: unsupported extension, bytes that are not UTF-8, malformed JSON/CSV/Parquet,
+            a missing key, column or split, a bad row, or a source without any prompt. Every
+            message names the file or dataset (and the line or row, where there is one).
     """
-    path = Path(path)
-    if not path.is_file():
-        hint = "it is a directory" if path.is_dir() else "no such file"
-        raise FileNotFoundError(
-            f"prompt file {path} not found ({hint}; resolved to {path.resolve()}); pass an "
-            f"existing {'/'.join(SUPPORTED_SUFFIXES)} file, e.g. configs/prompts/digits.txt"
-        )
-    suffix = path.suffix.lower()
-    if suffix not in SUPPORTED_SUFFIXES:
-        raise ValueError(
-            f"prompt file {path} has unsupported extension {path.suffix!r}; "
-            f"supported: {', '.join(SUPPORTED_SUFFIXES)}"
-        )
-    text = _read_text(path)
-    if suffix == ".txt":
-        prompts = _prompts_from_txt(text)
-    elif suffix == ".jsonl":
-        prompts = _prompts_from_jsonl(text, path, field)
+    name, path = str(path), Path(path)  # the name as written: Path("./x") would read as a Hub id "x"
+    supported = "/".join(SUPPORTED_SUFFIXES)
+    origin = f" ({key})" if key else ""
+    if path.is_dir():
+        if not _is_saved_dataset(path):
+            raise FileNotFoundError(
+                f"prompt file {path}{origin} is a directory but not a `datasets` save_to_disk "
+                f"folder (no dataset_info.json or dataset_dict.json in {path.resolve()}); pass a "
+                f"{supported} file or such a folder"
+            )
+        import datasets
+
+        prompts = _prompts_from_dataset(datasets.load_from_disk(str(path)), f"dataset folder {path}",
+                                        field, split)
+    elif not path.is_file():
+        if _HUB_NAME.fullmatch(name) and path.suffix.lower() not in SUPPORTED_SUFFIXES:
+            prompts = _prompts_from_hub(name, field, split, key)
+        else:
+            raise FileNotFoundError(
+                f"prompt file {path}{origin} not found (no such file; resolved to "
+                f"{path.resolve()}); pass an existing {supported} file (e.g. "
+                f"configs/prompts/digits.txt), a `datasets` save_to_disk folder or a Hub dataset id"
+            )
     else:
-        prompts = _prompts_from_csv(text, path, field)
+        suffix = path.suffix.lower()
+        if suffix not in SUPPORTED_SUFFIXES:
+            raise ValueError(
+                f"prompt file {path} has unsupported extension {path.suffix!r}; "
+                f"supported: {', '.join(SUPPORTED_SUFFIXES)} (or a `datasets` save_to_disk folder)"
+            )
+        if suffix == ".parquet":
+            prompts = _prompts_from_parquet(path, field)
+        else:
+            text = _read_text(path)
+            if suffix == ".txt":
+                prompts = _prompts_from_txt(text)
+            elif suffix == ".jsonl":
+                prompts = _prompts_from_jsonl(text, path, field)
+            else:
+                prompts = _prompts_from_csv(text, path, field)
     if not prompts:
         raise ValueError(f"prompt file {path} contains no prompts")
     return prompts
@@ -240,7 +372,7 @@ def collate_prompts(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class PromptDataModule(ResumableTrainData, pl.LightningDataModule):
-    """Prompts for distillation, read from a file and split into train and val.
+    """Prompts for distillation, read from a file or dataset and split into train and val.
 
     Batches are ``{"prompt": list[str], "index": LongTensor}``; ``index`` is the prompt's
     position in the de-duplicated train (or val) list.
@@ -254,11 +386,17 @@ class PromptDataModule(ResumableTrainData, pl.LightningDataModule):
     is not divisible by the number of ranks.
 
     Args:
-        train_file: prompt file (``.txt``, ``.jsonl`` or ``.csv``) for training.
-        val_file: separate prompt file for validation; if given, ``val_fraction`` must be 0.
+        train_file: prompts for training: a ``.txt``, ``.jsonl``, ``.csv`` or ``.parquet`` file,
+            a folder written by ``datasets``' ``save_to_disk``, or a Hugging Face Hub dataset id
+            (read offline from the local cache only; see :func:`read_prompts`).
+        val_file: separate prompt source for validation (any kind ``train_file`` takes); if
+            given, ``val_fraction`` must be 0.
         val_fraction: share of ``train_file``'s prompts held out for validation, chosen per
             prompt by a seeded hash (independent of file order and process count).
-        field: JSON key (``.jsonl``) or CSV column (``.csv``) holding the prompt.
+        field: JSON key (``.jsonl``) or column (``.csv``, ``.parquet``, datasets) holding the prompt.
+        split: split of ``train_file`` when it is a Hub dataset or a saved ``DatasetDict``.
+        val_split: split of ``val_file`` when it is a Hub dataset or a saved ``DatasetDict``
+            (default: ``split``; set e.g. ``validation`` when both name the same dataset).
         batch_size: prompts per batch and per process.
         repeat: times the train list is seen per epoch; raise it when the file has fewer
             prompts than a batch.
@@ -274,6 +412,8 @@ class PromptDataModule(ResumableTrainData, pl.LightningDataModule):
         val_file: str | None = None,
         val_fraction: float = 0.0,
         field: str = "prompt",
+        split: str = "train",
+        val_split: str | None = None,
         batch_size: int = 8,
         repeat: int = 1,
         num_workers: int = 0,
@@ -298,6 +438,8 @@ class PromptDataModule(ResumableTrainData, pl.LightningDataModule):
         self.val_file = val_file
         self.val_fraction = val_fraction
         self.field = field
+        self.split = split
+        self.val_split = split if val_split is None else val_split
         self.batch_size = batch_size
         self.repeat = repeat
         self.num_workers = num_workers
@@ -311,9 +453,11 @@ class PromptDataModule(ResumableTrainData, pl.LightningDataModule):
         # Lightning calls setup once per stage; the files do not change in between.
         if self.train_prompts is not None:
             return
-        train = dedupe(read_prompts(self.train_file, self.field))
+        train = dedupe(read_prompts(self.train_file, self.field, self.split,
+                                    key="data.init_args.train_file"))
         if self.val_file is not None:
-            val = dedupe(read_prompts(self.val_file, self.field))
+            val = dedupe(read_prompts(self.val_file, self.field, self.val_split,
+                                      key="data.init_args.val_file"))
         elif self.val_fraction > 0:
             train, val = split_prompts(train, self.val_fraction, self.seed)
             if not train:

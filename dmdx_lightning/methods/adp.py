@@ -57,6 +57,11 @@ class ADPModule(DistillationModule):
             teacher's prediction at ``t < 1`` already holds the answer (the exact mixture
             teacher), only ``t`` near 1 trains what one-step sampling uses.
         t_min, t_max: range of the uniform re-noising time ``t'`` of ``D1``.
+        renoise: the noise that re-noises real and fake samples for ``D1``: ``fresh`` (the paper:
+            new noise per sample) or ``pair`` (the pair's own ``x_T``: ``D1`` then sees points on the
+            straight path from the noise to the teacher's / the student's answer for that noise, so
+            its verdict, and the generator's gradient, depends on the noise: a collapsed student's
+            samples are no longer all judged alike).
         discriminator_optimizer: optimizer factory of both discriminators' heads (one player).
         **kwargs: :class:`~dmdx_lightning.methods.base.DistillationModule` options
             (``student_steps``, ``student_timesteps``, ``generator_optimizer``, ``ema_decay``, ...).
@@ -74,6 +79,7 @@ class ADPModule(DistillationModule):
         student_t_min: float = 0.0,
         t_min: float = 0.02,
         t_max: float = 0.98,
+        renoise: str = "fresh",
         discriminator_optimizer: OptimizerCallable = _default_optimizer,
         **kwargs: Any,
     ) -> None:
@@ -88,6 +94,9 @@ class ADPModule(DistillationModule):
         self.student_t_min = student_t_min
         self.lambda1, self.lambda2, self.mse_weight = lambda1, lambda2, mse_weight
         self.student_t_sampler, self.t_min, self.t_max = student_t_sampler, t_min, t_max
+        if renoise not in ("fresh", "pair"):
+            raise ValueError(f"renoise must be 'fresh' or 'pair', got {renoise!r}")
+        self.renoise = renoise
         self.discriminator_optimizer = discriminator_optimizer
         self.discriminator = None
         if lambda1 > 0:
@@ -130,9 +139,10 @@ class ADPModule(DistillationModule):
             x0_tilde, _ = self.teacher.predict("student", x_t, t, cond)
         return {"x0_tilde": x0_tilde}
 
-    def _renoised(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+    def _renoised(self, x0: Tensor, x_T: Tensor) -> tuple[Tensor, Tensor]:
         t = sample_t("uniform", x0.shape[0], t_min=self.t_min, t_max=self.t_max, device=x0.device).to(x0.dtype)
-        return self.teacher.schedule.add_noise(x0, torch.randn_like(x0), t), t
+        eps = x_T.to(x0) if self.renoise == "pair" else torch.randn_like(x0)
+        return self.teacher.schedule.add_noise(x0, eps, t), t
 
     # ------------------------------------------------------------------ players
     def generator_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
@@ -140,7 +150,7 @@ class ADPModule(DistillationModule):
         out: dict[str, Tensor] = {}
         loss = x0_tilde.new_zeros(())
         if self.discriminator is not None:
-            x_tp, tp = self._renoised(x0_tilde)
+            x_tp, tp = self._renoised(x0_tilde, batch["x_T"])
             out["latent"] = hinge_g(self.discriminator(self.teacher, x_tp, tp, cond))
             loss = loss + self.lambda1 * out["latent"]
         if self.pixel_discriminator is not None:
@@ -157,8 +167,8 @@ class ADPModule(DistillationModule):
         out: dict[str, Tensor] = {}
         loss = fake.new_zeros(())
         if self.discriminator is not None:
-            x_real, t_r = self._renoised(real)
-            x_fake, t_f = self._renoised(fake)
+            x_real, t_r = self._renoised(real, batch["x_T"])
+            x_fake, t_f = self._renoised(fake, batch["x_T"])
             out["latent_hinge"] = hinge_d(*self.discriminator.pair(self.teacher, x_real, t_r, x_fake, t_f, cond))
             loss = loss + self.lambda1 * out["latent_hinge"]
         if self.pixel_discriminator is not None:

@@ -148,12 +148,17 @@ class MixtureDenoiser(nn.Module):
         channels, num_blocks: trunk size (the student's capacity).
         emb_dim: timestep / label embedding width.
         num_train_timesteps: the network is fed ``t * num_train_timesteps``.
+        offset_gain: the mode offsets are ``offset_gain * delta_out(h)``: a precise one-step sample
+            needs a confident choice (logit gaps of ~5 among tens of modes), and Adam moves each
+            weight by about the learning rate per step, so the gain sets how many updates a
+            student needs to commit to modes (the same for every role and method).
     """
 
     def __init__(self, mixture: GaussianMixture, channels: int = 32, num_blocks: int = 2, emb_dim: int = 64,
-                 num_train_timesteps: int = 1000) -> None:
+                 num_train_timesteps: int = 1000, offset_gain: float = 1.0) -> None:
         super().__init__()
         self.mixture = mixture
+        self.offset_gain = offset_gain
         self.emb_dim, self.num_train_timesteps = emb_dim, num_train_timesteps
         C, H, W = mixture.shape
         K, M = mixture.num_classes, mixture.modes_per_class
@@ -180,7 +185,7 @@ class MixtureDenoiser(nn.Module):
         h = F.silu(self.norm_out(h))
         # 2x2 average pooling before the linear read-out: the trunk cannot recompute the exact
         # ODE basins (a linear function of all d noise values), see the module docstring
-        delta = self.delta_out(_pool(h).flatten(1))
+        delta = self.offset_gain * self.delta_out(_pool(h).flatten(1))
         x0 = mixture.posterior_mean(x_t, t, labels, logit_offsets=delta)
         return x0 + self.rho_out(h)
 
@@ -197,7 +202,8 @@ class MixtureTeacher(Teacher):
         shape: latent shape ``(C, H, W)``; ``d = C * H * W``.
         num_classes, modes_per_class, std, weight_ratio, mixture_seed: the mixture
             (:class:`GaussianMixture`).
-        channels, num_blocks: the trainable trunk of every role (the student's capacity).
+        channels, num_blocks, offset_gain: the trainable trunk of every role (the student's
+            capacity, :class:`MixtureDenoiser`).
         sample_steps: Euler steps of the teacher's own ODE sampler (ODE pairs, evaluation).
         cfg_scale: the teacher's default guidance scale (1: the exact mixture; > 1 guided).
         **kwargs: :class:`~dmdx_lightning.teachers.base.Teacher` options (``mode``, LoRA size, ...).
@@ -209,7 +215,8 @@ class MixtureTeacher(Teacher):
 
     def __init__(self, shape: Sequence[int] = (16, 8, 8), num_classes: int = 4, modes_per_class: int = 16,
                  std: float = 0.1, weight_ratio: float = 10.0, mixture_seed: int = 0, channels: int = 32,
-                 num_blocks: int = 2, sample_steps: int = 32, cfg_scale: float = 1.0, **kwargs) -> None:
+                 num_blocks: int = 2, offset_gain: float = 1.0, sample_steps: int = 32, cfg_scale: float = 1.0,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.schedule = FlowMatchSchedule(shift=1.0)
         self.sample_steps, self.cfg_scale = sample_steps, cfg_scale
@@ -218,8 +225,8 @@ class MixtureTeacher(Teacher):
         # the trunk's random init is part of the teacher: every run of this config sees the same roles
         with torch.random.fork_rng():
             torch.manual_seed(mixture_seed)
-            denoiser = MixtureDenoiser(mixture, channels, num_blocks,
-                                       num_train_timesteps=self.schedule.num_train_timesteps)
+            denoiser = MixtureDenoiser(mixture, channels, num_blocks, num_train_timesteps=self.schedule.num_train_timesteps,
+                                       offset_gain=offset_gain)
         self.setup_roles(denoiser)
 
     @property
@@ -261,27 +268,37 @@ def nearest_modes(x: Tensor, labels: Tensor, mixture: GaussianMixture) -> tuple[
 def mixture_metrics(x: Tensor, labels: Tensor, mixture: GaussianMixture, radius_sigmas: float = 3.0) -> dict:
     """Exact quality of samples ``x`` of classes ``labels`` (PAPER.md's claims made countable).
 
-    - ``precision``: share of samples within ``std * (sqrt(d) + radius_sigmas)`` of their nearest
-      mode mean of the prompted class (a sample between modes, i.e. a blur, is imprecise);
+    - ``precision``: share of samples within ``r = std * (sqrt(d) + radius_sigmas)`` of their
+      nearest mode mean of the prompted class (a true sample lies at ``std * sqrt(d)``, so ``r``
+      is the mode's typical set; a sample between modes, i.e. a blur, is imprecise);
     - ``modes_covered`` / ``coverage``: modes whose share of the class's samples, counting precise
       samples only, is at least 1/4 of their true weight (count and fraction of all modes);
     - ``tv``: total variation between the student's distribution over (modes + "off every mode")
       and the true mode weights, averaged over classes (0 = exact, 1 = disjoint);
-    - ``mode_mass``: per class, the student's precise share of each mode (for pictures);
-    - ``min_weight_covered``: share of the lightest third of modes that are covered.
+    - ``min_weight_covered``: share of the lightest third of modes that are covered;
+    - the same three with ``_2r`` counted within ``2 r`` (near a mode though not in its typical
+      set: tells a student that found the modes but lands a little off them from one lost
+      between modes);
+    - ``mode_mass``: per class, the student's precise share of each mode (for pictures).
     """
     labels = labels.to(x.device)
     idx, dist = nearest_modes(x, labels.to(mixture.means.device), mixture)
     radius = mixture.std * (math.sqrt(mixture.dim) + radius_sigmas)
-    precise = dist.cpu() <= radius
+    out = _mode_counts(idx.cpu(), dist.cpu() <= radius, labels.cpu(), mixture)
+    near = _mode_counts(idx.cpu(), dist.cpu() <= 2 * radius, labels.cpu(), mixture)
+    out.update({f"{k}_2r": near[k] for k in ("precision", "modes_covered", "tv")})
+    return out
+
+
+def _mode_counts(idx: Tensor, precise: Tensor, labels: Tensor, mixture: GaussianMixture) -> dict:
     weights = mixture.log_weights.exp().cpu()
     K, M = weights.shape
     covered, tvs, masses, light = 0, [], [], []
     for k in range(K):
-        rows = labels.cpu() == k
+        rows = labels == k
         if not rows.any():
             continue
-        counts = torch.bincount(idx.cpu()[rows & precise], minlength=M).float()
+        counts = torch.bincount(idx[rows & precise], minlength=M).float()
         share = counts / rows.sum()
         is_covered = share >= weights[k] / 4
         covered += int(is_covered.sum())

@@ -1,0 +1,96 @@
+"""The ADM study's options (ADM issue): ODE moves of several steps, relative dt, R1/R2, fake-score
+warm-up; ADP's student_t_min and renoise; the GeneratorBudget callback. Each is a config value
+away from the paper's setting, which stays the default."""
+
+from functools import partial
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from dmdx_lightning.callbacks.budget import GeneratorBudget
+from dmdx_lightning.discriminators.latent import LatentDiscriminator
+from dmdx_lightning.losses import gradient_penalty
+from dmdx_lightning.methods.adm import ADMModule
+from dmdx_lightning.methods.adp import ADPModule
+from dmdx_lightning.teachers.digits import DIGIT_PROMPTS
+from tests.conftest import prompt_loader
+
+OPT = partial(torch.optim.AdamW, lr=1e-3, betas=(0.0, 0.99))
+
+
+def adm(teacher, **kw):
+    return ADMModule(teacher, LatentDiscriminator(layers=[1, -1], head_channels=32), generator_optimizer=OPT,
+                     fake_score_optimizer=OPT, discriminator_optimizer=OPT, **kw)
+
+
+def test_paper_setting_is_the_default(digits_teacher):
+    m = adm(digits_teacher)
+    assert (m.adm_steps, m.dt_scaling, m.r1_gamma, m.r2_gamma, m.fake_score_warmup) == (1, "absolute", 0.0, 0.0, 0)
+
+
+def test_end_time_absolute_and_relative(digits_teacher):
+    t = torch.tensor([0.8, 0.4, 0.01])
+    assert torch.allclose(adm(digits_teacher, dt=0.25)._end_time(t), torch.tensor([0.55, 0.15, 0.0]))
+    assert torch.allclose(adm(digits_teacher, dt=0.25, dt_scaling="relative")._end_time(t), 0.75 * t)
+
+
+def test_multistep_move_is_the_teachers_own_euler_sampler(digits_teacher):
+    """adm_steps=k with dt=1: the real move from x_t is k Euler steps of the CFG ODE down to t = 0."""
+    m = adm(digits_teacher, dt=1.0, adm_steps=4)
+    cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:3]))
+    x_t = torch.randn(3, 1, 8, 8)
+    t = torch.full((3,), 0.8)
+    with torch.no_grad():
+        x_end, _ = m._ode_step("real", x_t, t, cond, 2.0)
+        x = x_t
+        for a, b in [(0.8, 0.6), (0.6, 0.4), (0.4, 0.2), (0.2, 0.0)]:
+            x0, eps = digits_teacher.predict("real", x, torch.full((3,), a), cond, 2.0)
+            x = digits_teacher.schedule.ode_step(x0, eps, torch.full((3,), b))
+    assert torch.allclose(x_end, x, atol=1e-5)
+
+
+def test_gradient_penalty_is_mean_squared_input_gradient():
+    grad = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    assert gradient_penalty(grad).item() == pytest.approx((25.0 + 1.0) / 2)
+
+
+def test_r1_r2_add_a_penalty_that_reaches_the_heads(digits_teacher):
+    cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:4]))
+    ctx = {"x0_hat": torch.randn(4, 1, 8, 8)}
+    torch.manual_seed(0)
+    plain = adm(digits_teacher).adm_discriminator_step({}, cond, ctx)
+    m = adm(digits_teacher, r1_gamma=10.0, r2_gamma=10.0)
+    torch.manual_seed(0)
+    out = m.adm_discriminator_step({}, cond, ctx)
+    assert out["r1"] > 0 and out["r2"] > 0 and "r1" not in plain
+    assert out["loss"].item() == pytest.approx((out["hinge"] + 5.0 * out["r1"] + 5.0 * out["r2"]).item(), rel=1e-5)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in m.discriminator.heads.parameters())
+
+
+def test_fake_score_warmup_holds_the_generator_back(digits_teacher):
+    m = adm(digits_teacher, fake_score_warmup=3, update_ratio=2)
+    assert [("generator" in m.players_for_step(i)) for i in range(8)] == [False, False, False, True, False, True,
+                                                                            False, True]
+
+
+def test_generator_budget_stops_at_equal_generator_updates(digits_teacher):
+    m = adm(digits_teacher, loss="dmd", update_ratio=3)
+    budget = GeneratorBudget(2)
+    trainer = pl.Trainer(max_steps=100, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[budget])
+    trainer.fit(m, prompt_loader(list(DIGIT_PROMPTS) * 4))
+    # generator at iterations 0 and 3: the run stops after iteration 3 (4 iterations, 2 updates)
+    assert int(m.iteration) == 4 and budget.generator_updates(m, 4) == 2
+
+
+def test_adp_student_t_min_and_renoise(digits_teacher):
+    m = ADPModule(digits_teacher, LatentDiscriminator(layers=[-1], head_channels=32), lambda2=0.0, lambda1=1.0,
+                  student_t_min=1.0, renoise="pair", generator_optimizer=OPT, discriminator_optimizer=OPT)
+    assert torch.all(m.student_t(16, "cpu") == 1.0)
+    x0, x_T = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    x_tp, tp = m._renoised(x0, x_T)  # the pair's own noise: x_t' lies on the straight path x_T -> x0
+    assert torch.allclose(x_tp, (1 - tp)[:, None, None, None] * x0 + tp[:, None, None, None] * x_T)
+    with pytest.raises(ValueError, match="renoise"):
+        ADPModule(digits_teacher, lambda2=0.0, renoise="other")
