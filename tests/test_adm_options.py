@@ -94,3 +94,19 @@ def test_adp_student_t_min_and_renoise(digits_teacher):
     assert torch.allclose(x_tp, (1 - tp)[:, None, None, None] * x0 + tp[:, None, None, None] * x_T)
     with pytest.raises(ValueError, match="renoise"):
         ADPModule(digits_teacher, lambda2=0.0, renoise="other")
+
+
+def test_regression_anchor_samples_the_pair_noise_and_adds_its_loss(digits_teacher):
+    m = adm(digits_teacher, loss="dmd", regression_weight=2.0)
+    prompts = list(DIGIT_PROMPTS[:4])
+    cond = digits_teacher.encode_prompts(prompts)
+    batch = {"prompt": prompts, "x_T": torch.randn(4, 1, 8, 8), "x0": torch.randn(4, 1, 8, 8)}
+    ctx = m.prepare(batch, cond, ["generator"])
+    expected, _ = digits_teacher.predict("student", batch["x_T"], torch.ones(4), cond)
+    assert torch.allclose(ctx["x0_hat"], expected)  # one-step student from the pair's own noise
+    torch.manual_seed(0)
+    out = m.players["generator"].step(batch, cond, ctx)
+    assert out["regression"].item() == pytest.approx(torch.mean((expected - batch["x0"]) ** 2).item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx((out["dmd"] + 2.0 * out["regression"]).item(), rel=1e-5)
+    with pytest.raises(KeyError, match="ODEPairDataModule"):
+        m.prepare({"prompt": prompts}, cond, ["generator"])

@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
@@ -55,6 +56,10 @@ class ADMModule(DistillationModule):
         update_ratio: fake-score and discriminator updates per generator update (TTUR); 1 = 1:1.
         t_min, t_max: range of the noise level ``t`` at which the scores are compared.
         t_sampler: ``uniform | shifted | cubic | logit_normal`` density of ``t`` (see schedules).
+        t_shift: the shift of ``t_sampler: shifted`` (``shift u / (1 + (shift - 1) u)``). Modes
+            a distance ``~sqrt(2 d)`` apart are only bridged by noise for ``1 - t`` of order
+            ``1 / sqrt(d)``: the coverage signal of a score comparison (DMD's and ADM's) lives in a
+            window near ``t = 1`` that shrinks with ``d`` (the ADM study, README).
         fake_jacobian: ADM only: let the generator gradient flow through the fake score's Jacobian
             (``True``) or only through ``x_t`` (``False``: straight-through ODE step). An open
             question of the paper, kept as an option.
@@ -75,6 +80,11 @@ class ADMModule(DistillationModule):
         fake_score_warmup: iterations at the start in which only the fake score (and the
             discriminator) step, so the fake score fits the starting student before the generator
             moves (0 = off, the paper).
+        regression_weight: weight of an ODE-pair regression term ``||G(x_T) - x_0||^2`` added to the
+            generator's loss (0 = off, the paper). The student then samples from the pair's noise
+            ``x_T`` (batch keys ``x_T`` / ``x0``: train on an ODEPairDataModule). DMD's first
+            version (Yin et al. 2024) used such a term against mode collapse; here it anchors
+            each noise to the teacher's answer while the distribution loss sharpens it.
         gan_generator_weight, gan_discriminator_weight: DMD2's GAN weights (5e-3, 1e-2).
         log_dmd_diagnostic: ``adm``: compute and log the (unoptimised) DMD loss
             (``train/generator/dmd_diagnostic``), at the generator's ``x_t`` before the fake score's
@@ -101,6 +111,7 @@ class ADMModule(DistillationModule):
         t_min: float = 0.02,
         t_max: float = 0.98,
         t_sampler: str = "uniform",
+        t_shift: float = 1.0,
         fake_jacobian: bool = True,
         adm_pairing: Literal["independent", "paired"] = "independent",
         adm_steps: int = 1,
@@ -108,6 +119,7 @@ class ADMModule(DistillationModule):
         r1_gamma: float = 0.0,
         r2_gamma: float = 0.0,
         fake_score_warmup: int = 0,
+        regression_weight: float = 0.0,
         gan_generator_weight: float = 5e-3,
         gan_discriminator_weight: float = 1e-2,
         log_dmd_diagnostic: bool = True,
@@ -125,7 +137,10 @@ class ADMModule(DistillationModule):
             raise ValueError(f"dt must be in (0, 1] (the ODE move ends at max(t - dt, 0)), got {dt}")
         self.loss = loss
         self.dt, self.real_cfg_scale, self.update_ratio = dt, real_cfg_scale, update_ratio
-        self.t_min, self.t_max, self.t_sampler = t_min, t_max, t_sampler
+        self.t_min, self.t_max, self.t_sampler, self.t_shift = t_min, t_max, t_sampler, t_shift
+        if t_sampler not in ("uniform", "shifted", "cubic", "logit_normal") or t_shift <= 0 or not 0 <= t_min <= t_max <= 1:
+            raise ValueError(f"t_sampler must be uniform | shifted | cubic | logit_normal with t_shift > 0 and "
+                             f"0 <= t_min <= t_max <= 1; got {t_sampler!r}, t_shift={t_shift}, t_min={t_min}, t_max={t_max}")
         if adm_pairing not in ("independent", "paired"):
             raise ValueError(f"adm_pairing must be 'independent' or 'paired', got {adm_pairing!r}")
         self.fake_jacobian, self.adm_pairing = fake_jacobian, adm_pairing
@@ -138,6 +153,9 @@ class ADMModule(DistillationModule):
         if r1_gamma < 0 or r2_gamma < 0 or fake_score_warmup < 0:
             raise ValueError(f"r1_gamma, r2_gamma and fake_score_warmup must be >= 0, got "
                              f"{r1_gamma}, {r2_gamma}, {fake_score_warmup}")
+        if regression_weight < 0:
+            raise ValueError(f"regression_weight must be >= 0, got {regression_weight}")
+        self.regression_weight = regression_weight
         self.adm_steps, self.dt_scaling = adm_steps, dt_scaling
         self.r1_gamma, self.r2_gamma, self.fake_score_warmup = r1_gamma, r2_gamma, fake_score_warmup
         self.gan_generator_weight, self.gan_discriminator_weight = gan_generator_weight, gan_discriminator_weight
@@ -145,6 +163,8 @@ class ADMModule(DistillationModule):
         self.fake_score_optimizer, self.discriminator_optimizer = fake_score_optimizer, discriminator_optimizer
         generator_step = {"adm": self.adm_generator_step, "dmd": self.dmd_generator_step,
                           "dmd2": self.dmd2_generator_step}[loss]
+        if regression_weight > 0:
+            generator_step = self._with_regression(generator_step)
         self.players = {
             "generator": Player(generator_step, lambda: teacher.trainable_parameters("student"),
                                 self.generator_optimizer),
@@ -173,10 +193,26 @@ class ADMModule(DistillationModule):
     def prepare(self, batch: dict, cond: Conditioning, players) -> dict[str, Any]:
         # one student sample per iteration, with gradient only when the generator steps; the
         # other players reuse it detached (DMD2 does the same)
-        return {"x0_hat": self.generate(cond, grad="generator" in players)}
+        noise = None
+        if self.regression_weight > 0:
+            if "x_T" not in batch or "x0" not in batch:
+                raise KeyError("regression_weight > 0 needs ODE pairs in the batch (keys 'x_T', 'x0'): train on an "
+                               "ODEPairDataModule (configs/mixture/regression.yaml shows how)")
+            noise = batch["x_T"]  # the student answers the pair's own noise, so the regression target fits
+        return {"x0_hat": self.generate(cond, grad="generator" in players, noise=noise)}
+
+    def _with_regression(self, step):
+        """``step``'s loss plus ``regression_weight * ||x0_hat - x_0||^2`` on the batch's ODE pairs."""
+        def generator_step(batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
+            out = step(batch, cond, ctx)
+            regression = F.mse_loss(ctx["x0_hat"].float(), batch["x0"].float())
+            out["loss"] = out["loss"] + self.regression_weight * regression
+            out["regression"] = regression.detach()
+            return out
+        return generator_step
 
     def _noised(self, x0: Tensor, t_min: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        t = sample_t(self.t_sampler, x0.shape[0], t_min=self.t_min if t_min is None else t_min,
+        t = sample_t(self.t_sampler, x0.shape[0], shift=self.t_shift, t_min=self.t_min if t_min is None else t_min,
                      t_max=self.t_max, device=x0.device).to(x0.dtype)
         eps = torch.randn_like(x0)
         return self.teacher.schedule.add_noise(x0, eps, t), t, eps

@@ -186,14 +186,15 @@ class DistillationModule(pl.LightningModule):
         return False
 
     # ------------------------------------------------------------------ the student
-    def generate(self, cond: Conditioning, *, grad: bool) -> Tensor:
-        """A student sample ``x0_hat`` for ``cond``.
+    def generate(self, cond: Conditioning, *, grad: bool, noise: Tensor | None = None) -> Tensor:
+        """A student sample ``x0_hat`` for ``cond`` (from ``noise`` when given, else fresh noise).
 
         Multi-step students use DMD2's backward simulation: pick a step ``k`` uniformly, run the
         student's own first ``k`` steps without gradient, then predict from ``t_k`` (with gradient
         when ``grad``), so training sees the inputs inference will produce.
         """
-        noise = torch.randn(self.teacher.latent_shape(len(cond)), device=self.device)
+        if noise is None:
+            noise = torch.randn(self.teacher.latent_shape(len(cond)), device=self.device)
         ts = self.student_timesteps
         k = int(torch.randint(len(ts), ())) if len(ts) > 1 else 0
         x_t = noise
