@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arms", default="mse,adp,dmd,dmd2,adm,dmd_adp,dmdx")
     p.add_argument("--lrs", default="1e-4,3e-5", help="generator learning rates swept for every arm")
+    p.add_argument("--best-lr-from", help="a report JSON of an lr sweep: run each arm at its best lr there only "
+                   "(instead of --lrs)")
     p.add_argument("--base-lr", type=float, default=1e-4, help="generator lr of a stage other arms start from")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--updates", type=int, default=400, help="generator updates per arm (per stage)")
@@ -330,7 +332,16 @@ def main(argv: list[str] | None = None) -> None:
     lrs = [float(x) for x in args.lrs.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     start = time.time()
-    tasks = list(dict.fromkeys((arm, study.lr_of(arm, lr), seed) for seed in seeds for arm in arms for lr in lrs))
+    if args.best_lr_from:  # e.g. 3 seeds of every arm at the lr its seed-0 sweep chose
+        swept = json.loads(Path(args.best_lr_from).read_text())["arms"]
+        missing = [a for a in arms if not swept.get(a, {}).get("best_lr")]
+        if missing:
+            raise SystemExit(f"{args.best_lr_from} has no best lr for arms {missing}: sweep them first")
+        per_arm = {a: [float(swept[a]["best_lr"])] for a in arms}
+    else:
+        per_arm = {a: lrs for a in arms}
+    tasks = list(dict.fromkeys((arm, study.lr_of(arm, lr), seed) for seed in seeds for arm in arms
+                               for lr in per_arm[arm]))
     for task in tasks:
         study.submit(*task)
     report = aggregate(study, tasks)

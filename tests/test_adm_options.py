@@ -103,10 +103,12 @@ def test_regression_anchor_samples_the_pair_noise_and_adds_its_loss(digits_teach
     batch = {"prompt": prompts, "x_T": torch.randn(4, 1, 8, 8), "x0": torch.randn(4, 1, 8, 8)}
     ctx = m.prepare(batch, cond, ["generator"])
     expected, _ = digits_teacher.predict("student", batch["x_T"], torch.ones(4), cond)
-    assert torch.allclose(ctx["x0_hat"], expected)  # one-step student from the pair's own noise
+    assert torch.allclose(ctx["x0_pair"], expected)  # the anchor: one-step student on the pair's own noise
+    assert not torch.allclose(ctx["x0_hat"], expected)  # the distribution loss keeps fresh noise
     torch.manual_seed(0)
     out = m.players["generator"].step(batch, cond, ctx)
     assert out["regression"].item() == pytest.approx(torch.mean((expected - batch["x0"]) ** 2).item(), rel=1e-5)
     assert out["loss"].item() == pytest.approx((out["dmd"] + 2.0 * out["regression"]).item(), rel=1e-5)
+    assert "x0_pair" not in m.prepare(batch, cond, ["fake_score"])  # only the generator needs it
     with pytest.raises(KeyError, match="ODEPairDataModule"):
         m.prepare({"prompt": prompts}, cond, ["generator"])

@@ -42,7 +42,7 @@ def test_quality_default_arms_are_the_issue_list():
 @pytest.mark.slow
 def test_quality_quick_writes_results(tmp_path):
     q = load("quality")
-    report = q.main(["--quick", "--arms", "teacher,dmd,dmd2,adm,a1_mse,dmdx", "--budget", "2",
+    report = q.main(["--quick", "--testbed", "digits", "--arms", "teacher,dmd,dmd2,adm,a1_mse,dmdx", "--budget", "2",
                      "--samples-per-digit", "8", "--diversity-k", "2", "--pairs", "32", "--adp-pairs", "32",
                      "--jobs", "1", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
     saved = json.loads((tmp_path / "quality.json").read_text())

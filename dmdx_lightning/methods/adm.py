@@ -82,7 +82,8 @@ class ADMModule(DistillationModule):
             moves (0 = off, the paper).
         regression_weight: weight of an ODE-pair regression term ``||G(x_T) - x_0||^2`` added to the
             generator's loss (0 = off, the paper). The student then samples from the pair's noise
-            ``x_T`` (batch keys ``x_T`` / ``x0``: train on an ODEPairDataModule). DMD's first
+            ``x_T`` for this term (batch keys ``x_T`` / ``x0``: train on an ODEPairDataModule) and
+            fresh noise for the distribution loss, as without it. DMD's first
             version (Yin et al. 2024) used such a term against mode collapse; here it anchors
             each noise to the teacher's answer while the distribution loss sharpens it.
         gan_generator_weight, gan_discriminator_weight: DMD2's GAN weights (5e-3, 1e-2).
@@ -193,19 +194,21 @@ class ADMModule(DistillationModule):
     def prepare(self, batch: dict, cond: Conditioning, players) -> dict[str, Any]:
         # one student sample per iteration, with gradient only when the generator steps; the
         # other players reuse it detached (DMD2 does the same)
-        noise = None
-        if self.regression_weight > 0:
+        ctx = {"x0_hat": self.generate(cond, grad="generator" in players)}
+        if self.regression_weight > 0 and "generator" in players:
             if "x_T" not in batch or "x0" not in batch:
                 raise KeyError("regression_weight > 0 needs ODE pairs in the batch (keys 'x_T', 'x0'): train on an "
                                "ODEPairDataModule (configs/mixture/regression.yaml shows how)")
-            noise = batch["x_T"]  # the student answers the pair's own noise, so the regression target fits
-        return {"x0_hat": self.generate(cond, grad="generator" in players, noise=noise)}
+            # the anchor's own student sample, from the pair's noise; the distribution loss keeps
+            # fresh noise (only a few thousand pair noises exist, and sampling uses fresh ones)
+            ctx["x0_pair"] = self.generate(cond, grad=True, noise=batch["x_T"])
+        return ctx
 
     def _with_regression(self, step):
         """``step``'s loss plus ``regression_weight * ||x0_hat - x_0||^2`` on the batch's ODE pairs."""
         def generator_step(batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
             out = step(batch, cond, ctx)
-            regression = F.mse_loss(ctx["x0_hat"].float(), batch["x0"].float())
+            regression = F.mse_loss(ctx["x0_pair"].float(), batch["x0"].float())
             out["loss"] = out["loss"] + self.regression_weight * regression
             out["regression"] = regression.detach()
             return out
