@@ -94,8 +94,7 @@ class DistillationModule(pl.LightningModule):
         # the frozen teacher is left out of checkpoints, so loading must accept its absence
         self.strict_loading = False
         self.teacher = teacher
-        shift = getattr(teacher.schedule, "shift", 1.0)
-        self.student_timesteps = list(student_timesteps or student_timesteps_default(student_steps, shift))
+        self.student_timesteps = list(student_timesteps or default_student_timesteps(student_steps, teacher.schedule))
         if any(not 0.0 < t <= 1.0 for t in self.student_timesteps) or \
                 sorted(self.student_timesteps, reverse=True) != self.student_timesteps:
             raise ValueError(f"student_timesteps must be decreasing values in (0, 1], got {self.student_timesteps}")
@@ -266,8 +265,9 @@ class DistillationModule(pl.LightningModule):
         restore_rng(rng, self.global_rank, self.trainer.world_size, self.device)
 
 
-def student_timesteps_default(num_steps: int, shift: float) -> list[float]:
-    return student_timesteps(num_steps, shift=shift)
+def default_student_timesteps(num_steps: int, schedule) -> list[float]:
+    """``num_steps`` evenly spaced times from 1, through the schedule's ``shift_time``."""
+    return student_timesteps(num_steps, schedule=schedule)
 
 
 def _load_checkpoint(path: str) -> dict:
