@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from dmdx_lightning.ema import GeneratorEMA
@@ -241,6 +242,7 @@ class DistillationModule(pl.LightningModule):
         checkpoint["dmdx"] = {
             "teacher_family": self.teacher.family,
             "teacher_mode": self.teacher.mode,
+            "teacher_id": self.teacher.identity(),
             # all ranks run this hook, so the per-rank states can be gathered
             "rng": capture_rng(self.all_gather if world > 1 else None, self.device),
         }
@@ -287,3 +289,8 @@ def _check_family(checkpoint: dict, teacher: Teacher, where: str) -> None:
         raise ValueError(
             f"{where} was trained with teacher family {meta['teacher_family']!r} ({meta['teacher_mode']} mode), "
             f"but this run uses {teacher.family!r} ({teacher.mode} mode)")
+    # older checkpoints have no teacher_id; another id of the same family (e.g. the same weights at
+    # another path) may be intended, so it is said, not refused
+    if meta.get("teacher_id", teacher.identity()) != teacher.identity():
+        rank_zero_warn(f"{where} was trained with teacher {meta['teacher_id']!r}; this run uses "
+                       f"{teacher.identity()!r} (same family and mode, so the run goes on)")
