@@ -54,7 +54,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, Stopwatch, machine, markdown_table, mean_std, set_threads, write_json  # noqa: E402
 
-from dmdx_lightning.callbacks.metrics import digits_diversity, digits_metrics  # noqa: E402
+from dmdx_lightning.evaluation.digits import digits_diversity, digits_metrics  # noqa: E402
 from dmdx_lightning.callbacks.samples import fixed_noise  # noqa: E402
 from dmdx_lightning.data.prompts import read_prompts  # noqa: E402
 from dmdx_lightning.teachers.digits import DIGIT_PROMPTS, NUM_CLASSES, DigitsTeacher, load_classifier  # noqa: E402

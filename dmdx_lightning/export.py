@@ -7,15 +7,12 @@
 - ``--format pipeline``: the teacher's pipeline folder with the student denoiser (the adapter
   merged into a copy of the base in lora mode) and a scheduler configured for the student.
 
-The student sampler and the exported scheduler agree step for step: our few-step sampler
-(:meth:`~dmdx_lightning.teachers.base.Teacher.sample_student`, DMD2) predicts ``x0`` and re-noises
-it with FRESH noise to the next student time; diffusers' ``FlowMatchEulerDiscreteScheduler``
-with ``stochastic_sampling=True`` does exactly that (``x_s = (1 - s) x0 + s * noise``), drawing
-its noise from torch's global generator. The exported scheduler has ``shift: 1.0`` so that the
-student's times, passed as ``sigmas=...``, are used verbatim; when the student's times are evenly
-spaced from 1 (e.g. ``[1, 0.75, 0.5, 0.25]``, or one step) ``shift_terminal`` makes even the
-default ``num_inference_steps=N`` call reproduce them. The times and the call that reproduces
-the student are written to ``dmdx_export.json`` in the output folder.
+What is written is the teacher family's business (the Teacher contract's ``export_formats``,
+``export_pipeline`` and ``export_lora``; e.g. :class:`~dmdx_lightning.teachers.sd3.SD3Teacher`
+writes a ``StableDiffusion3Pipeline`` whose stochastic flow-matching scheduler replays the
+student's sampler step for step). A family without an export stops with a ``NotImplementedError``
+naming it. The times and the call that reproduces the student are written to
+``dmdx_export.json`` in the output folder.
 
 The module is rebuilt from the run's ``config.yaml`` (written by the CLI next to the logs; found
 automatically near the checkpoint, or given with ``--config``); the checkpoint supplies the
@@ -30,36 +27,9 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from torch import nn
 
 EXPORT_INFO = "dmdx_export.json"
-
-
-# ---------------------------------------------------------------------------------------- schedulers
-def student_flow_scheduler(base_config: dict, timesteps: Sequence[float]):
-    """A stock ``FlowMatchEulerDiscreteScheduler`` that replays the student's sampler.
-
-    Returns ``(scheduler, default_call_exact)``: whether ``set_timesteps(len(timesteps))``
-    alone reproduces the times (else pass ``sigmas=timesteps``).
-    """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    ts = [float(t) for t in timesteps]
-    n = len(ts)
-    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
-    config.update(shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True, shift_terminal=None,
-                  use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
-                  invert_sigmas=False)
-    evenly = n > 1 and abs(ts[0] - 1.0) < 1e-6 and all(
-        abs(t - (1.0 - i * (1.0 - ts[-1]) / (n - 1))) < 1e-6 for i, t in enumerate(ts))
-    if evenly:
-        config["shift_terminal"] = ts[-1]  # stretch diffusers' linspace(1, 1/1000) to end at ts[-1]
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-    probe = FlowMatchEulerDiscreteScheduler.from_config(config)
-    probe.set_timesteps(n)
-    exact = bool(torch.allclose(probe.sigmas[:-1].double(), torch.tensor(ts, dtype=torch.float64), atol=1e-6))
-    return scheduler, exact
 
 
 # ---------------------------------------------------------------------------------------- the student
@@ -103,38 +73,24 @@ def export(module, output: str | Path, format: str = "pipeline") -> dict:
     teacher = module.teacher
     if format not in ("lora", "pipeline"):
         raise ValueError(f"--format must be 'lora' or 'pipeline', got {format!r}")
-    if not hasattr(teacher, "diffusers_pipeline") or not hasattr(teacher, "scheduler_config"):
-        raise NotImplementedError(f"teacher family {teacher.family!r} has no diffusers export")
+    if format not in teacher.export_formats:
+        raise NotImplementedError(
+            f"teacher family {teacher.family!r} ({type(teacher).__name__}) has no diffusers {format} export "
+            f"(it exports: {', '.join(teacher.export_formats) or 'nothing'})")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     timesteps = [float(t) for t in module.student_timesteps]
-    scheduler, exact = student_flow_scheduler(teacher.scheduler_config, timesteps)
     info = {
         "format": format,
-        "teacher": teacher.pretrained_model_name_or_path,
+        "teacher": teacher.identity(),
         "teacher_family": teacher.family,
         "teacher_mode": teacher.mode,
         "student_timesteps": timesteps,
-        "sigmas": timesteps,
-        "default_call_exact": exact,
         "num_inference_steps": len(timesteps),
         "guidance_scale": 1.0,
-        "scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
-        "max_sequence_length": getattr(teacher, "max_sequence_length", None),
-        "t5_dropped": bool(getattr(teacher, "drop_t5", False)),
     }
-    if format == "lora":
-        state, meta = student_lora_state(teacher)
-        teacher.pipeline_class.save_lora_weights(output, transformer_lora_layers=state,
-                                       transformer_lora_adapter_metadata=meta, safe_serialization=True)
-        info["lora"] = meta
-        scheduler.save_pretrained(output / "scheduler")  # the student's scheduler, to swap in
-    else:
-        # one dtype per pipeline: the student joins the frozen components in the teacher's dtype
-        # (full mode may train fp32 master copies, see SD3Teacher's trainable_dtype)
-        student = merged_student(teacher).to(getattr(teacher, "torch_dtype", None) or torch.float32)
-        pipe = teacher.diffusers_pipeline(student, scheduler)
-        pipe.save_pretrained(output, safe_serialization=True)
+    write = teacher.export_lora if format == "lora" else teacher.export_pipeline
+    info.update(write(output, timesteps))
     (output / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -191,6 +147,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="export raw weights, not the EMA")
     args = parser.parse_args(argv)
     info = export_checkpoint(args.ckpt_path, args.output, args.format, args.config, args.use_ema)
-    call = "" if info["default_call_exact"] else f", sigmas={info['sigmas']}"
+    call = "" if info.get("default_call_exact", True) else f", sigmas={info['sigmas']}"
     print(f"wrote {args.format} export to {args.output}; generate with "
           f"num_inference_steps={info['num_inference_steps']}, guidance_scale=1.0{call} (see {EXPORT_INFO})")

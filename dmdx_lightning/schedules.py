@@ -47,6 +47,14 @@ class NoiseSchedule:
         """The timestep value the denoiser was trained with (e.g. ``1000 * t`` for SD3)."""
         raise NotImplementedError
 
+    def shift_time(self, u: Tensor | float) -> Tensor | float:
+        """Map evenly spaced sampler times ``u`` to this schedule's inference times.
+
+        The identity here; flow matching applies SD3's shift. Samplers and student grids call it
+        on every schedule, so no caller needs to know which schedule shifts.
+        """
+        return u
+
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """Forward process ``x_t = alpha(t) x0 + sigma(t) eps``."""
         return expand_like(self.alpha(t), x0) * x0 + expand_like(self.sigma(t), x0) * eps
@@ -119,7 +127,7 @@ class FlowMatchSchedule(NoiseSchedule):
     def model_timestep(self, t: Tensor) -> Tensor:
         return t * self.num_train_timesteps
 
-    def shift_time(self, u: Tensor) -> Tensor:
+    def shift_time(self, u: Tensor | float) -> Tensor | float:
         return self.shift * u / (1.0 + (self.shift - 1.0) * u)
 
     def __repr__(self) -> str:
@@ -213,12 +221,19 @@ def sample_t(
     return t_min + (t_max - t_min) * base
 
 
-def student_timesteps(num_steps: int, *, shift: float = 1.0, t_max: float = 1.0) -> list[float]:
+def student_timesteps(num_steps: int, *, shift: float = 1.0, t_max: float = 1.0,
+                      schedule: NoiseSchedule | None = None) -> list[float]:
     """Evenly spaced student times from ``t_max`` down (before shift), e.g. 4 steps ->
-    ``[1, 0.75, 0.5, 0.25]`` (DMD2's ``[999, 749, 499, 249]`` on a 1000-step schedule)."""
+    ``[1, 0.75, 0.5, 0.25]`` (DMD2's ``[999, 749, 499, 249]`` on a 1000-step schedule).
+
+    The grid goes through ``schedule.shift_time`` when a schedule is given, else through SD3's
+    shift ``shift u / (1 + (shift - 1) u)``.
+    """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     grid = [t_max * (1.0 - i / num_steps) for i in range(num_steps)]
+    if schedule is not None:
+        return [float(schedule.shift_time(u)) for u in grid]
     return [shift * u / (1.0 + (shift - 1.0) * u) for u in grid]
 
 
@@ -231,9 +246,8 @@ def sample_discrete(
 
 
 def euler_grid(num_steps: int, schedule: NoiseSchedule, t_max: float = 1.0) -> list[float]:
-    """Teacher sampling grid ``t_max -> 0`` with ``num_steps`` moves (shifted for flow matching)."""
+    """Teacher sampling grid ``t_max -> 0`` with ``num_steps`` moves, through ``schedule.shift_time``
+    (SD3's shift for flow matching). The times pass through float32, as the samplers' tensors do."""
     u = [t_max * (1.0 - i / num_steps) for i in range(num_steps + 1)]
-    if isinstance(schedule, FlowMatchSchedule):
-        u = [float(schedule.shift_time(torch.tensor(x))) for x in u]
-    return u
+    return [float(schedule.shift_time(torch.tensor(x))) for x in u]
 

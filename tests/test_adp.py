@@ -9,7 +9,8 @@ import torch
 
 from dmdx_lightning.callbacks.summary import arm_name
 from dmdx_lightning.discriminators.latent import LatentDiscriminator
-from dmdx_lightning.discriminators.pixel import DigitsClassifierBackbone, PixelDiscriminator
+from dmdx_lightning.discriminators.pixel import PixelDiscriminator
+from dmdx_lightning.evaluation.digits import DigitsClassifierBackbone
 from dmdx_lightning.methods.adm import ADMModule
 from dmdx_lightning.methods.adp import ADPModule
 from dmdx_lightning.teachers.digits import DIGIT_PROMPTS, DigitsTeacher

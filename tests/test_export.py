@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from dmdx_lightning.cli import main as dmdx
-from dmdx_lightning.export import EXPORT_INFO, build_module, student_flow_scheduler
+from dmdx_lightning.export import EXPORT_INFO, build_module
+from dmdx_lightning.teachers.sd3 import student_flow_scheduler
 from tests.conftest import TINY_SD3, prompt_loader
 
 PROMPTS = ["a photo of a cat", "a red bus", "a bowl of soup", "a lighthouse"]

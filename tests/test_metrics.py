@@ -8,10 +8,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from dmdx_lightning.callbacks.metrics import (CLIPEmbedder, CLIPScoreCallback, DigitsMetricsCallback,
-                                              LPIPSDiversityCallback, digits_diversity, digits_metrics,
-                                              feature_lpips, knn_precision_recall, load_clip, load_lpips,
-                                              mean_pairwise_distance, sample_images)
+from dmdx_lightning.callbacks.metrics import (CLIPEmbedder, CLIPScoreCallback, LPIPSDiversityCallback, feature_lpips,
+                                              knn_precision_recall, load_clip, load_lpips, mean_pairwise_distance,
+                                              sample_images)
+from dmdx_lightning.evaluation.digits import DigitsMetricsCallback, digits_diversity, digits_metrics
 from dmdx_lightning.methods.adm import ADMModule
 from dmdx_lightning.teachers.digits import DIGIT_PROMPTS, load_classifier, load_digits_data
 from tests.conftest import prompt_loader

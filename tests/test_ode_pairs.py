@@ -231,7 +231,8 @@ def corrupt_one_byte(path):
 
 
 def test_fit_stops_on_a_corrupted_shard_before_any_training_step(digits_teacher, prompt_file, tmp_path):
-    from dmdx_lightning.discriminators.pixel import DigitsClassifierBackbone, PixelDiscriminator
+    from dmdx_lightning.discriminators.pixel import PixelDiscriminator
+    from dmdx_lightning.evaluation.digits import DigitsClassifierBackbone
     from dmdx_lightning.methods.adp import ADPModule
 
     out = tmp_path / "pairs"

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from dmdx_lightning.discriminators.pixel import (IMAGENET_MEAN, IMAGENET_STD, DigitsClassifierBackbone,
-                                                 Dinov2Backbone, PixelDiscriminator, SamBackbone)
+from dmdx_lightning.discriminators.pixel import IMAGENET_MEAN, IMAGENET_STD, Dinov2Backbone, PixelDiscriminator, SamBackbone
+from dmdx_lightning.evaluation.digits import DigitsClassifierBackbone
 from dmdx_lightning.teachers.base import Conditioning
 from dmdx_lightning.teachers.digits import DIGIT_PROMPTS
 

@@ -38,7 +38,8 @@ def make_adm(**kw) -> pl.LightningModule:
 
 
 def make_adp(**kw) -> pl.LightningModule:
-    from dmdx_lightning.discriminators.pixel import DigitsClassifierBackbone, PixelDiscriminator
+    from dmdx_lightning.discriminators.pixel import PixelDiscriminator
+    from dmdx_lightning.evaluation.digits import DigitsClassifierBackbone
     from dmdx_lightning.methods.adp import ADPModule
 
     return ADPModule(DigitsTeacher(), LatentDiscriminator(layers=[1, -1], head_channels=16),

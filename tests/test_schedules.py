@@ -362,6 +362,20 @@ def test_student_timesteps():
         student_timesteps(0)
 
 
+def test_student_timesteps_through_the_schedule_equal_the_shift_formula():
+    # the modules pass their teacher's schedule: bitwise the times of the old `shift=` call
+    assert student_timesteps(4, schedule=FlowMatchSchedule(shift=3.0)) == student_timesteps(4, shift=3.0)
+    assert student_timesteps(3, schedule=FlowMatchSchedule()) == student_timesteps(3)
+    assert student_timesteps(4, schedule=VPSchedule()) == student_timesteps(4)  # VP does not shift
+
+
+def test_shift_time_is_the_identity_except_for_flow_matching():
+    u = torch.linspace(0, 1, 5)
+    assert torch.equal(VPSchedule().shift_time(u), u)
+    assert torch.equal(FlowMatchSchedule().shift_time(u), u)
+    assert FlowMatchSchedule(shift=3.0).shift_time(0.5) == pytest.approx(0.75)
+
+
 def test_sample_discrete_picks_from_the_given_times():
     times = [1.0, 0.75, 0.5, 0.25]
     idx, t = sample_discrete(times, 64, generator=torch.Generator().manual_seed(0))

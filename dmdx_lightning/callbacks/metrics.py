@@ -1,11 +1,7 @@
 """Validation metrics. Methods never import scoring networks: callbacks own them.
 
-Pure functions (tested against hand-computed values):
-
-- :func:`digits_metrics`: Frechet distance on the frozen digits classifier's features against
-  the real digits (torchmetrics' FID machinery with a custom feature extractor), k-NN precision
-  and recall (Kynkaanniemi et al. 2019) on the same features, class accuracy and coverage.
-- :func:`knn_precision_recall`, :func:`feature_lpips`, :func:`mean_pairwise_distance`.
+Pure functions (tested against hand-computed values): :func:`knn_precision_recall` (Kynkaanniemi
+et al. 2019), :func:`feature_lpips`, :func:`mean_pairwise_distance`.
 
 Callbacks, all computed at the end of a validation epoch on fixed prompts and seeds and logged
 under ``val/...``:
@@ -14,8 +10,10 @@ under ``val/...``:
   version; hub id or local folder).
 - :class:`LPIPSDiversityCallback`: per prompt, ``K`` samples from ``K`` seeds, mean pairwise LPIPS
   (the paper's Table 6 diversity).
-- :class:`DigitsMetricsCallback`: :func:`digits_metrics` + within-prompt diversity for the
-  built-in digits teacher.
+
+Nothing here knows a teacher family: metrics of one family (the digits teacher's
+``DigitsMetricsCallback``) live next to it, in :mod:`dmdx_lightning.evaluation`, built on
+:class:`ValidationMetric`.
 
 Why the validation loop (and not a step cadence of their own): Lightning then decides when
 (``val_check_interval``, ``check_val_every_n_epoch``), ``dmdx validate --ckpt_path`` scores a
@@ -39,25 +37,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from dmdx_lightning.callbacks.samples import fixed_noise
-from dmdx_lightning.teachers.digits import (DIGIT_PROMPTS, NUM_CLASSES, DigitsClassifier, load_classifier,
-                                            load_digits_data)
 
 
 # ============================================================================ pure functions
-class _ClassifierFeatures(nn.Module):
-    """torchmetrics hands custom extractors images in ``[0, 1]``; the classifier wants ``[-1, 1]``."""
-
-    def __init__(self, classifier: DigitsClassifier) -> None:
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.classifier.features(images * 2.0 - 1.0)
-
-
 def knn_precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) on feature vectors.
 
@@ -103,44 +87,6 @@ def mean_pairwise_distance(samples: Tensor, distance: Callable[[Tensor, Tensor],
     for chunk in pairs.split(batch_size):
         total += float(distance(samples[chunk[:, 0]], samples[chunk[:, 1]]).sum())
     return total / len(pairs)
-
-
-def classifier_lpips(classifier: DigitsClassifier) -> Callable[[Tensor, Tensor], Tensor]:
-    """:func:`feature_lpips` on the digits classifier's three stages (8x8, 4x4, 2x2 maps)."""
-    return lambda x, y: feature_lpips(classifier.hidden_states(x), classifier.hidden_states(y))
-
-
-@torch.no_grad()
-def digits_metrics(samples: Tensor, labels: Tensor, classifier: DigitsClassifier, k: int = 3) -> dict[str, float]:
-    """Scores of digit samples in ``[-1, 1]`` against scikit-learn's 1797 real digits.
-
-    ``fd`` (Frechet distance on classifier features, lower is better), ``precision`` / ``recall``
-    (:func:`knn_precision_recall` on the same features), ``class_accuracy`` (share classified as
-    the prompted digit), ``class_coverage`` (share of digits whose prompt produced at least one
-    correct sample).
-    """
-    samples = samples.detach().float().cpu().clamp(-1, 1)
-    labels = labels.cpu()
-    classifier = classifier.cpu()
-    fd = FrechetInceptionDistance(feature=_ClassifierFeatures(classifier), normalize=True,
-                                  input_img_size=(1, 8, 8))
-    real, _ = load_digits_data("all")
-    fd.update((real + 1) / 2, real=True)
-    fd.update((samples + 1) / 2, real=False)
-    precision, recall = knn_precision_recall(classifier.features(real), classifier.features(samples), k)
-    correct = classifier(samples).argmax(-1) == labels
-    covered = sum(bool(correct[labels == c].any()) for c in range(NUM_CLASSES))
-    return {"fd": float(fd.compute()), "precision": precision, "recall": recall,
-            "class_accuracy": float(correct.float().mean()), "class_coverage": covered / NUM_CLASSES}
-
-
-@torch.no_grad()
-def digits_diversity(samples: Tensor, classifier: DigitsClassifier) -> float:
-    """Within-prompt diversity: ``samples`` is ``(P, K, 1, 8, 8)`` (``K`` seeds per prompt); the
-    mean over prompts of the mean pairwise :func:`classifier_lpips`."""
-    classifier = classifier.cpu()
-    distance = classifier_lpips(classifier)
-    return sum(mean_pairwise_distance(s.float().cpu().clamp(-1, 1), distance) for s in samples) / len(samples)
 
 
 # ============================================================================ scoring networks
@@ -267,8 +213,8 @@ def sample_images(module, prompts: Sequence[str], seeds: Sequence[int], batch_si
     return torch.cat(out)
 
 
-class _ValidationMetric(pl.Callback):
-    """Shared plumbing: a fixed prompt list, rank sharding, running at validation epoch end."""
+class ValidationMetric(pl.Callback):
+    """Base of every validation-metric callback. Shared plumbing: a fixed prompt list, rank sharding, running at validation epoch end."""
 
     def __init__(self, prompts: list[str] | None, prompt_file: str | None, max_prompts: int | None,
                  seed: int, batch_size: int, run_on_sanity_check: bool) -> None:
@@ -306,7 +252,7 @@ class _ValidationMetric(pl.Callback):
         raise NotImplementedError
 
 
-class CLIPScoreCallback(_ValidationMetric):
+class CLIPScoreCallback(ValidationMetric):
     """torchmetrics ``CLIPScore`` of the student's samples against their prompts (``val/clip_score``).
 
     One sample per prompt (seed ``seed + prompt index``). The CLIP model loads on first use through
@@ -353,7 +299,7 @@ class CLIPScoreCallback(_ValidationMetric):
         return {"clip_score": float(value)}
 
 
-class LPIPSDiversityCallback(_ValidationMetric):
+class LPIPSDiversityCallback(ValidationMetric):
     """Within-prompt diversity (paper Table 6): for each prompt, ``samples_per_prompt`` samples
     from as many seeds, mean pairwise LPIPS; averaged over prompts (``val/lpips_diversity``).
 
@@ -408,52 +354,3 @@ class LPIPSDiversityCallback(_ValidationMetric):
             images = _as_rgb(sample_images(module, [prompt] * k, seeds, self.batch_size))
             mean.update(torch.tensor(mean_pairwise_distance(images, distance, self.batch_size), device=module.device))
         return {"lpips_diversity": float(mean.compute())}  # weighted mean over all ranks' prompts
-
-
-class DigitsMetricsCallback(_ValidationMetric):
-    """:func:`digits_metrics` and :func:`digits_diversity` of the student, for the digits teacher.
-
-    Logs ``val/fd``, ``val/precision``, ``val/recall``, ``val/class_accuracy``,
-    ``val/class_coverage`` and ``val/diversity`` (LPIPS-style distance on the classifier's maps,
-    :func:`classifier_lpips`; pixel LPIPS networks cannot read 8x8 images). The digits are cheap,
-    so every rank scores all samples (identical on every rank) instead of sharding.
-
-    Args:
-        samples_per_digit: samples per digit prompt for FD / precision / recall / accuracy
-            (180 gives about as many samples as the 1797 real digits).
-        diversity_samples: seeds per digit for diversity (0 skips it).
-        k: neighbourhood size of precision / recall.
-        classifier: weights of the evaluation classifier (default: the packaged one).
-        seed, batch_size, run_on_sanity_check: as in :class:`CLIPScoreCallback`.
-    """
-
-    def __init__(self, samples_per_digit: int = 180, diversity_samples: int = 8, k: int = 3,
-                 classifier: str | None = None, seed: int = 0, batch_size: int = 512,
-                 run_on_sanity_check: bool = False) -> None:
-        super().__init__(list(DIGIT_PROMPTS), None, None, seed, batch_size, run_on_sanity_check)
-        self.samples_per_digit, self.diversity_samples, self.k = samples_per_digit, diversity_samples, k
-        self.classifier_path = classifier
-        self.classifier = None
-
-    def _shard(self, trainer, items):
-        return list(items)
-
-    def compute(self, trainer, module) -> dict[str, float]:
-        if getattr(module.teacher, "family", None) != "digits":
-            raise TypeError(f"DigitsMetricsCallback scores the digits teacher only, this run's teacher is "
-                            f"{type(module.teacher).__name__}; use CLIPScoreCallback / LPIPSDiversityCallback")
-        if self.classifier is None:
-            self.classifier = load_classifier(self.classifier_path)
-        n = self.samples_per_digit
-        prompts = [p for p in self.prompts for _ in range(n)]
-        seeds = [self.seed + i for i in range(len(prompts))]
-        images = sample_images(module, prompts, seeds, self.batch_size)
-        labels = torch.arange(NUM_CLASSES).repeat_interleave(n)
-        values = digits_metrics(images, labels, self.classifier, self.k)
-        if self.diversity_samples:
-            k = self.diversity_samples
-            prompts = [p for p in self.prompts for _ in range(k)]
-            seeds = [self.seed + len(seeds) + i for i in range(len(prompts))]
-            images = sample_images(module, prompts, seeds, self.batch_size)
-            values["diversity"] = digits_diversity(images.view(NUM_CLASSES, k, *images.shape[1:]), self.classifier)
-        return values

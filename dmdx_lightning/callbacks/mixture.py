@@ -1,6 +1,6 @@
 """End-of-fit report for the Gaussian-mixture teacher: exact coverage, precision and TV per arm.
 
-One row per run merged into a JSON file (like :class:`~dmdx_lightning.callbacks.summary.DigitsSummary`),
+One row per run merged into a JSON file (like :class:`~dmdx_lightning.evaluation.digits.DigitsSummary`),
 and the same numbers logged as ``mixture/*`` so TensorBoard shows them next to the losses.
 """
 

@@ -30,12 +30,12 @@ class SampleGrid(pl.Callback):
     ``<log_dir>/samples/``. The teacher's grid (``samples/teacher``) is drawn once.
 
     Args:
-        prompts: the grid's rows (default: the teacher's own example prompts, if it has them).
+        prompts: the grid's rows (default: the teacher's ``example_prompts``).
         samples_per_prompt: columns; seeds are ``seed, seed + 1, ...`` per column.
         seed: first noise seed.
         every_n_steps: cadence in Lightning ``global_step`` units (optimizer steps); 0 = only at fit end.
         teacher_steps, teacher_cfg_scale: the teacher's own sampler for its reference grid
-            (default: the teacher's ``sample_steps`` / ``cfg_scale`` attributes).
+            (default: the teacher's ``sample_steps`` / ``cfg_scale``).
         log_teacher: draw the teacher grid once.
     """
 
@@ -53,9 +53,7 @@ class SampleGrid(pl.Callback):
 
     def _inputs(self, module):
         teacher = module.teacher
-        prompts = self.prompts or list(getattr(teacher, "example_prompts", ()))
-        if not prompts:
-            raise ValueError("SampleGrid needs `prompts` (this teacher has no example_prompts)")
+        prompts = self.prompts or list(teacher.example_prompts)
         rows = [p for p in prompts for _ in range(self.samples_per_prompt)]
         seeds = [self.seed + j for _ in prompts for j in range(self.samples_per_prompt)]
         cond = teacher.encode_prompts(rows)
@@ -72,8 +70,8 @@ class SampleGrid(pl.Callback):
             student = teacher.decode(module.sample(cond, noise, generator=torch.Generator(module.device).manual_seed(self.seed)))
             self._emit(trainer, "student", to_grid(student, self.samples_per_prompt))
             if self.log_teacher and not self._teacher_done:
-                steps = self.teacher_steps or getattr(teacher, "sample_steps", 25)
-                cfg = self.teacher_cfg_scale or getattr(teacher, "cfg_scale", 1.0)
+                steps = self.teacher_steps or teacher.sample_steps
+                cfg = self.teacher_cfg_scale or teacher.cfg_scale
                 images = teacher.decode(teacher.sample_ode(noise, cond, steps, cfg))
                 self._emit(trainer, "teacher", to_grid(images, self.samples_per_prompt))
                 self._teacher_done = True

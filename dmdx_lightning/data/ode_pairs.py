@@ -190,7 +190,7 @@ def verify_pairs(directory: str | Path, *, teacher=None, checksums: bool = True)
         if manifest["latent_shape"] != shape:
             raise PairDataError(f"{where} holds latents of shape {manifest['latent_shape']}, but this run's "
                                 f"teacher makes {shape}")
-        ident = teacher_identity(teacher)
+        ident = teacher.identity()
         if manifest.get("teacher_id") != ident:
             rank_zero_warn(f"{where} was made by teacher {manifest.get('teacher_id')!r}; this run uses {ident!r} "
                            "(same family and latent shape, so training goes on)")
@@ -207,15 +207,6 @@ def verify_pairs(directory: str | Path, *, teacher=None, checksums: bool = True)
                     f"{entry['sha256'][:12]}...): the file is corrupted or truncated. Delete it and rerun the "
                     "pair generation, which rebuilds only the missing shards")
     return manifest
-
-
-def teacher_identity(teacher) -> str:
-    """The teacher's id in manifests: its hub id / weights path where it has one, else its family."""
-    for attr in ("pretrained_model_name_or_path", "model_id", "pretrained", "weights"):
-        value = getattr(teacher, attr, None)
-        if isinstance(value, (str, os.PathLike)):
-            return str(value)
-    return teacher.family
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,7 +371,7 @@ class ODEPairDataModule(ResumableTrainData, pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         module = self.trainer.lightning_module if self.trainer is not None else None
-        teacher = getattr(module, "teacher", None)
+        teacher = module.teacher if module is not None else None  # every distillation module has one
         self.manifest = verify_pairs(self.path, teacher=teacher, checksums=self.verify_checksums)
         self.dataset = ODEPairDataset(self.path, self.manifest)
 

@@ -8,7 +8,8 @@ layers; the logit is the mean over heads. Backbones, each resizing and normalisi
 
 - :class:`SamBackbone`: SAM's ViT image encoder (transformers ``SamVisionModel``), the paper's choice;
 - :class:`Dinov2Backbone`: DINOv2 (transformers ``Dinov2Model``), the paper's ablation;
-- :class:`DigitsClassifierBackbone`: the built-in digits classifier (quickstart, CPU).
+- :class:`~dmdx_lightning.evaluation.digits.DigitsClassifierBackbone`: the built-in digits
+  classifier (quickstart, CPU; it lives with the digits teacher's evaluation code).
 
 Heads are conditioned on the prompt (pooled vector) and on ``t = 0`` (clean images), so the
 same :class:`Head2D` serves both discriminators.
@@ -145,37 +146,11 @@ class Dinov2Backbone(PixelBackbone):
         return maps
 
 
-class DigitsClassifierBackbone(PixelBackbone):
-    """The frozen digits classifier (stands in for SAM on the built-in digits teacher).
-
-    Args:
-        weights: classifier safetensors (default: the packaged one).
-    """
-
-    def __init__(self, weights: str | None = None) -> None:
-        super().__init__()
-        from dmdx_lightning.teachers.digits import load_classifier
-
-        self.net = load_classifier(weights)
-        self.freeze()
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        x = images.float()
-        if x.shape[1] == 3:
-            x = x.mean(dim=1, keepdim=True)
-        if x.shape[-2:] != (8, 8):
-            x = F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False, antialias=True)
-        return x  # the classifier was trained on [-1, 1] digits
-
-    def hidden_maps(self, inputs: Tensor) -> list[Tensor]:
-        return self.net.hidden_states(inputs)
-
-
 class PixelDiscriminator(nn.Module):
     """``D_tau2``: decode -> frozen backbone -> trainable heads on ``layers``; mean logit over heads.
 
     Args:
-        backbone: a :class:`PixelBackbone` (SAM, DINOv2 or the digits classifier).
+        backbone: a :class:`PixelBackbone` (SAM, DINOv2, or a family's own, e.g. the digits classifier).
         layers: backbone layers that feed heads (negative counts from the end); the paper hooks
             several evenly spaced encoder blocks.
         head_channels: hidden width of every head.

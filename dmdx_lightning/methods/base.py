@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from dmdx_lightning.ema import GeneratorEMA
@@ -94,8 +95,7 @@ class DistillationModule(pl.LightningModule):
         # the frozen teacher is left out of checkpoints, so loading must accept its absence
         self.strict_loading = False
         self.teacher = teacher
-        shift = getattr(teacher.schedule, "shift", 1.0)
-        self.student_timesteps = list(student_timesteps or student_timesteps_default(student_steps, shift))
+        self.student_timesteps = list(student_timesteps or default_student_timesteps(student_steps, teacher.schedule))
         if any(not 0.0 < t <= 1.0 for t in self.student_timesteps) or \
                 sorted(self.student_timesteps, reverse=True) != self.student_timesteps:
             raise ValueError(f"student_timesteps must be decreasing values in (0, 1], got {self.student_timesteps}")
@@ -242,6 +242,7 @@ class DistillationModule(pl.LightningModule):
         checkpoint["dmdx"] = {
             "teacher_family": self.teacher.family,
             "teacher_mode": self.teacher.mode,
+            "teacher_id": self.teacher.identity(),
             # all ranks run this hook, so the per-rank states can be gathered
             "rng": capture_rng(self.all_gather if world > 1 else None, self.device),
         }
@@ -266,8 +267,9 @@ class DistillationModule(pl.LightningModule):
         restore_rng(rng, self.global_rank, self.trainer.world_size, self.device)
 
 
-def student_timesteps_default(num_steps: int, shift: float) -> list[float]:
-    return student_timesteps(num_steps, shift=shift)
+def default_student_timesteps(num_steps: int, schedule) -> list[float]:
+    """``num_steps`` evenly spaced times from 1, through the schedule's ``shift_time``."""
+    return student_timesteps(num_steps, schedule=schedule)
 
 
 def _load_checkpoint(path: str) -> dict:
@@ -287,3 +289,8 @@ def _check_family(checkpoint: dict, teacher: Teacher, where: str) -> None:
         raise ValueError(
             f"{where} was trained with teacher family {meta['teacher_family']!r} ({meta['teacher_mode']} mode), "
             f"but this run uses {teacher.family!r} ({teacher.mode} mode)")
+    # older checkpoints have no teacher_id; another id of the same family (e.g. the same weights at
+    # another path) may be intended, so it is said, not refused
+    if meta.get("teacher_id", teacher.identity()) != teacher.identity():
+        rank_zero_warn(f"{where} was trained with teacher {meta['teacher_id']!r}; this run uses "
+                       f"{teacher.identity()!r} (same family and mode, so the run goes on)")

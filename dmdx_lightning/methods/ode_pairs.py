@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from dmdx_lightning.data.ode_pairs import (DTYPES, FORMAT, MANIFEST, SEED_RULE, ODEPairPromptsDataModule,
                                            check_header, finished_shards, pair_noise, prompts_sha256,
-                                           read_manifest, teacher_identity, write_manifest, write_shard)
+                                           read_manifest, write_manifest, write_shard)
 from dmdx_lightning.teachers.base import Teacher
 
 
@@ -40,16 +40,16 @@ class ODEPairGenerator(pl.LightningModule):
         if storage_dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {storage_dtype!r}")
         self.teacher = teacher
-        self.num_steps = int(num_steps or getattr(teacher, "sample_steps", 0) or 0)
+        self.num_steps = int(num_steps or teacher.sample_steps)
         if self.num_steps < 1:
-            raise ValueError(f"{type(teacher).__name__} has no sample_steps: set num_steps")
-        self.cfg_scale = float(cfg_scale if cfg_scale is not None else getattr(teacher, "cfg_scale", 1.0))
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        self.cfg_scale = float(cfg_scale if cfg_scale is not None else teacher.cfg_scale)
         self.seed, self.storage_dtype = seed, storage_dtype
 
     def header(self, data: ODEPairPromptsDataModule) -> dict[str, Any]:
         """The manifest header: everything that decides the bytes of a pair."""
         return {
-            "format": FORMAT, "teacher_family": self.teacher.family, "teacher_id": teacher_identity(self.teacher),
+            "format": FORMAT, "teacher_family": self.teacher.family, "teacher_id": self.teacher.identity(),
             "latent_shape": list(self.teacher.latent_shape(1)[1:]), "dtype": self.storage_dtype,
             "sampler": "pf_ode_euler (DDIM move on the teacher's euler_grid)", "num_steps": self.num_steps,
             "cfg_scale": self.cfg_scale, "seed_rule": SEED_RULE, "seed": self.seed,

@@ -10,22 +10,40 @@ generator ``G_theta`` are three roles on one architecture.
 
 The discriminator backbone is the real score's network (frozen), never another copy.
 
-A family subclass (one file per family in ``teachers/``) overrides only what differs:
-:meth:`encode_prompts`, :meth:`model_output`, :meth:`feature_blocks` / :meth:`block_to_map`,
-:meth:`decode` / :meth:`encode`, :meth:`latent_shape`. Prediction conversion, CFG, the ODE step,
-samplers and role switching are written once here.
+The contract (one file per family in ``teachers/``; checked for every family by
+``tests/test_teacher_conformance.py``). Prediction conversion, CFG, the ODE step, samplers and
+role switching are written once here; a family provides:
+
+MUST
+    - class attributes ``family`` (short name, stored in checkpoints and manifests),
+      ``prediction_type`` (``flow | v | eps | x0``);
+    - in ``__init__``: ``self.schedule`` (a :class:`~dmdx_lightning.schedules.NoiseSchedule`),
+      ``self.sample_steps`` (the teacher sampler's default steps), ``self.cfg_scale`` (its default
+      guidance scale), ``self.example_prompts`` (non-empty), then ``self.setup_roles(denoiser)``,
+      which checks all of these;
+    - :meth:`encode_prompts`, :meth:`model_output`, :meth:`feature_blocks`, :meth:`latent_shape`,
+      :meth:`decode`.
+
+MAY
+    - :meth:`block_to_map` (blocks that do not return maps), :meth:`encode` (families with an
+      image encoder), :meth:`identity` (default: the family name),
+      :meth:`enable_gradient_checkpointing`, ``default_lora_targets`` (for ``mode="lora"``),
+      ``stop_forward_early``;
+    - the diffusers export: ``export_formats`` and :meth:`export_pipeline` / :meth:`export_lora`
+      (default: a ``NotImplementedError`` naming the family).
 """
 
 from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Iterator, Literal, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from dmdx_lightning.schedules import NoiseSchedule, euler_grid
+from dmdx_lightning.schedules import PREDICTION_TYPES, NoiseSchedule, euler_grid
 
 Role = Literal["real", "fake", "student"]
 ROLES: tuple[str, ...] = ("real", "fake", "student")
@@ -86,15 +104,32 @@ class Teacher(nn.Module):
         gradient_checkpointing: trade compute for memory in the trainable roles.
     """
 
+    # ---- MUST: class attributes
     #: one of ``flow | v | eps | x0`` (see :mod:`dmdx_lightning.schedules`)
     prediction_type: str = "flow"
-    #: short family name stored in checkpoints, to refuse a checkpoint of another family
+    #: short family name stored in checkpoints and ODE-pair manifests, to refuse a checkpoint or a
+    #: pair set of another family
     family: str = "base"
+
+    # ---- MUST: set in the family's ``__init__`` before ``setup_roles`` (which checks them)
+    #: the noise schedule the network was trained with
     schedule: NoiseSchedule
+    #: steps of the teacher's own PF-ODE sampler (ODE pairs, reference sample grids, evaluation)
+    sample_steps: int
+    #: the teacher's default classifier-free guidance scale (1.0: no guidance)
+    cfg_scale: float
+    #: a few prompts this teacher understands (sample grids; the conformance suite)
+    example_prompts: tuple[str, ...]
+
+    # ---- MAY
+    #: module names the LoRA adapters wrap by default (``mode="lora"`` needs them or
+    #: ``lora_target_modules``)
     default_lora_targets: tuple[str, ...] = ()
     #: feature_maps skips the blocks after the deepest one needed; a family turns this off where an
     #: aborted forward breaks a wrapper's state (e.g. FSDP units that never reshard)
     stop_forward_early: bool = True
+    #: the ``dmdx export --format`` values this family implements (``"pipeline"``, ``"lora"``)
+    export_formats: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -118,8 +153,10 @@ class Teacher(nn.Module):
     def setup_roles(self, denoiser: nn.Module) -> None:
         """Register the teacher network and create the student / fake-score roles on it.
 
-        Subclasses call this once after loading their denoiser.
+        Subclasses call this once after loading their denoiser, with the contract's MUST
+        attributes set (checked here, so a family that misses one fails when it is built).
         """
+        self.check_contract()
         denoiser.requires_grad_(False).eval()
         self.denoiser = denoiser
         self.roles = nn.ModuleDict()
@@ -148,6 +185,34 @@ class Teacher(nn.Module):
         if self.gradient_checkpointing:
             for role in TRAINABLE_ROLES:
                 self.enable_gradient_checkpointing(self.network(role))
+
+    def check_contract(self) -> None:
+        """Raise a ``TypeError`` naming what a family left out of the contract (module docstring).
+
+        The one place that asks whether an attribute exists: every caller then reads it directly.
+        """
+        value = {name: getattr(self, name, None) for name in ("schedule", "sample_steps", "cfg_scale", "example_prompts")}
+        problems = []
+        if self.family == Teacher.family:
+            problems.append("class attribute `family` (a short name, e.g. 'sd3')")
+        if self.prediction_type not in PREDICTION_TYPES:
+            problems.append(f"class attribute `prediction_type` in {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        if not isinstance(value["schedule"], NoiseSchedule):
+            problems.append(f"`schedule` (a NoiseSchedule), got {value['schedule']!r}")
+        steps = value["sample_steps"]
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            problems.append(f"`sample_steps` (an int >= 1), got {steps!r}")
+        cfg = value["cfg_scale"]
+        if not isinstance(cfg, (int, float)) or isinstance(cfg, bool):
+            problems.append(f"`cfg_scale` (a float), got {cfg!r}")
+        prompts = value["example_prompts"]
+        if not isinstance(prompts, tuple) or not prompts or not all(isinstance(p, str) for p in prompts):
+            problems.append(f"`example_prompts` (a non-empty tuple of str), got {prompts!r}")
+        if not set(self.export_formats) <= {"pipeline", "lora"}:
+            problems.append(f"`export_formats` within ('pipeline', 'lora'), got {self.export_formats!r}")
+        if problems:
+            raise TypeError(f"{type(self).__name__} does not fulfil the Teacher contract "
+                            "(dmdx_lightning.teachers.base): it must set " + "; ".join(problems))
 
     def network(self, role: str) -> nn.Module:
         """The module that computes ``role`` (in lora mode the shared base for every role)."""
@@ -201,33 +266,61 @@ class Teacher(nn.Module):
             self.denoiser.eval()  # the real score is frozen: no dropout / norm-statistics updates
         return self
 
-    # ------------------------------------------------------------------ family hooks
+    # ------------------------------------------------------------------ family hooks: MUST
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        raise NotImplementedError
+        """Prompts -> :class:`Conditioning` with ``pooled`` ``(B, P)``; ``""`` is the unconditional
+        branch of CFG (:meth:`null_conditioning`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement encode_prompts")
 
     def model_output(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """Run the family's network at schedule time ``t``; returns its raw ``prediction_type`` output."""
-        raise NotImplementedError
+        """Run the family's network ``net`` (any role's, or an exported copy) at schedule time ``t``
+        (``(B,)`` in ``[0, 1]``); returns its raw ``prediction_type`` output, shaped and typed as ``x_t``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement model_output")
 
     def feature_blocks(self, net: nn.Module) -> Sequence[nn.Module]:
         """The blocks whose outputs can feed discriminator heads (indexable by layer number)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement feature_blocks")
 
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        """Shape of a batch of latents (the samplers' noise): ``(B, C, H, W)`` or ``(B, C, F, H, W)``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement latent_shape")
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents of :meth:`latent_shape` -> images in ``[-1, 1]``, ``(B, 3 or 1, H, W)`` (video:
+        ``(B, 3, F, H, W)``); differentiable (the pixel discriminator's generator loss goes through it)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement decode")
+
+    # ------------------------------------------------------------------ family hooks: MAY
     def block_to_map(self, output, x_t: Tensor) -> Tensor:
         """Turn one block's output into a ``(B, C, H, W)`` (or ``(B, C, F, H, W)``) feature map."""
         return output
 
-    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> images in ``[-1, 1]``, ``(B, 3 or 1, H, W)``."""
-        raise NotImplementedError
-
     def encode(self, images: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Images in ``[-1, 1]`` (as :meth:`decode` returns them) -> latents of :meth:`latent_shape`."""
+        raise NotImplementedError(f"teacher family {self.family!r} ({type(self).__name__}) has no image encoder")
+
+    def identity(self) -> str:
+        """Which teacher this is, beyond its family: recorded in ODE-pair manifests and checkpoints
+        and compared when they are read (a hub id or weights path; default: the family name).
+        The same for every build of the same teacher, different between families."""
+        return self.family
+
+    def export_pipeline(self, output: Path, timesteps: Sequence[float]) -> dict[str, Any]:
+        """Write a complete diffusers pipeline folder to ``output`` whose denoiser is the student
+        (merged with its adapter in lora mode) and whose scheduler replays the student's
+        ``timesteps``; returns what the export's info file should record beyond the generic keys."""
+        raise NotImplementedError(f"teacher family {self.family!r} ({type(self).__name__}) has no diffusers "
+                                  "pipeline export")
+
+    def export_lora(self, output: Path, timesteps: Sequence[float]) -> dict[str, Any]:
+        """Write the student's adapter (lora mode) to ``output`` in the layout of the family's
+        pipeline ``load_lora_weights``, with a scheduler for ``timesteps``; returns info as
+        :meth:`export_pipeline`."""
+        raise NotImplementedError(f"teacher family {self.family!r} ({type(self).__name__}) has no diffusers "
+                                  "LoRA export")
 
     def enable_gradient_checkpointing(self, net: nn.Module) -> None:
+        """Turn on gradient checkpointing in a trainable role's ``net`` (``gradient_checkpointing``)."""
         if hasattr(net, "enable_gradient_checkpointing"):
             net.enable_gradient_checkpointing()
 

@@ -171,14 +171,14 @@ class DigitsTeacher(Teacher):
     family = "digits"
     prediction_type = "flow"
     default_lora_targets = ("conv1", "conv2", "film")
-    example_prompts = DIGIT_PROMPTS
+    example_prompts: tuple[str, ...] = DIGIT_PROMPTS
 
     def __init__(self, weights: str | None = None, sample_steps: int = 16, cfg_scale: float = 2.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.schedule = FlowMatchSchedule(shift=1.0)
         self.weights = str(weights or DEFAULT_TEACHER)
-        self.sample_steps = sample_steps
-        self.cfg_scale = cfg_scale
+        self.sample_steps = int(sample_steps)
+        self.cfg_scale = float(cfg_scale)
         try:
             denoiser = load_network(DigitsDenoiser, self.weights)
         except (OSError, ValueError) as e:
@@ -186,6 +186,10 @@ class DigitsTeacher(Teacher):
             raise type(e)(f"DigitsTeacher `weights` (config key model.init_args.teacher.init_args.weights) = "
                           f"{self.weights!r}: {e} Leave the key out to use the packaged weights.") from e
         self.setup_roles(denoiser)
+
+    def identity(self) -> str:
+        """The weights file."""
+        return self.weights
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         labels = torch.tensor([prompt_to_label(p) for p in prompts], dtype=torch.long,

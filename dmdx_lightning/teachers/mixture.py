@@ -219,15 +219,23 @@ class MixtureTeacher(Teacher):
                  **kwargs) -> None:
         super().__init__(**kwargs)
         self.schedule = FlowMatchSchedule(shift=1.0)
-        self.sample_steps, self.cfg_scale = sample_steps, cfg_scale
+        self.sample_steps, self.cfg_scale = int(sample_steps), float(cfg_scale)
         mixture = GaussianMixture(shape, num_classes, modes_per_class, std, weight_ratio, mixture_seed)
         self.example_prompts = tuple(class_prompt(k) for k in range(num_classes))
+        # the exact real score depends on the mixture only (every role's trainable part starts at zero)
+        self._identity = (f"mixture(shape={'x'.join(map(str, mixture.shape))}, classes={num_classes}, "
+                          f"modes={modes_per_class}, std={float(std)}, weight_ratio={float(weight_ratio)}, "
+                          f"seed={mixture_seed})")
         # the trunk's random init is part of the teacher: every run of this config sees the same roles
         with torch.random.fork_rng():
             torch.manual_seed(mixture_seed)
             denoiser = MixtureDenoiser(mixture, channels, num_blocks, num_train_timesteps=self.schedule.num_train_timesteps,
                                        offset_gain=offset_gain)
         self.setup_roles(denoiser)
+
+    def identity(self) -> str:
+        """The mixture's parameters (two mixtures of other seeds or sizes are other teachers)."""
+        return self._identity
 
     @property
     def mixture(self) -> GaussianMixture:
@@ -252,7 +260,8 @@ class MixtureTeacher(Teacher):
         return (latents[:, :1] / 3.0).clamp(-1, 1)
 
     def encode(self, images: Tensor) -> Tensor:
-        raise NotImplementedError("the mixture teacher has no image space: its samples are latents")
+        raise NotImplementedError("teacher family 'mixture' (MixtureTeacher) has no image encoder: "
+                                  "it has no image space, its samples are latents")
 
 
 # -------------------------------------------------------------------------------- exact metrics

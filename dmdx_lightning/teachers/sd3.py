@@ -12,7 +12,10 @@ CLIP text encoders, T5, their tokenizers, ``scheduler/``). Only what differs fro
 - feature maps from ``transformer_blocks``: a block returns ``(encoder_hidden_states,
   hidden_states)`` (the last one ``(None, hidden_states)``); image tokens ``(B, N, C)`` are
   reshaped to ``(B, C, H/p, W/p)``;
-- the VAE with its ``scaling_factor`` and ``shift_factor``.
+- the VAE with its ``scaling_factor`` and ``shift_factor``;
+- the diffusers export (``dmdx export``): a ``StableDiffusion3Pipeline`` folder or the student's
+  LoRA for its ``load_lora_weights``, with a stochastic ``FlowMatchEulerDiscreteScheduler`` that
+  replays the student's sampler (:func:`student_flow_scheduler`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,39 @@ from dmdx_lightning.teachers.base import Conditioning, Teacher
 CONFIG_KEY = "model.init_args.teacher.init_args.pretrained_model_name_or_path"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def student_flow_scheduler(base_config: dict, timesteps: Sequence[float]):
+    """A stock ``FlowMatchEulerDiscreteScheduler`` that replays the student's sampler.
+
+    Our few-step sampler (:meth:`~dmdx_lightning.teachers.base.Teacher.sample_student`, DMD2)
+    predicts ``x0`` and re-noises it with FRESH noise to the next student time; the scheduler
+    with ``stochastic_sampling=True`` does exactly that (``x_s = (1 - s) x0 + s * noise``), drawing
+    its noise from torch's global generator. It has ``shift: 1.0`` so that the student's times,
+    passed as ``sigmas=...``, are used verbatim; when they are evenly spaced from 1 (e.g.
+    ``[1, 0.75, 0.5, 0.25]``, or one step) ``shift_terminal`` makes even the default
+    ``num_inference_steps=N`` call reproduce them.
+
+    Returns ``(scheduler, default_call_exact)``: whether ``set_timesteps(len(timesteps))``
+    alone reproduces the times (else pass ``sigmas=timesteps``).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ts = [float(t) for t in timesteps]
+    n = len(ts)
+    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    config.update(shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True, shift_terminal=None,
+                  use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+                  invert_sigmas=False)
+    evenly = n > 1 and abs(ts[0] - 1.0) < 1e-6 and all(
+        abs(t - (1.0 - i * (1.0 - ts[-1]) / (n - 1))) < 1e-6 for i, t in enumerate(ts))
+    if evenly:
+        config["shift_terminal"] = ts[-1]  # stretch diffusers' linspace(1, 1/1000) to end at ts[-1]
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    probe = FlowMatchEulerDiscreteScheduler.from_config(config)
+    probe.set_timesteps(n)
+    exact = bool(torch.allclose(probe.sigmas[:-1].double(), torch.tensor(ts, dtype=torch.float64), atol=1e-6))
+    return scheduler, exact
 
 
 def parse_dtype(value: str | torch.dtype | None, key: str) -> torch.dtype | None:
@@ -74,11 +110,12 @@ class SD3Teacher(Teacher):
 
     family = "sd3"
     prediction_type = "flow"
+    export_formats = ("pipeline", "lora")
     # attention projections of the image and the text stream: diffusers' SD3 LoRA default, so the
     # exported adapter loads with StableDiffusion3Pipeline.load_lora_weights
     default_lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
-    example_prompts = ("a photo of a cat wearing a red scarf", "an astronaut riding a horse on the moon",
+    example_prompts: tuple[str, ...] = ("a photo of a cat wearing a red scarf", "an astronaut riding a horse on the moon",
                        "a bowl of ramen, studio lighting", "a watercolor painting of a lighthouse at dawn")
 
     def __init__(
@@ -104,7 +141,7 @@ class SD3Teacher(Teacher):
         self._active_role: str | None = None  # the role of the forward in progress
         self._applied_role: str | None = None  # the adapter state the network is in (lora mode)
         self.max_sequence_length = max_sequence_length
-        self.sample_steps, self.cfg_scale = sample_steps, cfg_scale
+        self.sample_steps, self.cfg_scale = int(sample_steps), float(cfg_scale)
 
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -275,7 +312,11 @@ class SD3Teacher(Teacher):
         size = self.resolution // self.vae_scale_factor
         return (batch_size, self.denoiser.config.in_channels, size, size)
 
-    # ------------------------------------------------------------------ export (dmdx_lightning.export)
+    # ------------------------------------------------------------------ identity and export
+    def identity(self) -> str:
+        """The hub id or local folder the teacher was loaded from."""
+        return self.pretrained_model_name_or_path
+
     @property
     def pipeline_class(self):
         from diffusers import StableDiffusion3Pipeline
@@ -289,6 +330,39 @@ class SD3Teacher(Teacher):
             text_encoder=self.text_encoder, tokenizer=self.tokenizer,
             text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
             text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3)
+
+    def _student_scheduler(self, timesteps: Sequence[float]):
+        scheduler, exact = student_flow_scheduler(self.scheduler_config, timesteps)
+        ts = [float(t) for t in timesteps]
+        return scheduler, {
+            "sigmas": ts, "default_call_exact": exact,
+            "scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
+            "max_sequence_length": self.max_sequence_length, "t5_dropped": self.drop_t5}
+
+    def export_pipeline(self, output: Path, timesteps: Sequence[float]) -> dict:
+        """A ``StableDiffusion3Pipeline`` folder: the student transformer (adapter merged in lora
+        mode) in the teacher's dtype, this teacher's VAE and text encoders, and the student's
+        scheduler (:func:`student_flow_scheduler`)."""
+        from dmdx_lightning.export import merged_student
+
+        scheduler, info = self._student_scheduler(timesteps)
+        # one dtype per pipeline: the student joins the frozen components in the teacher's dtype
+        # (full mode may train fp32 master copies, see trainable_dtype)
+        student = merged_student(self).to(self.torch_dtype or torch.float32)
+        self.diffusers_pipeline(student, scheduler).save_pretrained(output, safe_serialization=True)
+        return info
+
+    def export_lora(self, output: Path, timesteps: Sequence[float]) -> dict:
+        """``pytorch_lora_weights.safetensors`` for ``StableDiffusion3Pipeline.load_lora_weights``
+        (LoRA config in the metadata) and the student's scheduler under ``scheduler/``."""
+        from dmdx_lightning.export import student_lora_state
+
+        scheduler, info = self._student_scheduler(timesteps)
+        state, meta = student_lora_state(self)
+        self.pipeline_class.save_lora_weights(output, transformer_lora_layers=state,
+                                              transformer_lora_adapter_metadata=meta, safe_serialization=True)
+        scheduler.save_pretrained(Path(output) / "scheduler")  # the student's scheduler, to swap in
+        return {**info, "lora": meta}
 
     # ------------------------------------------------------------------ VAE
     @torch.no_grad()
