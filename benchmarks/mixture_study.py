@@ -213,11 +213,17 @@ def aggregate(study: Study, tasks: list[tuple]) -> dict:
             for which in ("final", "init"):
                 rows = [r[which] for r in entry["runs"] if r[which]]
                 if rows:
-                    entry[which] = {k: mean_std(row.get(k, float("nan")) for row in rows) for k in METRICS}
+                    entry[which] = {k: _mean_std_present([row.get(k) for row in rows]) for k in METRICS}
         scored = {lr: e for lr, e in by_lr.items() if "final" in e}
         if scored:  # best learning rate: lowest mean TV (it counts dropped modes, wrong weights and blur)
             report["arms"][arm]["best_lr"] = min(scored, key=lambda lr: scored[lr]["final"]["tv"][0])
     return report
+
+
+def _mean_std_present(values: list) -> tuple[float, float]:
+    """Mean and std over the runs that report a value (e.g. the logit gap exists for ADM only)."""
+    values = [v for v in values if v is not None and v == v]
+    return mean_std(values) if values else (float("nan"), float("nan"))
 
 
 def fmt(ms: tuple[float, float], digits: int = 3) -> str:
