@@ -103,7 +103,43 @@ def main(args: list[str] | None = None) -> None:
         return
     # from the command line LightningCLI reads sys.argv itself: passing args too would warn
     # ("args parameter is intended to run from within Python") on every call
-    DMDXCLI(args=args)
+    try:
+        DMDXCLI(args=args)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = config_error(e)
+        if reason is None or os.environ.get("DMDX_DEBUG"):
+            raise
+        print(f"dmdx: error: {reason}\n(set DMDX_DEBUG=1 for the full traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+#: words our own errors use when a config value is at fault (they name the key to change)
+_CONFIG_KEY_MARKS = ("model.init_args.", "data.init_args.", "trainer.", "config key")
+
+
+def config_error(error: BaseException) -> str | None:
+    """The one paragraph a user needs when a config value is at fault, else ``None``.
+
+    Building a model behind jsonargparse's union types buries our message (which names the config
+    key, the value and the fix) under several tracebacks and a dump of the parsed namespace. This
+    walks the exception chain and the "Errors:" list jsonargparse formats, and returns the first
+    line of ours that names a config key; anything else is a bug to show in full.
+    """
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for e in chain:  # an error of ours, whole (its message may go on with the fix on a second line)
+        text = str(e)
+        if any(mark in text for mark in _CONFIG_KEY_MARKS) and "Does not validate against" not in text:
+            return text.strip()
+    for e in chain:  # else the line of jsonargparse's "Errors:" list that names a key
+        for line in str(e).splitlines():
+            line = line.strip().removeprefix("- ").strip()
+            if any(mark in line for mark in _CONFIG_KEY_MARKS) and not line.startswith("Given value"):
+                return line
+    return None
 
 
 if __name__ == "__main__":

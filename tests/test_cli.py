@@ -36,3 +36,26 @@ def test_test_verb_is_refused_and_export_still_dispatches():
     assert out.returncode != 0 and "invalid choice: 'test'" in out.stderr
     out = dmdx("export", "--help")
     assert out.returncode == 0 and "--ckpt_path" in out.stdout and "--format" in out.stdout
+
+
+def test_missing_model_is_one_short_paragraph_naming_the_key(tmp_path):
+    """SD3 weights missing offline: one paragraph (key, value, fix), not tracebacks (issue 13 item 3)."""
+    r = dmdx("fit", "--config", "configs/adm_sd3.yaml", "--trainer.default_root_dir", str(tmp_path / "run"))
+    assert r.returncode == 2
+    out = r.stdout + r.stderr
+    assert len(out.splitlines()) < 30, out
+    assert "Traceback" not in out
+    assert "model.init_args.teacher.init_args.pretrained_model_name_or_path" in out and "hf download" in out
+
+
+def test_config_error_keeps_bugs_in_full():
+    from dmdx_lightning.cli import config_error
+
+    assert config_error(ValueError("shapes (2, 3) and (4,) do not match")) is None  # a bug: full traceback
+    try:
+        try:
+            raise FileNotFoundError("weights x.safetensors missing (config key model.init_args.teacher.init_args.weights)")
+        except FileNotFoundError as inner:
+            raise ValueError("Does not validate against any of the Union subtypes\nErrors:\n  - boom") from inner
+    except ValueError as outer:
+        assert config_error(outer).startswith("weights x.safetensors missing")
