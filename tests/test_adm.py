@@ -127,7 +127,7 @@ def test_paired_adm_generator_gradient_ignores_a_content_only_discriminator(digi
     for pairing in ("independent", "paired"):
         m = make_module(digits_teacher, adm_pairing=pairing, dt=1e-6, log_dmd_diagnostic=False)
         # the moves differ by O(dt): a discriminator of the sample's content sees them as equal
-        m.discriminator.forward = lambda teacher, x, t, c: x.flatten(1).pow(2).sum(1)
+        m.discriminator.forward = lambda teacher, x, t, c, *start: x.flatten(1).pow(2).sum(1)
         torch.manual_seed(0)
         m.teacher.zero_grad()
         m.players["generator"].step({}, cond, m.prepare({}, cond, ["generator"]))["loss"].backward()
@@ -139,7 +139,7 @@ def test_paired_adm_generator_gradient_ignores_a_content_only_discriminator(digi
 @pytest.mark.parametrize("pairing", ["independent", "paired"])
 def test_adm_discriminator_loss_follows_pairing(digits_teacher, pairing):
     m = make_module(digits_teacher, adm_pairing=pairing)
-    m.discriminator.forward = lambda teacher, x, t, c: torch.full((x.shape[0],), 3.0)
+    m.discriminator.forward = lambda teacher, x, t, c, *start: torch.full((x.shape[0],), 3.0)
     cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:4]))
     loss = m.players["discriminator"].step({}, cond, m.prepare({}, cond, ["discriminator"]))["loss"]
     # equal logits 3: unpaired hinge relu(1 - 3) + relu(1 + 3) = 4; paired relu(1 - 0) = 1

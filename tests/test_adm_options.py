@@ -112,3 +112,23 @@ def test_regression_anchor_samples_the_pair_noise_and_adds_its_loss(digits_teach
     assert "x0_pair" not in m.prepare(batch, cond, ["fake_score"])  # only the generator needs it
     with pytest.raises(KeyError, match="ODEPairDataModule"):
         m.prepare({"prompt": prompts}, cond, ["generator"])
+
+
+def test_transition_discriminator_scores_the_move_not_its_start(digits_teacher):
+    disc = LatentDiscriminator(layers=[1, -1], head_channels=32, transition=True).build(digits_teacher)
+    cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:3]))
+    t = torch.full((3,), 0.5)
+    a, b = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    # a move of length zero says nothing, wherever it starts
+    assert torch.allclose(disc(digits_teacher, a, t, cond, a, t), disc(digits_teacher, b, t, cond, b, t), atol=1e-5)
+    assert not torch.allclose(disc(digits_teacher, a, t, cond, b, t), disc(digits_teacher, b, t, cond, b, t))
+    with pytest.raises(ValueError, match="transition"):
+        disc(digits_teacher, a, t, cond)
+    m = ADMModule(digits_teacher, LatentDiscriminator(layers=[1, -1], head_channels=32, transition=True),
+                  generator_optimizer=OPT, fake_score_optimizer=OPT, discriminator_optimizer=OPT, r1_gamma=1.0)
+    ctx = m.prepare({"prompt": list(DIGIT_PROMPTS[:3])}, cond, ["generator"])
+    out = m.players["generator"].step({}, cond, ctx)
+    out["loss"].backward()
+    assert any(p.grad is not None for p in digits_teacher.trainable_parameters("student"))
+    d = m.players["discriminator"].step({}, cond, {"x0_hat": ctx["x0_hat"].detach()})
+    assert torch.isfinite(d["loss"]) and d["r1"] >= 0

@@ -25,10 +25,14 @@ class LatentDiscriminator(nn.Module):
         head_channels: hidden width of every head.
         num_down: stride-2 stages of a head on large maps.
         backbone_role: ``"real"`` (ADM, ADP) or ``"fake"`` (DMD2's head on the fake score).
+        transition: score a MOVE ``x_t -> x`` instead of its end ``x`` (ADM issue, hypothesis 5):
+            the heads read ``features(x, s) - features(x_t, t)``, so what the backbone says about
+            the shared start ``x_t`` cancels and the verdict is about the move alone. ADM passes the
+            start; other callers must not use it.
     """
 
     def __init__(self, layers: Sequence[int] = (-1,), head_channels: int = 256, num_down: int = 3,
-                 backbone_role: str = "real") -> None:
+                 backbone_role: str = "real", transition: bool = False) -> None:
         super().__init__()
         if backbone_role not in ("real", "fake"):
             raise ValueError(f"backbone_role must be 'real' or 'fake', got {backbone_role!r}")
@@ -36,6 +40,7 @@ class LatentDiscriminator(nn.Module):
         self.head_channels = head_channels
         self.num_down = num_down
         self.backbone_role = backbone_role
+        self.transition = transition
         self.heads = nn.ModuleList()
 
     @torch.no_grad()
@@ -50,22 +55,34 @@ class LatentDiscriminator(nn.Module):
             for m in maps)
         return self
 
-    def forward(self, teacher: Teacher, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+    def forward(self, teacher: Teacher, x: Tensor, t: Tensor, cond: Conditioning, start: Tensor | None = None,
+                t_start: Tensor | None = None) -> Tensor:
+        """Logits of ``x`` at time ``t``; a ``transition`` discriminator also needs the move's ``start``
+        (and its time ``t_start``), which any other discriminator ignores."""
         if not len(self.heads):
             raise RuntimeError("LatentDiscriminator.build(teacher) must run before the first forward")
         maps = teacher.feature_maps(self.backbone_role, x, t, cond, self.layers)
+        if self.transition:
+            if start is None or t_start is None:
+                raise ValueError("a transition discriminator scores a move: pass its start and t_start "
+                                 "(only ADM does; set discriminator.init_args.transition: false elsewhere)")
+            base = teacher.feature_maps(self.backbone_role, start, t_start, cond, self.layers)
+            maps = [m - b for m, b in zip(maps, base)]
         logits = [head(m, t, cond.pooled) for head, m in zip(self.heads, maps)]
         return torch.stack(logits).mean(0)
 
     def pair(self, teacher: Teacher, x_real: Tensor, t_real: Tensor, x_fake: Tensor, t_fake: Tensor,
-             cond: Conditioning) -> tuple[Tensor, Tensor]:
+             cond: Conditioning, start: Tensor | None = None, t_start: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(D(x_real, t_real), D(x_fake, t_fake))`` for one prompt batch, in ONE backbone pass.
 
         The halves are concatenated along the batch and split after the heads: the backbone and
         the heads act on each sample alone, so the logits are those of two separate calls (up to
         floating-point summation order), at half the passes.
         """
-        logits = self(teacher, torch.cat([x_real, x_fake]), torch.cat([t_real, t_fake]), Conditioning.cat([cond, cond]))
+        both = None if start is None else torch.cat([start, start])
+        t_both = None if t_start is None else torch.cat([t_start, t_start])
+        logits = self(teacher, torch.cat([x_real, x_fake]), torch.cat([t_real, t_fake]), Conditioning.cat([cond, cond]),
+                      both, t_both)
         logits_real, logits_fake = logits.chunk(2)
         return logits_real, logits_fake
 

@@ -252,10 +252,10 @@ class ADMModule(DistillationModule):
         if self.adm_pairing == "paired":
             # the frozen real score passes the gradient on to x_t (its weights get none)
             x_real, x0_real = self._ode_step("real", x_t, t, cond, self.real_cfg_scale)
-            logits_real, logits_fake = self.discriminator.pair(self.teacher, x_real, s, x_fake, s, cond)
+            logits_real, logits_fake = self.discriminator.pair(self.teacher, x_real, s, x_fake, s, cond, x_t, t)
             adm = paired_hinge_g(logits_real, logits_fake)
         else:
-            adm = hinge_g(self.discriminator(self.teacher, x_fake, s, cond))
+            adm = hinge_g(self.discriminator(self.teacher, x_fake, s, cond, x_t, t))
         out = {"loss": adm, "adm": adm}
         if self.log_dmd_diagnostic and (x0_real is not None or self._dmd_diagnostic_due(int(self.iteration))):
             with torch.no_grad():
@@ -301,7 +301,7 @@ class ADMModule(DistillationModule):
             x_real, _ = self._ode_step("real", x_t, t, cond, self.real_cfg_scale)
             x_fake, _ = self._ode_step("fake", x_t, t, cond, 1.0)
         s = self._end_time(t)
-        logits_real, logits_fake, r1, r2 = self._logits_and_penalties(x_real, x_fake, s, cond)
+        logits_real, logits_fake, r1, r2 = self._logits_and_penalties(x_real, x_fake, s, cond, x_t, t)
         pair_loss = paired_hinge_d if self.adm_pairing == "paired" else hinge_d
         hinge = pair_loss(logits_real, logits_fake)
         out = {"loss": hinge, "hinge": hinge, "logit_gap": (logits_real - logits_fake).mean().detach()}
@@ -323,7 +323,8 @@ class ADMModule(DistillationModule):
         gan = nonsaturating_d(*self.discriminator.pair(self.teacher, x_real, t_r, x_fake, t_f, cond))
         return {"loss": self.gan_discriminator_weight * gan, "gan": gan}
 
-    def _logits_and_penalties(self, x_real: Tensor, x_fake: Tensor, s: Tensor, cond: Conditioning
+    def _logits_and_penalties(self, x_real: Tensor, x_fake: Tensor, s: Tensor, cond: Conditioning,
+                              x_t: Tensor | None = None, t: Tensor | None = None
                               ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """Logits of both moves in one backbone pass and, where ``r1_gamma`` / ``r2_gamma`` > 0,
         ``E||grad_x D(x)||^2`` of each (R1 on the real moves, R2 on the fake ones).
@@ -334,7 +335,8 @@ class ADMModule(DistillationModule):
         """
         penalties = self.r1_gamma > 0 or self.r2_gamma > 0
         x_real, x_fake = x_real.detach().requires_grad_(penalties), x_fake.detach().requires_grad_(penalties)
-        logits_real, logits_fake = self.discriminator.pair(self.teacher, x_real, s, x_fake, s, cond)
+        # x_t: the moves' shared start, read only by a transition discriminator
+        logits_real, logits_fake = self.discriminator.pair(self.teacher, x_real, s, x_fake, s, cond, x_t, t)
         if not penalties:
             return logits_real, logits_fake, None, None
         grad_real, grad_fake = torch.autograd.grad(logits_real.sum() + logits_fake.sum(), (x_real, x_fake),
