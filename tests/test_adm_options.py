@@ -132,3 +132,15 @@ def test_transition_discriminator_scores_the_move_not_its_start(digits_teacher):
     assert any(p.grad is not None for p in digits_teacher.trainable_parameters("student"))
     d = m.players["discriminator"].step({}, cond, {"x0_hat": ctx["x0_hat"].detach()})
     assert torch.isfinite(d["loss"]) and d["r1"] >= 0
+
+
+def test_per_player_lr_warmup(digits_teacher):
+    m = adm(digits_teacher, loss="dmd", lr_warmup={"generator": 4})
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(m, prompt_loader(list(DIGIT_PROMPTS) * 4))  # 2 iterations x (generator, fake score)
+    gen, fake = trainer.optimizers
+    assert gen.param_groups[0]["lr"] == pytest.approx(1e-3 * 3 / 4)  # after 2 of its 4 warm-up steps
+    assert fake.param_groups[0]["lr"] == pytest.approx(1e-3)  # not named: full rate from the start
+    with pytest.raises(ValueError, match="lr_warmup names players"):
+        adm(digits_teacher, loss="dmd", lr_warmup={"discriminator": 10}).configure_optimizers()

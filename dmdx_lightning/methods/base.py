@@ -78,6 +78,9 @@ class DistillationModule(pl.LightningModule):
             checkpoint of an earlier stage before that stage has run.
         max_nonfinite_steps: consecutive non-finite losses tolerated (each such step is skipped
             and counted as ``train/nonfinite_skipped``) before the run stops with an error.
+        lr_warmup: linear learning-rate warm-up per player, in that player's own optimizer steps,
+            e.g. ``{generator: 500, fake_score: 100}`` (players not named start at full rate).
+            Schedulers are stepped by the player loop and saved in checkpoints.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class DistillationModule(pl.LightningModule):
         ema_decay: float | None = None,
         init_from: str | None = None,
         max_nonfinite_steps: int = 10,
+        lr_warmup: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -102,6 +106,9 @@ class DistillationModule(pl.LightningModule):
         self.generator_optimizer = generator_optimizer
         self.init_from = init_from
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.lr_warmup = dict(lr_warmup or {})
+        if any(int(n) < 0 for n in self.lr_warmup.values()):
+            raise ValueError(f"lr_warmup steps must be >= 0, got {self.lr_warmup}")
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("nonfinite_streak", torch.zeros((), dtype=torch.long))
         self.ema = GeneratorEMA(teacher.trainable_parameters("student"), ema_decay) if ema_decay else None
@@ -132,7 +139,17 @@ class DistillationModule(pl.LightningModule):
         raise NotImplementedError
 
     def configure_optimizers(self):
-        return [player.optimizer(player.parameters()) for player in self.players.values()]
+        unknown = set(self.lr_warmup) - set(self.players)
+        if unknown:
+            raise ValueError(f"model.init_args.lr_warmup names players {sorted(unknown)}; this method's players "
+                             f"are {list(self.players)}")
+        optimizers = [player.optimizer(player.parameters()) for player in self.players.values()]
+        if not self.lr_warmup:
+            return optimizers
+        # one scheduler per optimizer (same order), so the loop finds a player's by position
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, _linear_warmup(int(self.lr_warmup.get(name, 0))))
+                      for name, opt in zip(self.players, optimizers)]
+        return optimizers, schedulers
 
     # ------------------------------------------------------------------ the player loop
     def prepare(self, batch: dict, cond: Conditioning, players: Sequence[str]) -> dict[str, Any]:
@@ -146,6 +163,7 @@ class DistillationModule(pl.LightningModule):
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         by_name = dict(zip(self.players, optimizers))
+        schedulers = dict(zip(self.players, _as_list(self.lr_schedulers()))) if self.lr_warmup else {}
         for player in players:
             opt = by_name[player]
             with self.toggled_optimizer(opt):
@@ -156,6 +174,8 @@ class DistillationModule(pl.LightningModule):
                 self.manual_backward(loss)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                if player in schedulers:
+                    schedulers[player].step()
             self.log_dict({f"train/{player}/{k}": v.detach() for k, v in losses.items()},
                           prog_bar=False, batch_size=len(cond))
             if player == "generator" and self.ema is not None:
@@ -270,6 +290,15 @@ class DistillationModule(pl.LightningModule):
 def default_student_timesteps(num_steps: int, schedule) -> list[float]:
     """``num_steps`` evenly spaced times from 1, through the schedule's ``shift_time``."""
     return student_timesteps(num_steps, schedule=schedule)
+
+
+def _linear_warmup(steps: int):
+    """LambdaLR factor: ``(k + 1) / steps`` for the first ``steps`` optimizer steps, then 1."""
+    return lambda k: 1.0 if steps <= 0 else min(1.0, (k + 1) / steps)
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def _load_checkpoint(path: str) -> dict:
