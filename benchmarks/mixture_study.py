@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from threading import RLock
 
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -137,23 +138,35 @@ class Study:
         return result
 
 
+def teacher_spec(config: Path = ROOT / "configs/mixture/adm.yaml") -> dict:
+    """The mixture teacher's init args in a config (the study's reference mixture by default)."""
+    return yaml.safe_load(Path(config).read_text())["model"]["init_args"]["teacher"]["init_args"]
+
+
+class OneStepStudent(torch.nn.Module):
+    """What ``evaluate_mixture`` reads of a distillation module, for a teacher outside a run: its
+    ``teacher``, ``device`` and the one-step student sampler."""
+
+    student_timesteps = [1.0]
+
+    def __init__(self, teacher) -> None:
+        super().__init__()
+        self.teacher, self.device = teacher, torch.device("cpu")
+
+    def sample(self, cond, noise, generator=None):
+        return self.teacher.sample_student(noise, cond, self.student_timesteps, generator)
+
+
 def teacher_row(samples: int, root: Path) -> dict:
     """The teacher's own ODE sampler on the study's noise, scored once (cached under ``root``)."""
     cache = root / "teacher.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    import torch
-
     from dmdx_lightning.callbacks.mixture import evaluate_mixture
     from dmdx_lightning.teachers.mixture import MixtureTeacher
 
-    spec = yaml.safe_load((ROOT / "configs/mixture/adm.yaml").read_text())["model"]["init_args"]["teacher"]["init_args"]
     torch.set_num_threads(1)
-    teacher = MixtureTeacher(**spec)
-    holder = torch.nn.Module()  # evaluate_mixture reads .teacher / .device / .training of a module
-    holder.teacher = teacher
-    holder.device = torch.device("cpu")
-    row = evaluate_mixture(holder, samples, teacher=True)
+    row = evaluate_mixture(OneStepStudent(MixtureTeacher(**teacher_spec())), samples, teacher=True)
     root.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(row))
     return row
@@ -162,36 +175,23 @@ def teacher_row(samples: int, root: Path) -> dict:
 def rescore(root: Path, samples: int) -> None:
     """Score every finished one-step run under ``root`` again with today's metrics (its saved
     ``config.yaml`` and final student), rewriting its summary row in place."""
-    import torch
-
     from dmdx_lightning.callbacks.mixture import evaluate_mixture
     from dmdx_lightning.callbacks.summary import update_summary
     from dmdx_lightning.teachers.mixture import MixtureTeacher
 
-    class Student(torch.nn.Module):  # what evaluate_mixture reads of a distillation module
-        student_timesteps = [1.0]
-
-        def __init__(self, teacher):
-            super().__init__()
-            self.teacher, self.device = teacher, torch.device("cpu")
-
-        def sample(self, cond, noise, generator=None):
-            return self.teacher.sample_student(noise, cond, self.student_timesteps, generator)
-
     torch.set_num_threads(1)
+    prefix = "teacher.roles.student."
     for summary in sorted(root.glob("*/lr*/seed*/summary.json")):
         directory, arm = summary.parent, summary.parent.parent.parent.name
         config, ckpt = directory / "config.yaml", directory / "checkpoints/last.ckpt"
         if not (config.is_file() and ckpt.is_file()):
             continue
-        spec = yaml.safe_load(config.read_text())["model"]["init_args"]["teacher"]["init_args"]
-        teacher = MixtureTeacher(**{k: v for k, v in spec.items() if k != "mode"}, mode=spec.get("mode", "full"))
+        teacher = MixtureTeacher(**teacher_spec(config))
         state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-        prefix = "teacher.roles.student."
         teacher.roles["student"].load_state_dict(
             {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
         row = json.loads(summary.read_text())[arm]
-        new = evaluate_mixture(Student(teacher), samples)
+        new = evaluate_mixture(OneStepStudent(teacher), samples)
         update_summary(summary, arm, {**row, **new})
         print(f"rescored {directory.relative_to(root)}: modes {new['modes_covered']}, "
               f"within 2r {new['modes_covered_2r']}, TV {new['tv']:.3f}", flush=True)
@@ -275,11 +275,9 @@ def mode_picture(report: dict, study: Study, path: Path) -> None:
     """Per-mode mass of class 0 (modes sorted by true weight): true weights, then each arm's best run."""
     from PIL import Image, ImageDraw
 
-    sys.path.insert(0, str(ROOT))
-    import torch
     from dmdx_lightning.teachers.mixture import GaussianMixture
 
-    spec = yaml.safe_load((ROOT / "configs/mixture/adm.yaml").read_text())["model"]["init_args"]["teacher"]["init_args"]
+    spec = teacher_spec()
     mixture = GaussianMixture(spec["shape"], spec["num_classes"], spec["modes_per_class"], spec["std"],
                               spec["weight_ratio"], spec["mixture_seed"])
     weights = mixture.log_weights[0].exp()

@@ -572,7 +572,6 @@ MIXTURE_ARMS = ("dmd", "adm", "dmd_a1", "adm_a1", "adm_a1_low_reg", "dmd_a1_low_
 
 
 def run_mixture(args) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import mixture_study
 
     if args.quick:

@@ -6,6 +6,9 @@ and the same numbers logged as ``mixture/*`` so TensorBoard shows them next to t
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
@@ -83,24 +86,19 @@ class MixtureSummary(pl.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer, module) -> None:
-        rows = {}
         if self.score_teacher and not _has_row(self.path, "teacher"):
-            rows["teacher"] = evaluate_mixture(module, self.samples_per_class, teacher=True)
-        rows[self._arm(module)] = row = evaluate_mixture(module, self.samples_per_class)
+            update_summary(self.path, "teacher", evaluate_mixture(module, self.samples_per_class, teacher=True))
+        row = evaluate_mixture(module, self.samples_per_class)
         if self._gaps:
             row["logit_gap"] = sum(self._gaps) / len(self._gaps)
-        for name, value in rows.items():
-            update_summary(self.path, name, value)
-        for key in ("coverage", "precision", "tv"):
-            if module.logger is not None:
-                module.logger.log_metrics({f"mixture/{key}": row[key]}, step=trainer.global_step)
+        update_summary(self.path, self._arm(module), row)
+        if module.logger is not None:
+            module.logger.log_metrics({f"mixture/{k}": row[k] for k in ("coverage", "precision", "tv")},
+                                      step=trainer.global_step)
         print(f"{self._arm(module)}: modes {row['modes_covered']}/{row['modes_total']}, "
               f"precision {row['precision']:.3f}, TV {row['tv']:.3f}")
 
 
 def _has_row(path: str, name: str) -> bool:
-    import json
-    from pathlib import Path
-
     p = Path(path)
     return p.is_file() and name in json.loads(p.read_text())

@@ -66,8 +66,10 @@ class LatentDiscriminator(nn.Module):
             if start is None or t_start is None:
                 raise ValueError("a transition discriminator scores a move: pass its start and t_start "
                                  "(only ADM does; set discriminator.init_args.transition: false elsewhere)")
-            base = teacher.feature_maps(self.backbone_role, start, t_start, cond, self.layers)
-            maps = [m - b for m, b in zip(maps, base)]
+            # one pass for the start, also when x holds several moves from it (``pair``)
+            base = teacher.feature_maps(self.backbone_role, start, t_start, cond[:len(start)], self.layers)
+            repeats = x.shape[0] // start.shape[0]
+            maps = [m - b.repeat(repeats, *[1] * (b.ndim - 1)) for m, b in zip(maps, base)]
         logits = [head(m, t, cond.pooled) for head, m in zip(self.heads, maps)]
         return torch.stack(logits).mean(0)
 
@@ -77,12 +79,11 @@ class LatentDiscriminator(nn.Module):
 
         The halves are concatenated along the batch and split after the heads: the backbone and
         the heads act on each sample alone, so the logits are those of two separate calls (up to
-        floating-point summation order), at half the passes.
+        floating-point summation order), at half the passes. A transition discriminator's shared
+        start is passed once.
         """
-        both = None if start is None else torch.cat([start, start])
-        t_both = None if t_start is None else torch.cat([t_start, t_start])
         logits = self(teacher, torch.cat([x_real, x_fake]), torch.cat([t_real, t_fake]), Conditioning.cat([cond, cond]),
-                      both, t_both)
+                      start, t_start)
         logits_real, logits_fake = logits.chunk(2)
         return logits_real, logits_fake
 

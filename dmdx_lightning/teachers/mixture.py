@@ -89,26 +89,32 @@ class GaussianMixture(nn.Module):
         weights = torch.stack([ladder[torch.randperm(modes_per_class, generator=g)] for _ in range(num_classes)])
         self.register_buffer("means", means)                                           # (K, M, d)
         self.register_buffer("log_weights", (weights / weights.sum(1, keepdim=True)).log())  # (K, M)
+        # derived once (not saved): row k = log prior of all K * M modes for label k (see component_log_weights)
+        self.register_buffer("log_weight_table", self._label_table(self.log_weights), persistent=False)
 
     @property
     def dim(self) -> int:
         return self.means.shape[-1]
 
+    @staticmethod
+    def _label_table(log_weights: Tensor) -> Tensor:
+        """``(K + 1, K * M)``: a class label keeps its own ``M`` modes (``-inf`` elsewhere); the null
+        label (``K``) keeps all modes with a uniform class prior."""
+        K, M = log_weights.shape
+        own = torch.full((K, K, M), -math.inf)
+        own[torch.arange(K), torch.arange(K)] = log_weights
+        return torch.cat([own.reshape(K, K * M), (log_weights - math.log(K)).reshape(1, K * M)])
+
     def component_log_weights(self, labels: Tensor) -> Tensor:
         """Log prior weight of every one of the ``K * M`` modes per sample, ``(B, K * M)``.
 
-        A class label keeps its own ``M`` modes (``-inf`` elsewhere); the null label
-        (``num_classes``) keeps all modes with a uniform class prior. One layout for both, so a CFG
-        batch (conditional and null rows together) is one call.
+        One layout for class and null labels, so a CFG batch (conditional and null rows together)
+        is one call.
         """
-        K, M = self.log_weights.shape
-        null = (self.log_weights - math.log(K)).reshape(1, K * M)
-        own = torch.full((K + 1, K, M), -math.inf, device=labels.device)
-        own[torch.arange(K), torch.arange(K)] = self.log_weights
-        table = torch.cat([own[:K].reshape(K, K * M), null])             # (K + 1, K * M)
+        K = self.num_classes
         if labels.min() < 0 or labels.max() > K:
             raise ValueError(f"labels must be in 0..{K} ({K} = the empty prompt), got {labels.tolist()}")
-        return table[labels]
+        return self.log_weight_table[labels]
 
     def posterior_mean(self, x_t: Tensor, t: Tensor, labels: Tensor, logit_offsets: Tensor | None = None) -> Tensor:
         """``E[x_0 | x_t]`` under the (re-weighted) mixture of ``labels``; ``x_t`` is ``(B, C, H, W)``.
