@@ -144,3 +144,21 @@ def test_per_player_lr_warmup(digits_teacher):
     assert fake.param_groups[0]["lr"] == pytest.approx(1e-3)  # not named: full rate from the start
     with pytest.raises(ValueError, match="lr_warmup names players"):
         adm(digits_teacher, loss="dmd", lr_warmup={"discriminator": 10}).configure_optimizers()
+
+
+def test_first_trained_step_skips_the_early_steps_of_the_backward_simulation(digits_teacher):
+    """first_trained_step=k: the trained prediction is the student's own k-th step, after running
+    its earlier steps without gradient (the same draws as its few-step sampler)."""
+    m = adm(digits_teacher, student_steps=4, first_trained_step=3)
+    cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:3]))
+    noise = torch.randn(3, 1, 8, 8)
+    torch.manual_seed(7)
+    x0_hat = m.generate(cond, grad=False, noise=noise)
+    torch.manual_seed(7)
+    torch.randint(3, 4, ())  # the step draw (always 3 here)
+    with torch.no_grad():
+        full = digits_teacher.sample_student(noise, cond, m.student_timesteps)
+    assert torch.allclose(x0_hat, full, atol=1e-6)
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match="first_trained_step"):
+            adm(digits_teacher, student_steps=4, first_trained_step=bad)

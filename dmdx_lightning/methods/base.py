@@ -81,6 +81,11 @@ class DistillationModule(pl.LightningModule):
         lr_warmup: linear learning-rate warm-up per player, in that player's own optimizer steps,
             e.g. ``{generator: 500, fake_score: 100}`` (players not named start at full rate).
             Schedulers are stepped by the player loop and saved in checkpoints.
+        first_trained_step: multi-step students: the backward simulation trains step ``k`` drawn
+            from ``[first_trained_step, steps)`` (default 0: every step, DMD2). 1 never asks the
+            pure-noise step's prediction to look like data: a teacher-initialised student
+            predicts the conditional mean there, and training it as a sample collapses it onto one
+            mode that every later step then inherits (measured on the mixture testbed, README).
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class DistillationModule(pl.LightningModule):
         init_from: str | None = None,
         max_nonfinite_steps: int = 10,
         lr_warmup: dict[str, int] | None = None,
+        first_trained_step: int = 0,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -103,6 +109,10 @@ class DistillationModule(pl.LightningModule):
         if any(not 0.0 < t <= 1.0 for t in self.student_timesteps) or \
                 sorted(self.student_timesteps, reverse=True) != self.student_timesteps:
             raise ValueError(f"student_timesteps must be decreasing values in (0, 1], got {self.student_timesteps}")
+        if not 0 <= first_trained_step < len(self.student_timesteps):
+            raise ValueError(f"first_trained_step must be in [0, {len(self.student_timesteps)}) for "
+                             f"{len(self.student_timesteps)} student steps, got {first_trained_step}")
+        self.first_trained_step = first_trained_step
         self.generator_optimizer = generator_optimizer
         self.init_from = init_from
         self.max_nonfinite_steps = max_nonfinite_steps
@@ -209,14 +219,15 @@ class DistillationModule(pl.LightningModule):
     def generate(self, cond: Conditioning, *, grad: bool, noise: Tensor | None = None) -> Tensor:
         """A student sample ``x0_hat`` for ``cond`` (from ``noise`` when given, else fresh noise).
 
-        Multi-step students use DMD2's backward simulation: pick a step ``k`` uniformly, run the
-        student's own first ``k`` steps without gradient, then predict from ``t_k`` (with gradient
-        when ``grad``), so training sees the inputs inference will produce.
+        Multi-step students use DMD2's backward simulation: pick a step ``k`` uniformly (from
+        ``first_trained_step`` on), run the student's own first ``k`` steps without gradient, then
+        predict from ``t_k`` (with gradient when ``grad``), so training sees the inputs inference
+        will produce.
         """
         if noise is None:
             noise = torch.randn(self.teacher.latent_shape(len(cond)), device=self.device)
         ts = self.student_timesteps
-        k = int(torch.randint(len(ts), ())) if len(ts) > 1 else 0
+        k = int(torch.randint(self.first_trained_step, len(ts), ())) if len(ts) > 1 else 0
         x_t = noise
         if k > 0:
             with torch.no_grad():
