@@ -17,125 +17,40 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from threading import RLock
 
 import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, markdown_table, mean_std, write_json  # noqa: E402
+import study as runner  # noqa: E402
+from _common import RESULTS, machine, markdown_table, write_json  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = runner.ROOT
 ARMS_FILE = ROOT / "benchmarks/arms/mixture.yaml"
 METRICS = ("coverage", "modes_covered", "precision", "tv", "min_weight_covered", "modes_covered_2r", "tv_2r",
            "logit_gap")
 
 
 def load_arms(path: Path = ARMS_FILE) -> dict[str, dict]:
-    arms = yaml.safe_load(path.read_text())
-    for name, arm in arms.items():
-        unknown = set(arm) - {"title", "configs", "args", "init_from", "teacher", "lr", "updates"}
-        if unknown:
-            raise ValueError(f"{path}: arm {name!r} has unknown keys {sorted(unknown)}")
-        if arm.get("init_from") and arm["init_from"] not in arms:
-            raise ValueError(f"{path}: arm {name!r} starts from unknown arm {arm['init_from']!r}")
-    return arms
+    return runner.load_arms(path)
 
 
-def run_dir(root: Path, arm: str, lr: float, seed: int) -> Path:
-    return root / arm / f"lr{lr:g}" / f"seed{seed}"
+def summary_callback(samples: int) -> runner.SummaryCallback:
+    """:class:`~dmdx_lightning.callbacks.mixture.MixtureSummary` of each run (start and end of fit)."""
+    def callback(directory: Path, arm: str) -> dict:
+        return {"class_path": "dmdx_lightning.callbacks.mixture.MixtureSummary",
+                "init_args": {"path": str(directory / "summary.json"), "arm": arm, "samples_per_class": samples,
+                              "score_teacher": False}}  # scored once by the study (teacher_row)
+
+    return callback
 
 
-def overlay(directory: Path, arm: str, lr: float, seed: int, updates: int, samples: int,
-            init_from: Path | None) -> dict:
-    """The per-run config the study adds on top of the arm's own configs."""
-    model: dict = {"generator_optimizer": {"init_args": {"lr": lr}}}
-    if init_from is not None:
-        model["init_from"] = str(init_from)
-    return {
-        "seed_everything": seed,
-        "model": {"init_args": model},
-        "trainer": {
-            "max_steps": -1, "max_epochs": 10_000, "enable_progress_bar": False, "log_every_n_steps": 25,
-            "default_root_dir": str(directory),
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(directory), "name": "", "version": ""}},
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(directory / "checkpoints"), "save_last": True}},
-                {"class_path": "dmdx_lightning.callbacks.budget.GeneratorBudget", "init_args": {"updates": updates}},
-                {"class_path": "dmdx_lightning.callbacks.mixture.MixtureSummary",
-                 "init_args": {"path": str(directory / "summary.json"), "arm": arm, "samples_per_class": samples,
-                               "score_teacher": False}},  # scored once by the study (teacher_row)
-            ],
-        },
-    }
-
-
-class Study:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args, self.arms = args, load_arms(Path(args.arms_file))
-        self.root = Path(args.root)
-        self.futures: dict[tuple, Future] = {}
-        self.lock = RLock()  # submit() recurses into the stage an arm starts from
-        self.pool = ThreadPoolExecutor(args.jobs)
-
-    def lr_of(self, arm: str, lr: float) -> float:
-        """An arm with its own ``lr`` (a fixed pre-training stage) is not swept."""
-        return float(self.arms[arm].get("lr", lr))
-
-    def submit(self, arm: str, lr: float, seed: int) -> Future:
-        lr = self.lr_of(arm, lr)
-        key = (arm, lr, seed)
-        with self.lock:
-            if key not in self.futures:
-                spec = self.arms[arm]
-                dep = None
-                if spec.get("init_from"):  # the stage it starts from runs at its own (or the base) lr
-                    dep = self.submit(spec["init_from"], self.args.base_lr, seed)
-                self.futures[key] = self.pool.submit(self._run, arm, lr, seed, dep)
-            return self.futures[key]
-
-    def _run(self, arm: str, lr: float, seed: int, dep: Future | None) -> dict:
-        spec, directory = self.arms[arm], run_dir(self.root, arm, lr, seed)
-        summary, stamp = directory / "summary.json", directory / "arm.json"
-        # what this run is: a finished run is reused only if its arm, budget and configs are unchanged
-        identity = {"spec": spec, "updates": int(spec.get("updates", self.args.updates)), "samples": self.args.samples,
-                    "configs": {c: (ROOT / c).read_text() for c in spec.get("configs", [])}}
-        if summary.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == identity \
-                and arm in json.loads(summary.read_text()):
-            return json.loads(summary.read_text())
-        init_from = None
-        if dep is not None:
-            dep.result()  # raises if the stage it starts from failed
-            dep_lr = self.lr_of(spec["init_from"], self.args.base_lr)
-            init_from = run_dir(self.root, spec["init_from"], dep_lr, seed) / "checkpoints/last.ckpt"
-        directory.mkdir(parents=True, exist_ok=True)
-        summary.unlink(missing_ok=True)  # a stale row must not pass for this run's result
-        extra = directory / "study_overlay.yaml"
-        updates = int(spec.get("updates", self.args.updates))
-        extra.write_text(yaml.safe_dump(overlay(directory, arm, lr, seed, updates, self.args.samples, init_from)))
-        cmd = [sys.executable, "-m", "dmdx_lightning.cli", "fit"]
-        for config in spec["configs"]:
-            cmd += ["--config", str(ROOT / config)]
-        cmd += ["--config", str(extra), *[str(a) for a in spec.get("args", [])]]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        start = time.time()
-        with open(directory / "log.txt", "w") as log:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-        stamp.write_text(json.dumps(identity))
-        if rc != 0 or not summary.is_file():
-            raise RuntimeError(f"{arm} lr {lr:g} seed {seed} failed (exit {rc}); see {directory / 'log.txt'}")
-        result = json.loads(summary.read_text())
-        result["seconds"] = time.time() - start
-        print(f"[{time.strftime('%H:%M:%S')}] {arm} lr {lr:g} seed {seed}: "
-              f"{ {k: round(result[arm].get(k, float('nan')), 3) for k in METRICS} } ({result['seconds']:.0f} s)", flush=True)
-        return result
+def make_study(args: argparse.Namespace) -> runner.Study:
+    return runner.Study(load_arms(Path(args.arms_file)), Path(args.root), summary_callback(args.samples),
+                        args.updates, args.base_lr, args.jobs, announce=METRICS, scoring={"samples": args.samples})
 
 
 def teacher_spec(config: Path = ROOT / "configs/mixture/adm.yaml") -> dict:
@@ -197,41 +112,21 @@ def rescore(root: Path, samples: int) -> None:
               f"within 2r {new['modes_covered_2r']}, TV {new['tv']:.3f}", flush=True)
 
 
-def aggregate(study: Study, tasks: list[tuple]) -> dict:
-    report: dict = {"arms": {}, "teacher": teacher_row(study.args.samples, study.root)}
-    for arm, lr, seed in tasks:
-        try:
-            result = study.futures[(arm, lr, seed)].result()
-        except Exception as e:  # an arm that fails reports its error instead of failing the study
-            report["arms"].setdefault(arm, {}).setdefault(f"{lr:g}", {"runs": [], "errors": []})["errors"].append(str(e))
-            continue
-        entry = report["arms"].setdefault(arm, {}).setdefault(f"{lr:g}", {"runs": [], "errors": []})
-        entry["runs"].append({"seed": seed, "final": result[arm], "init": result.get(f"{arm}@init"),
-                              "seconds": result.get("seconds")})
+def aggregate(study: runner.Study, tasks: list[tuple], samples: int) -> dict:
+    report: dict = {"arms": runner.collect(study, tasks, METRICS, extra_rows=("init",)),
+                    "teacher": teacher_row(samples, study.root)}
     for arm, by_lr in report["arms"].items():
-        for entry in by_lr.values():
-            for which in ("final", "init"):
-                rows = [r[which] for r in entry["runs"] if r[which]]
-                if rows:
-                    entry[which] = {k: _mean_std_present([row.get(k) for row in rows]) for k in METRICS}
         scored = {lr: e for lr, e in by_lr.items() if "final" in e}
         if scored:  # best learning rate: lowest mean TV (it counts dropped modes, wrong weights and blur)
             report["arms"][arm]["best_lr"] = min(scored, key=lambda lr: scored[lr]["final"]["tv"][0])
     return report
 
 
-def _mean_std_present(values: list) -> tuple[float, float]:
-    """Mean and std over the runs that report a value (e.g. the logit gap exists for ADM only)."""
-    values = [v for v in values if v is not None and v == v]
-    return mean_std(values) if values else (float("nan"), float("nan"))
-
-
 def fmt(ms: tuple[float, float], digits: int = 3) -> str:
     return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
 
 
-def markdown(report: dict, study: Study, command: str, seconds: float) -> str:
-    args = study.args
+def markdown(report: dict, study: runner.Study, args: argparse.Namespace, command: str, seconds: float) -> str:
     lines = [f"# Mixture study: {args.name}", "",
              f"`{command}` on {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{seconds / 60:.1f} min for this invocation (finished runs with unchanged configs are reused; each "
@@ -271,7 +166,7 @@ def markdown(report: dict, study: Study, command: str, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mode_picture(report: dict, study: Study, path: Path) -> None:
+def mode_picture(report: dict, path: Path) -> None:
     """Per-mode mass of class 0 (modes sorted by true weight): true weights, then each arm's best run."""
     from PIL import Image, ImageDraw
 
@@ -332,34 +227,22 @@ def main(argv: list[str] | None = None) -> None:
     if "mixture" not in args.name:
         raise SystemExit(f"--name {args.name!r} must contain 'mixture' (results files are found by it)")
     command = "python benchmarks/mixture_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    study = Study(args)
+    study = make_study(args)
     if args.rescore:
         rescore(Path(args.root), args.samples)
     arms = [a for a in args.arms.split(",") if a and not study.arms[a].get("teacher")]
-    lrs = [float(x) for x in args.lrs.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
     start = time.time()
-    if args.best_lr_from:  # e.g. 3 seeds of every arm at the lr its seed-0 sweep chose
-        swept = json.loads(Path(args.best_lr_from).read_text())["arms"]
-        missing = [a for a in arms if not swept.get(a, {}).get("best_lr")]
-        if missing:
-            raise SystemExit(f"{args.best_lr_from} has no best lr for arms {missing}: sweep them first")
-        per_arm = {a: [float(swept[a]["best_lr"])] for a in arms}
-    else:
-        per_arm = {a: lrs for a in arms}
-    tasks = list(dict.fromkeys((arm, study.lr_of(arm, lr), seed) for seed in seeds for arm in arms
-                               for lr in per_arm[arm]))
-    for task in tasks:
-        study.submit(*task)
-    report = aggregate(study, tasks)
-    study.pool.shutdown()
+    tasks = runner.plan(study, arms, [float(x) for x in args.lrs.split(",")], [int(s) for s in args.seeds.split(",")],
+                        args.best_lr_from)
+    report = aggregate(study, tasks, args.samples)
+    study.shutdown()
     seconds = time.time() - start
     report.update(command=command, machine=machine(1), updates=args.updates, seconds=seconds,
                   titles={a: study.arms[a]["title"] for a in arms})
     out = RESULTS if not args.quick else Path(args.root)
     write_json(out / f"{args.name}.json", report)
-    (out / f"{args.name}.md").write_text(markdown(report, study, command, seconds))
-    mode_picture(report, study, out / f"{args.name}_modes.png")
+    (out / f"{args.name}.md").write_text(markdown(report, study, args, command, seconds))
+    mode_picture(report, out / f"{args.name}_modes.png")
     print((out / f"{args.name}.md").read_text())
 
 

@@ -1,23 +1,19 @@
 """Quality benchmark: the paper's ablation arms on the digits teacher, then on the exact mixture.
 
-    python benchmarks/quality.py            # full run: digits (8 arms x 3 seeds, ~12 min) + mixture (~10 min)
+    python benchmarks/quality.py            # full run: digits (8 arms x 3 seeds, ~15 min) + mixture (~10 min)
     python benchmarks/quality.py --quick    # smoke run: tiny budget, 1 seed, few samples
     python benchmarks/quality.py --testbed mixture   # only the Gaussian-mixture testbed
 
-The mixture testbed (``--testbed mixture`` or ``all``) runs :data:`MIXTURE_ARMS` of
-``benchmarks/arms/mixture.yaml`` through ``benchmarks/mixture_study.py`` (configs, the same
-``dmdx fit`` path a user runs), each at the generator learning rate its sweep chose
-(``benchmarks/results/screen_mixture.json``), 3 seeds, into ``quality_mixture.md`` / ``.json``.
-The digits part below builds its arms in Python (the older design; the mixture's arms are configs).
+Both testbeds are configs run by :mod:`study` (``benchmarks/study.py``), the same ``dmdx fit`` a user
+types, one subprocess per (arm, seed), ``--jobs`` at a time; this file only schedules and reports.
 
-(arm, seed) tasks run in ``--jobs`` worker processes (default 2: one per core, one torch thread
-each); a task that starts from another arm's checkpoint waits for it.
-
-Every student arm gets the same number of generator updates (``--budget``, default 300, batch
-32, AdamW lr 1e-4, betas (0, 0.99)); an arm that chains two stages (DMD with ADP, DMDX) spends
-half of its budget in ADP (the ``adp`` arm's own checkpoint at that point, so the stages are the
-same runs) and half in the second stage. All students are one-step and start from the teacher's
-weights. Per arm and seed the student is scored on fixed noise seeds (shared by all arms):
+Digits (``benchmarks/arms/digits.yaml``): every one-step student arm starts from the teacher's
+weights and gets the same number of generator updates (``--budget``, default 300, batch 32); an
+arm that chains two stages (DMD with ADP, DMDX) spends half of its budget in ADP (the ``adp_half``
+stage) and half in the second stage. The ADP / A1 / DMD2 arms read the teacher's ODE pairs, made
+once by ``dmdx predict --config configs/quickstart/ode_pairs.yaml`` into the work folder. Each run
+is scored at its end by :class:`~dmdx_lightning.evaluation.digits.DigitsSummary` on fixed noise
+seeds (identical for every arm and seed):
 
 - FD: Frechet distance on the frozen digits classifier's features against the 1797 real digits;
 - precision / recall: k-NN (k=3) improved precision and recall (Kynkaanniemi et al. 2019) on the
@@ -29,414 +25,127 @@ weights. Per arm and seed the student is scored on fixed noise seeds (shared by 
   images);
 - NFE (network evaluations per sample; CFG counts 2 per step) and seconds per sample.
 
-The arm list (:data:`ARMS`) is data: an arm names its method, options and the arm it starts
-from. An arm that fails reports its error (and the arms that start from it say so) instead of
-failing the benchmark.
-Writes ``quality.md`` (mean and std per arm), ``quality.json`` and ``quality_samples.png``.
+The mixture testbed (``--testbed mixture`` or ``all``) runs :data:`MIXTURE_ARMS` of
+``benchmarks/arms/mixture.yaml`` through ``benchmarks/mixture_study.py``, each at the generator
+learning rate its sweep chose (``benchmarks/results/screen_mixture.json``), 3 seeds, into
+``quality_mixture.md`` / ``.json``.
+
+An arm that fails reports its error (and the arms that start from it say so) instead of failing
+the benchmark. Writes ``quality.md`` (mean and std per arm), ``quality.json`` and ``quality_samples.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
-import traceback
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable
-from unittest.mock import patch
 
-import lightning.pytorch as pl
 import torch
-import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, Stopwatch, machine, markdown_table, mean_std, set_threads, write_json  # noqa: E402
+import study as runner  # noqa: E402
+from _common import RESULTS, machine, markdown_table, write_json  # noqa: E402
 
-from dmdx_lightning.evaluation.digits import digits_diversity, digits_metrics  # noqa: E402
-from dmdx_lightning.callbacks.samples import fixed_noise  # noqa: E402
-from dmdx_lightning.data.prompts import read_prompts  # noqa: E402
-from dmdx_lightning.teachers.digits import DIGIT_PROMPTS, NUM_CLASSES, DigitsTeacher, load_classifier  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-PROMPT_FILE = ROOT / "configs/prompts/digits.txt"
-# the ADP arms are the quickstart's ADP run, with the benchmark's budget and seed
-ADP_CONFIG = ROOT / "configs/quickstart/adp.yaml"
+ROOT = runner.ROOT
+ARMS_FILE = ROOT / "benchmarks/arms/digits.yaml"
 PAIRS_CONFIG = ROOT / "configs/quickstart/ode_pairs.yaml"
-#: ADP-config overrides of the MSE-only ablation A1 (rectified-flow regression, no discriminators)
-A1_OVERRIDES = ["--model.init_args.mse_weight", "1.0", "--model.init_args.lambda1", "0.0",
-                "--model.init_args.lambda2", "0.0"]  # ADPModule's A1 setting (see its docstring)
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One row of the benchmark.
-
-    Args:
-        name: short key (JSON, table).
-        title: what the row is, in words.
-        method: ``teacher`` (no training), ``adm`` (ADMModule; ``options`` are its init options)
-            or ``adp`` (ADPModule from :data:`ADP_CONFIG`; ``options`` are CLI overrides).
-        options: see ``method``.
-        init_from: ``(arm, share)``: start from ``arm``'s checkpoint after ``share`` of the budget
-            and spend the rest here.
-        default: part of a plain run (``False``: only when named in ``--arms``).
-    """
-
-    name: str
-    title: str
-    method: str
-    options: Any = field(default_factory=dict)
-    init_from: tuple[str, float] | None = None
-    default: bool = True
-
-
-ARMS: tuple[Arm, ...] = (
-    Arm("teacher", "teacher, 16 Euler steps, CFG 2", "teacher"),
-    Arm("dmd", "DMD without ADP", "adm", {"loss": "dmd"}),
-    Arm("dmd2", "DMD2 without ADP (TTUR 1)", "adm", {"loss": "dmd2"}),
-    Arm("adm", "ADM without ADP (dt = 1/64, generator lr 1e-5)", "adm", {"loss": "adm", "generator_lr": 1e-5}),
-    Arm("a1_mse", "MSE-only pre-training (ablation A1)", "adp", A1_OVERRIDES),
-    Arm("adp", "ADP only", "adp", []),
-    Arm("dmd_adp", "DMD with ADP (1/2 ADP + 1/2 DMD)", "adm", {"loss": "dmd"}, ("adp", 0.5)),
-    Arm("dmdx", "DMDX = ADP + ADM (1/2 + 1/2, ADM generator lr 1e-5)", "adm",
-        {"loss": "adm", "generator_lr": 1e-5}, ("adp", 0.5)),
-    # exploratory, by name only: at dt = 1/64 the real and fake one-step moves differ by
-    # (dt / t)(x0_real - x0_fake), too little for the discriminator to separate (PAPER.md)
-    Arm("adm_equal_lr", "ADM without ADP, generator lr = 1e-4 (exploratory)", "adm", {"loss": "adm"}, default=False),
-    Arm("dmdx_equal_lr", "DMDX, ADM generator lr = 1e-4 (exploratory)", "adm", {"loss": "adm"}, ("adp", 0.5),
-        default=False),
-    Arm("adm_dt4", "ADM without ADP, dt = 1/4 (exploratory)", "adm", {"loss": "adm", "dt": 0.25}, default=False),
-    Arm("adm_dt4_slow", "ADM without ADP, dt = 1/4, generator lr 1e-5 (exploratory)", "adm",
-        {"loss": "adm", "dt": 0.25, "generator_lr": 1e-5}, default=False),
-    Arm("adm_dt1_slow", "ADM without ADP, dt = 1 (x0 predictions), generator lr 1e-5 (exploratory)", "adm",
-        {"loss": "adm", "dt": 1.0, "generator_lr": 1e-5}, default=False),
-    Arm("adm_paired", "ADM without ADP, paired discriminator (adm_pairing: paired) (exploratory)", "adm",
-        {"loss": "adm", "adm_pairing": "paired"}, default=False),
-    Arm("adm_paired_slow", "ADM without ADP, paired discriminator, generator lr 1e-5 (exploratory)", "adm",
-        {"loss": "adm", "adm_pairing": "paired", "generator_lr": 1e-5}, default=False),
-    Arm("adm_paired_dt1_slow", "ADM without ADP, paired, dt = 1, generator lr 1e-5 (exploratory)", "adm",
-        {"loss": "adm", "adm_pairing": "paired", "dt": 1.0, "generator_lr": 1e-5}, default=False),
-    Arm("adm_paired_3e6", "ADM without ADP, paired, generator lr 3e-6 (exploratory)", "adm",
-        {"loss": "adm", "adm_pairing": "paired", "generator_lr": 3e-6}, default=False),
-    Arm("adm_ttur5_slow", "ADM without ADP, update ratio 5, generator lr 1e-5 (exploratory)", "adm",
-        {"loss": "adm", "update_ratio": 5, "generator_lr": 1e-5}, default=False),
-    Arm("dmdx_dt4", "DMDX with dt = 1/4 (exploratory)", "adm", {"loss": "adm", "dt": 0.25}, ("adp", 0.5),
-        default=False),
-)
-
+#: the arms of a plain run, in table order (``adp_half`` is the stage the chained arms start from)
+DEFAULT_ARMS = ("teacher", "dmd", "dmd2", "adm", "a1_mse", "adp", "dmd_adp", "dmdx")
 METRICS = ("fd", "precision", "recall", "class_accuracy", "class_coverage", "diversity", "nfe",
            "seconds_per_sample")
 
 
-# ----------------------------------------------------------------------------------- data
-class PairData(torch.utils.data.Dataset):
-    """Prompts with teacher ODE samples: ``x0`` stands in for real images where a method needs
-    them (DMD2's GAN); the other ADM-family losses read only ``prompt``."""
+def summary_callback(args: argparse.Namespace) -> runner.SummaryCallback:
+    """:class:`~dmdx_lightning.evaluation.digits.DigitsSummary` of each run, with a sample grid."""
+    def callback(directory: Path, arm: str) -> dict:
+        return {"class_path": "dmdx_lightning.evaluation.digits.DigitsSummary",
+                "init_args": {"path": str(directory / "summary.json"), "arm": arm,
+                              "samples_per_digit": args.samples_per_digit, "diversity_k": args.diversity_k,
+                              "grid": str(directory / "samples.png"), "score_teacher": False}}
 
-    def __init__(self, prompts: list[str], x0: torch.Tensor) -> None:
-        self.prompts, self.x0 = prompts, x0
-
-    @classmethod
-    @torch.no_grad()
-    def from_teacher(cls, teacher: DigitsTeacher, count: int, seed: int = 12345) -> "PairData":
-        prompts = read_prompts(PROMPT_FILE)
-        prompts = [prompts[i % len(prompts)] for i in range(count)]
-        noise = fixed_noise(teacher.latent_shape(count), [seed + i for i in range(count)])
-        return cls(prompts, teacher.sample_ode(noise, teacher.encode_prompts(prompts), teacher.sample_steps,
-                                               teacher.cfg_scale))
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"prompt": self.prompts[i], "index": i, "x0": self.x0[i]}
+    return callback
 
 
-def loader(data: PairData, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
-    def collate(items):
-        return {"prompt": [x["prompt"] for x in items], "index": torch.tensor([x["index"] for x in items]),
-                "x0": torch.stack([x["x0"] for x in items])}
-
-    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
-                                       collate_fn=collate, generator=torch.Generator().manual_seed(seed))
-
-
-# ----------------------------------------------------------------------------------- training
-class StopAfter(pl.Callback):
-    """Stop after ``iterations`` module iterations; save checkpoints at the given iterations."""
-
-    def __init__(self, iterations: int, milestones: dict[int, Path]) -> None:
-        self.iterations, self.milestones = iterations, milestones
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        it = int(module.iteration)
-        if it in self.milestones:
-            trainer.save_checkpoint(self.milestones[it])
-        if it >= self.iterations:
-            trainer.should_stop = True
-
-
-def iterations_for(module, generator_updates: int) -> int:
-    """The budget counts generator updates: run up to the iteration of the next one after
-    ``generator_updates`` (the module's ``players_for_step`` decides who steps when)."""
-    iteration = updates = 0
-    while True:
-        if "generator" in module.players_for_step(iteration):
-            if updates == generator_updates:
-                return iteration
-            updates += 1
-        iteration += 1
-
-
-def build_adm(options: dict, init_from: str | None, lr: float):
-    from dmdx_lightning.discriminators.latent import LatentDiscriminator
-    from dmdx_lightning.methods.adm import ADMModule
-
-    options = dict(options)
-    loss = options["loss"]
-    opt = partial(torch.optim.AdamW, lr=lr, betas=(0.0, 0.99), weight_decay=0.0)
-    # ADM's generator steps 10x slower than its fake score / discriminator (the quickstart's
-    # setting): at equal rates the discriminator cannot keep up and FD rises (CHANGELOG)
-    generator_opt = partial(opt, lr=options.pop("generator_lr", lr))
-    # the quickstart's discriminator: heads on a middle and the last residual block
-    disc = None if loss == "dmd" else LatentDiscriminator(
-        layers=[1, 3], head_channels=64, backbone_role="fake" if loss == "dmd2" else "real")
-    settings = dict(dt=1.0 / 64, real_cfg_scale=2.0, update_ratio=1, student_steps=1) | options
-    return ADMModule(DigitsTeacher(mode="full"), disc, generator_optimizer=generator_opt, fake_score_optimizer=opt,
-                     discriminator_optimizer=opt, init_from=init_from, **settings), None
-
-
-def make_adp_pairs(args) -> None:
-    """The ADP arms' teacher ODE pairs, once per run: ``dmdx predict --config
-    configs/quickstart/ode_pairs.yaml`` into the work folder (finished shards are skipped)."""
-    from dmdx_lightning.cli import main as dmdx
-
-    for config in (ADP_CONFIG, PAIRS_CONFIG):
-        if not config.is_file():
-            raise FileNotFoundError(f"{config.relative_to(ROOT)} missing")
+def make_pairs(args: argparse.Namespace) -> None:
+    """The teacher's ODE pairs (ADP / A1 arms; DMD2's real images), once: ``dmdx predict`` with the
+    quickstart's config into the work folder (a rerun skips finished shards)."""
     pairs = Path(args.work) / "pairs"
-    with patch.object(sys, "argv", sys.argv[:1]):  # the CLI reads these args only, not the benchmark's
-        dmdx(["predict", "--config", str(PAIRS_CONFIG), "--data.init_args.output_dir", str(pairs),
-              "--data.init_args.num_pairs", str(args.adp_pairs),
-              "--data.init_args.shard_size", str(min(256, args.adp_pairs)),
-              "--trainer.default_root_dir", str(pairs)])
+    cmd = [sys.executable, "-m", "dmdx_lightning.cli", "predict", "--config", str(PAIRS_CONFIG),
+           "--data.init_args.output_dir", str(pairs), "--data.init_args.num_pairs", str(args.pairs),
+           "--data.init_args.shard_size", str(min(256, args.pairs)), "--trainer.default_root_dir", str(pairs)]
+    pairs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    with open(pairs / "log.txt", "w") as log:
+        if subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+            raise RuntimeError(f"ODE pairs failed; see {pairs / 'log.txt'}")
 
 
-def build_adp(overrides: list[str], seed: int, args):
-    """ADPModule and its data module, as ``dmdx fit --config configs/quickstart/adp.yaml`` builds
-    them, on the pairs of :func:`make_adp_pairs`."""
-    from dmdx_lightning.cli import DMDXCLI
+def teacher_row(args: argparse.Namespace) -> tuple[dict, torch.Tensor]:
+    """The teacher's own sampler (16 Euler steps, CFG 2), scored like the students."""
+    from dmdx_lightning.evaluation.digits import evaluate_digits, teacher_sampler
+    from dmdx_lightning.teachers.digits import DigitsTeacher
 
-    pairs = Path(args.work) / "pairs"
-    with patch.object(sys, "argv", sys.argv[:1]):
-        cli = DMDXCLI(args=["--config", str(ADP_CONFIG), "--seed_everything", str(seed), "--trainer.logger", "false",
-                            "--trainer.default_root_dir", str(Path(args.work) / "adp"),
-                            "--data.init_args.path", str(pairs), "--data.init_args.batch_size", str(args.batch_size),
-                            *overrides], run=False)
-    return cli.model, cli.datamodule
+    torch.set_num_threads(1)
+    teacher = DigitsTeacher(mode="full", sample_steps=16, cfg_scale=2.0)
+    sample, nfe = teacher_sampler(teacher)
+    return evaluate_digits(teacher, sample, nfe, args.samples_per_digit, args.diversity_k)
 
 
-def train(arm: Arm, seed: int, iterations: int, milestones: dict[int, Path], init_from: str | None,
-          data: PairData, args) -> tuple[Any, float]:
-    pl.seed_everything(seed, verbose=False)
-    if arm.method == "adp":
-        module, datamodule = build_adp(list(arm.options), seed, args)
-    else:
-        module, datamodule = build_adm(arm.options, init_from, args.lr)
-    iterations = iterations_for(module, iterations)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=10_000, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, callbacks=[StopAfter(iterations, milestones)])
-    with Stopwatch() as sw:
-        if datamodule is not None:
-            trainer.fit(module, datamodule=datamodule)
-        else:
-            trainer.fit(module, loader(data, args.batch_size, seed))
-    if int(module.iteration) < iterations:
-        raise RuntimeError(f"training stopped after {int(module.iteration)} of {iterations} iterations")
-    return module.eval(), sw.seconds
-
-
-# ----------------------------------------------------------------------------------- scoring
-def evaluate(sample: Callable, nfe: int, seed: int, args, classifier) -> tuple[dict, torch.Tensor]:
-    """Score one model on the noise seeds of run ``seed`` (identical for every arm)."""
-    teacher_shape = (1, 8, 8)
-    n, k = args.samples_per_digit, args.diversity_k
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(n)
-    prompts = [DIGIT_PROMPTS[int(c)] for c in labels]
-    base = 1_000_000 * (seed + 1)
-    noise = fixed_noise((len(prompts), *teacher_shape), [base + i for i in range(len(prompts))])
-    with torch.no_grad(), Stopwatch() as sw:
-        x = sample(prompts, noise)
-    values = digits_metrics(x, labels, classifier)
-    div_prompts = [p for p in DIGIT_PROMPTS for _ in range(k)]
-    div_noise = fixed_noise((len(div_prompts), *teacher_shape), [base + 500_000 + i for i in range(len(div_prompts))])
-    with torch.no_grad():
-        xd = sample(div_prompts, div_noise)
-    values["diversity"] = digits_diversity(xd.view(NUM_CLASSES, k, *xd.shape[1:]), classifier)
-    values.update(nfe=nfe, seconds_per_sample=sw.seconds / len(prompts))
-    grid = xd.view(NUM_CLASSES, k, *xd.shape[1:])[:, : min(k, 6)].transpose(0, 1).reshape(-1, *xd.shape[1:])
-    return values, grid
-
-
-def teacher_sampler(teacher: DigitsTeacher):
-    def sample(prompts, noise):
-        return teacher.decode(teacher.sample_ode(noise, teacher.encode_prompts(prompts), teacher.sample_steps,
-                                                 teacher.cfg_scale))
-
-    return sample, teacher.sample_steps * (2 if teacher.cfg_scale != 1.0 else 1)
-
-
-def student_sampler(module, seed: int):
-    def sample(prompts, noise):
-        gen = torch.Generator().manual_seed(seed)
-        return module.teacher.decode(module.sample(module.teacher.encode_prompts(prompts), noise, generator=gen))
-
-    return sample, len(module.student_timesteps)
-
-
-# ----------------------------------------------------------------------------------- the run
-def milestone_path(args, arm: str, seed: int, iteration: int) -> Path:
-    return Path(args.work) / "checkpoints" / f"{arm}_seed{seed}_it{iteration}.ckpt"
-
-
-def run_task(arm_name: str, seed: int, args, milestones: dict[int, str]) -> dict:
-    """Train (if a student) and score one arm for one seed. Runs in a worker process with
-    ``--jobs`` > 1, so it takes and returns plain data only."""
-    set_threads(args.threads)
-    arm = {a.name: a for a in ARMS}[arm_name]
-    if arm.method == "teacher":
-        sample, nfe = teacher_sampler(DigitsTeacher(mode="full"))
-        train_s = 0.0
-    else:
-        data = PairData(**torch.load(Path(args.work) / "teacher_pairs.pt", weights_only=True))
-        init_from, own = None, args.budget
-        if arm.init_from:
-            src, share = arm.init_from
-            first = max(1, round(share * args.budget))
-            init_from, own = str(milestone_path(args, src, seed, first)), args.budget - first
-        module, train_s = train(arm, seed, own, {i: Path(p) for i, p in milestones.items()}, init_from, data, args)
-        sample, nfe = student_sampler(module, seed)
-    values, grid = evaluate(sample, nfe, seed, args, load_classifier())
-    values.update(seed=seed, train_seconds=train_s)
-    print(f"[{arm_name}] seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()
-                                                   if isinstance(v, float)), flush=True)
-    return {"values": values, "grid": grid}
-
-
-def _guarded(arm_name: str, seed: int, args, milestones) -> dict:
-    try:
-        return run_task(arm_name, seed, args, milestones)
-    except Exception as e:  # report and go on with the other arms
-        traceback.print_exc()
-        return {"error": f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-
-
-def run(args) -> dict:
-    threads = set_threads(args.threads)
+def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    Path(args.work).mkdir(parents=True, exist_ok=True)
-    selected = [a for a in ARMS if (a.name in args.arms if args.arms else a.default)]
-    by_name = {a.name: a for a in ARMS}
-    for a in selected:  # an arm that starts from another arm needs that arm too
-        if a.init_from and by_name[a.init_from[0]] not in selected:
-            selected.insert(selected.index(a), by_name[a.init_from[0]])
+    arms = runner.load_arms(ARMS_FILE)
+    selected = list(dict.fromkeys(args.arms or DEFAULT_ARMS))
     start = time.perf_counter()
-    results = {a.name: {"title": a.title, "status": "ok", "runs": []} for a in selected}
-    runnable = list(selected)
-    # shared inputs, made once: teacher samples for DMD2's real branch, ODE pairs for ADP
-    if any(a.method == "adm" for a in runnable):
-        data = PairData.from_teacher(DigitsTeacher(mode="full"), args.pairs)
-        torch.save({"prompts": data.prompts, "x0": data.x0}, Path(args.work) / "teacher_pairs.pt")
-    if any(a.method == "adp" for a in runnable):
-        try:
-            make_adp_pairs(args)
-        except Exception as e:
-            traceback.print_exc()
-            for a in runnable:
-                if a.method == "adp" or (a.init_from and by_name[a.init_from[0]].method == "adp"):
-                    results[a.name]["status"] = f"failed: ODE pairs: {type(e).__name__}: {e}"
-            runnable = [a for a in runnable if results[a.name]["status"] == "ok"]
-    # checkpoints other arms start from: {(arm, seed): {iteration: path}}
-    milestones: dict[tuple[str, int], dict[int, str]] = {}
-    for a in runnable:
-        if a.init_from:
-            src, share = a.init_from
-            for seed in range(args.seeds):
-                it = max(1, round(share * args.budget))
-                milestones.setdefault((src, seed), {})[it] = str(milestone_path(args, src, seed, it))
-    outcomes = schedule(runnable, args, milestones)
+    results = {a: {"title": arms[a]["title"], "status": "ok", "runs": []} for a in selected}
     grids: dict[str, torch.Tensor] = {}
-    for arm in runnable:
-        for seed in range(args.seeds):
-            outcome = outcomes[(arm.name, seed)]
-            if "error" in outcome:
-                results[arm.name]["status"] = outcome["error"]
-                continue
-            results[arm.name]["runs"].append(outcome["values"])
-            grids.setdefault(arm.name, outcome["grid"])
-        runs = results[arm.name]["runs"]
-        if runs and results[arm.name]["status"] == "ok":
-            results[arm.name]["mean"] = {m: mean_std(r[m] for r in runs)[0] for m in METRICS + ("train_seconds",)}
-            results[arm.name]["std"] = {m: mean_std(r[m] for r in runs)[1] for m in METRICS + ("train_seconds",)}
+    if "teacher" in selected:
+        values, grids["teacher"] = teacher_row(args)
+        results["teacher"]["runs"] = [dict(values, seed=0, seconds=0.0)]
+    students = [a for a in selected if not arms[a].get("teacher")]
+    needs_pairs = [a for a in students if "{work}" in str(arms[a].get("args", ""))
+                   or "{work}" in str(arms.get(arms[a].get("init_from") or a, {}).get("args", ""))]
+    if needs_pairs:
+        try:
+            make_pairs(args)
+        except Exception as e:
+            for a in needs_pairs:
+                results[a]["status"] = f"failed: ODE pairs: {e}"
+            students = [a for a in students if a not in needs_pairs]
+    study = runner.Study(arms, Path(args.work) / "runs", summary_callback(args), args.budget, jobs=args.jobs,
+                         announce=("fd", "recall", "diversity"), variables={"work": str(Path(args.work))},
+                         scoring={"samples_per_digit": args.samples_per_digit, "diversity_k": args.diversity_k})
+    tasks = runner.plan(study, students, [1e-4], list(range(args.seeds)))
+    collected = runner.collect(study, tasks, METRICS)
+    study.shutdown()
+    for arm, by_lr in collected.items():
+        (entry,) = by_lr.values()  # every digits arm has its own lr
+        results[arm]["runs"] = [dict(r["final"], seed=r["seed"], seconds=r["seconds"] or 0.0) for r in entry["runs"]]
+        if entry["errors"]:
+            results[arm]["status"] = "failed: " + entry["errors"][0]
+        elif entry["runs"]:
+            grid = runner.run_dir(study.root, arm, study.lr_of(arm, 1e-4), entry["runs"][0]["seed"]) / "samples.png"
+            grids[arm] = grid
+    for r in results.values():
+        if r["runs"] and r["status"] == "ok":
+            stats = {m: runner.mean_std_present([run.get(m) for run in r["runs"]]) for m in METRICS + ("seconds",)}
+            r["mean"], r["std"] = {m: v[0] for m, v in stats.items()}, {m: v[1] for m, v in stats.items()}
     report = {
-        "settings": {"budget_generator_updates": args.budget, "seeds": args.seeds, "batch_size": args.batch_size,
-                     "lr": args.lr, "samples_per_digit": args.samples_per_digit, "diversity_k": args.diversity_k,
-                     "teacher_pairs": args.pairs, "adp_pairs": args.adp_pairs, "jobs": args.jobs,
-                     "quick": args.quick, "command": args.command},
-        "machine": machine(threads), "wall_seconds": time.perf_counter() - start, "arms": results,
+        "settings": {"budget_generator_updates": args.budget, "seeds": args.seeds,
+                     "samples_per_digit": args.samples_per_digit, "diversity_k": args.diversity_k,
+                     "ode_pairs": args.pairs, "jobs": args.jobs, "quick": args.quick, "command": args.command},
+        "machine": machine(1), "wall_seconds": time.perf_counter() - start, "arms": results,
         "verdict": verdict(results),
     }
     write_json(out / "quality.json", report)
     (out / "quality.md").write_text(markdown(report))
     if grids:
-        save_grids(grids, results, out / "quality_samples.png", args.diversity_k)
+        save_grids(grids, results, out / "quality_samples.png")
     print(markdown(report))
     return report
-
-
-def schedule(arms: list[Arm], args, milestones) -> dict[tuple[str, int], dict]:
-    """Run every (arm, seed) task, ``args.jobs`` at a time (worker processes when > 1); a task
-    that starts from another arm waits for that arm's task of the same seed."""
-    pending = [(a, seed) for seed in range(args.seeds) for a in arms]
-    done: dict[tuple[str, int], dict] = {}
-    pool = None
-    if args.jobs > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        pool = ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"))
-    running = {}
-    try:
-        while pending or running:
-            for arm, seed in list(pending):
-                source = (arm.init_from[0], seed) if arm.init_from else None
-                if source and source not in done:
-                    continue  # wait for the arm it starts from
-                if source and "error" in done[source]:
-                    done[(arm.name, seed)] = {"error": f"not run (needs arm {source[0]!r}, which failed)"}
-                    pending.remove((arm, seed))
-                    continue
-                if pool is None:
-                    pending.remove((arm, seed))
-                    done[(arm.name, seed)] = _guarded(arm.name, seed, args, milestones.get((arm.name, seed), {}))
-                elif len(running) < args.jobs:
-                    pending.remove((arm, seed))
-                    future = pool.submit(_guarded, arm.name, seed, args, milestones.get((arm.name, seed), {}))
-                    running[future] = (arm.name, seed)
-            if running:
-                from concurrent.futures import FIRST_COMPLETED, wait
-
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    done[running.pop(future)] = future.result()
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    return done
 
 
 def verdict(results: dict[str, dict]) -> str:
@@ -464,16 +173,16 @@ def verdict(results: dict[str, dict]) -> str:
 def markdown(report: dict) -> str:
     s = report["settings"]
     fmt = {"fd": ".2f", "precision": ".3f", "recall": ".3f", "class_accuracy": ".3f", "class_coverage": ".2f",
-           "diversity": ".4f", "nfe": ".0f", "seconds_per_sample": ".2e", "train_seconds": ".0f"}
+           "diversity": ".4f", "nfe": ".0f", "seconds_per_sample": ".2e", "seconds": ".0f"}
     header = ["arm", "FD (lower better)", "precision", "recall", "class accuracy", "coverage", "diversity",
-              "NFE", "s / sample", "train s", "runs"]
+              "NFE", "s / sample", "run s", "runs"]
     rows = []
     for name, r in report["arms"].items():
         if r["status"] != "ok":
             rows.append([f"{name}: {r['title']}", r["status"], *[""] * (len(header) - 2)])
             continue
         cells = [f"{r['mean'][m]:{fmt[m]}} ± {r['std'][m]:{fmt[m]}}" if m not in ("nfe",) else f"{r['mean'][m]:.0f}"
-                 for m in METRICS + ("train_seconds",)]
+                 for m in METRICS + ("seconds",)]
         rows.append([f"{name}: {r['title']}", *cells, len(r["runs"])])
     m = report["machine"]
     return "\n".join([
@@ -481,8 +190,9 @@ def markdown(report: dict) -> str:
         "",
         f"`{s['command']}` on {m['cpu_count']} CPU cores "
         f"({m['torch_threads']} torch threads), {m['date_utc']} UTC, {report['wall_seconds'] / 60:.1f} min in all.",
-        f"Every student: one step, {s['budget_generator_updates']} generator updates, batch {s['batch_size']}, "
-        f"AdamW lr {s['lr']:g}; {s['seeds']} seed(s) per arm; mean ± std over seeds.",
+        f"Every student: one step from the teacher's weights, {s['budget_generator_updates']} generator updates "
+        "(chained arms: half in ADP, half in the second stage), batch 32, the arm's configs "
+        f"(`benchmarks/arms/digits.yaml`); {s['seeds']} seed(s) per arm; mean ± std over seeds.",
         *(["", "**Smoke run (`--quick`): a few updates and few samples; these numbers say nothing about "
             "the methods. Run `python benchmarks/quality.py` for the benchmark.**"] if s["quick"] else []),
         "",
@@ -495,21 +205,27 @@ def markdown(report: dict) -> str:
         f"classifier ({s['samples_per_digit']} samples per digit); diversity: mean pairwise LPIPS-style "
         f"distance on the classifier's feature maps (unweighted LPIPS, classifier backbone) over "
         f"{s['diversity_k']} seeds per digit prompt; NFE counts CFG as 2 per step; s / sample: batched "
-        f"sampling on this CPU, with up to {s.get('jobs', 1)} tasks running side by side; train s: wall time of "
-        "the arm's own training stage.",
+        f"sampling on this CPU, with up to {s.get('jobs', 1)} runs side by side; run s: wall time of the arm's "
+        "own `dmdx fit` process (start-up, training and scoring; 0 for the teacher).",
         "",
     ])
 
 
-def save_grids(grids: dict[str, torch.Tensor], results: dict, path: Path, k: int) -> None:
-    """One panel per arm (rows: seeds, columns: digits 0-9), titled, in one PNG."""
+def save_grids(grids: dict[str, torch.Tensor | Path], results: dict, path: Path) -> None:
+    """One titled panel per arm (rows: seeds, columns: digits 0-9; a run's own ``samples.png``
+    or the teacher's samples), in one PNG."""
     from PIL import Image, ImageDraw
+
+    from dmdx_lightning.evaluation.digits import save_digit_grid
 
     panels = []
     for name, grid in grids.items():
-        img = torchvision.utils.make_grid(((grid.float().clamp(-1, 1) + 1) / 2), nrow=NUM_CLASSES, padding=1)
-        img = torch.nn.functional.interpolate(img[None], scale_factor=4, mode="nearest")[0]
-        pil = Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+        if isinstance(grid, torch.Tensor):
+            save_digit_grid(grid, path.with_name(f".{name}_grid.png"))
+            grid = path.with_name(f".{name}_grid.png")
+        pil = Image.open(grid).convert("RGB")
+        if grid.name.startswith("."):
+            grid.unlink()
         canvas = Image.new("RGB", (max(pil.width, 300), pil.height + 16), "white")
         canvas.paste(pil, (0, 16))
         ImageDraw.Draw(canvas).text((2, 2), results[name]["title"], fill="black")
@@ -524,27 +240,21 @@ def save_grids(grids: dict[str, torch.Tensor], results: dict, path: Path, k: int
     sheet.save(path)
 
 
-def parse_args(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: budget 3, 1 seed, few samples")
     p.add_argument("--testbed", choices=("all", "digits", "mixture"), default="all",
                    help="digits teacher, exact Gaussian mixture, or both (default)")
     p.add_argument("--budget", type=int, help="generator updates per student arm (default 300; quick 3)")
     p.add_argument("--seeds", type=int, help="seeds per arm (default 3; quick 1)")
-    p.add_argument("--arms", type=lambda s: s.split(","), help=f"comma list of arms (default: "
-                   f"{','.join(a.name for a in ARMS if a.default)}; by name only: "
-                   f"{','.join(a.name for a in ARMS if not a.default)})")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--arms", type=lambda s: s.split(","), help=f"comma list of digits arms (default: "
+                   f"{','.join(DEFAULT_ARMS)}; any arm of benchmarks/arms/digits.yaml)")
     p.add_argument("--samples-per-digit", type=int, help="default 180 (1800 samples); quick 20")
     p.add_argument("--diversity-k", type=int, help="seeds per prompt for diversity (default 10; quick 3)")
-    p.add_argument("--pairs", type=int, help="teacher samples for DMD2's real branch (default 2048; quick 64)")
-    p.add_argument("--adp-pairs", type=int, help="teacher ODE pairs for the ADP arms (default 1280; quick 64)")
-    p.add_argument("--jobs", type=int, default=2, help="(arm, seed) tasks run in parallel worker processes "
-                   "(default 2, one per core; 1 = in this process)")
-    p.add_argument("--threads", type=int, help="torch threads per task (default 1)")
+    p.add_argument("--pairs", type=int, help="teacher ODE pairs for the ADP / A1 / DMD2 arms (default 1280; quick 64)")
+    p.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2, one per core)")
     p.add_argument("--out", default=str(RESULTS), help="output folder (default benchmarks/results)")
-    p.add_argument("--work", help="checkpoints and pairs (default runs/benchmarks/quality)")
+    p.add_argument("--work", help="pairs and runs (default runs/benchmarks/quality)")
     args = p.parse_args(argv)
     # the command as typed, without the output folders (machine-specific), for the report's header
     shown = list(sys.argv[1:] if argv is None else argv)
@@ -553,16 +263,20 @@ def parse_args(argv: list[str] | None = None):
             i = shown.index(flag)
             del shown[i:i + 2]
     args.command = " ".join(["python benchmarks/quality.py", *shown])
-    quick = {"budget": 3, "seeds": 1, "samples_per_digit": 20, "diversity_k": 3, "pairs": 64, "adp_pairs": 64}
-    full = {"budget": 300, "seeds": 3, "samples_per_digit": 180, "diversity_k": 10, "pairs": 2048,
-            "adp_pairs": 1280}
-    args.work = args.work or str(ROOT / "runs/benchmarks/quality")
+    quick = {"budget": 3, "seeds": 1, "samples_per_digit": 20, "diversity_k": 3, "pairs": 64}
+    full = {"budget": 300, "seeds": 3, "samples_per_digit": 180, "diversity_k": 10, "pairs": 1280}
+    args.work = str(Path(args.work or ROOT / "runs/benchmarks/quality").resolve())
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    unknown = set(args.arms or ()) - {a.name for a in ARMS}
+    known = runner.load_arms(ARMS_FILE)
+    unknown = set(args.arms or ()) - set(known)
     if unknown:
-        p.error(f"unknown arms {sorted(unknown)}; choose from {[a.name for a in ARMS]}")
+        p.error(f"unknown arms {sorted(unknown)}; choose from {sorted(known)}")
+    for arm in list(args.arms or ()):  # an arm that starts from another arm needs that arm too
+        source = known[arm].get("init_from")
+        if source and source not in args.arms:
+            args.arms.insert(args.arms.index(arm), source)
     return args
 
 

@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, markdown_table, set_threads, write_json  # noqa: E402
 
-from dmdx_lightning.callbacks.samples import fixed_noise  # noqa: E402
+from dmdx_lightning.rng import fixed_noise  # noqa: E402
 
 
 

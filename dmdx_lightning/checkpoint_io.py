@@ -18,7 +18,6 @@ never pickled objects that would run code.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,10 +25,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-
-def partial_name(target: Path) -> Path:
-    """Where a checkpoint for ``target`` is written before the rename (same folder)."""
-    return target.with_name(f".partial-{uuid.uuid4().hex}.tmp")
+from dmdx_lightning.atomic import atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -45,17 +41,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = partial_name(target)
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_path(target) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
         # make the rename itself durable (a power loss must not bring the old file back)
         try:
             fd = os.open(target.parent, os.O_RDONLY)

@@ -1,5 +1,7 @@
-"""The random-number states that make a resumed run draw what the uninterrupted run would have.
+"""Randomness that does not depend on the run: seeded noise, and the states of exact resume.
 
+:func:`fixed_noise`: noise that is a function of its seeds alone (evaluation grids and metrics,
+ODE-pair start noise), identical on every machine, world size and batch split.
 :func:`capture_rng` is what a checkpoint stores (``checkpoint["dmdx"]["rng"]``);
 :func:`restore_rng` applies it just before the first resumed step, and gives every rank of a
 multi-process run its own noise stream.
@@ -8,12 +10,18 @@ multi-process run its own noise stream.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+
+
+def fixed_noise(shape: Sequence[int], seeds: Sequence[int]) -> Tensor:
+    """``(len(seeds), *shape[1:])`` standard normal noise, row ``i`` drawn on the CPU from seed
+    ``seeds[i]`` alone."""
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
 def capture_rng(all_gather: Callable[[Tensor], Tensor] | None = None, device: torch.device | None = None) -> dict:

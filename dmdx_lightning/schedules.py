@@ -221,6 +221,15 @@ def sample_t(
     return t_min + (t_max - t_min) * base
 
 
+def noised(schedule: NoiseSchedule, x0: Tensor, kind: str = "uniform", *, t_min: float = 0.0, t_max: float = 1.0,
+           shift: float = 1.0, eps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``x0`` re-noised to random times (:func:`sample_t`): ``(x_t, t, eps)`` with
+    ``x_t = alpha_t x0 + sigma_t eps`` and fresh standard normal ``eps`` unless given."""
+    t = sample_t(kind, x0.shape[0], t_min=t_min, t_max=t_max, shift=shift, device=x0.device).to(x0.dtype)
+    eps = torch.randn_like(x0) if eps is None else eps.to(x0)
+    return schedule.add_noise(x0, eps, t), t, eps
+
+
 def student_timesteps(num_steps: int, *, shift: float = 1.0, t_max: float = 1.0,
                       schedule: NoiseSchedule | None = None) -> list[float]:
     """Evenly spaced student times from ``t_max`` down (before shift), e.g. 4 steps ->

@@ -15,7 +15,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
-from dmdx_lightning.checkpoint_io import AtomicCheckpointIO, partial_name
+from dmdx_lightning.atomic import partial_name
+from dmdx_lightning.checkpoint_io import AtomicCheckpointIO
 from dmdx_lightning.cli import DMDXCLI
 from dmdx_lightning.discriminators.latent import LatentDiscriminator
 from dmdx_lightning.methods.adm import ADMModule

@@ -31,24 +31,38 @@ def test_quality_verdict_reads_both_ways():
     assert q.verdict({"dmdx": {"status": "failed: boom"}}).startswith("No verdict: DMDX failed")
 
 
-def test_quality_default_arms_are_the_issue_list():
+def test_quality_arms_are_configs_that_exist():
     q = load("quality")
-    assert [a.name for a in q.ARMS if a.default] == ["teacher", "dmd", "dmd2", "adm", "a1_mse", "adp", "dmd_adp", "dmdx"]
-    by_name = {a.name: a for a in q.ARMS}
-    # chained arms start from an arm that exists, halfway through the budget
-    assert all(by_name[a.init_from[0]].method == "adp" and a.init_from[1] == 0.5 for a in q.ARMS if a.init_from)
+    arms = q.runner.load_arms(q.ARMS_FILE)
+    assert list(q.DEFAULT_ARMS) == ["teacher", "dmd", "dmd2", "adm", "a1_mse", "adp", "dmd_adp", "dmdx"]
+    for name in q.DEFAULT_ARMS:
+        arm = arms[name]
+        assert arm.get("teacher") or all((ROOT / c).is_file() for c in arm["configs"]), name
+    # the chained arms spend half the budget in the ADP stage they start from and half in their own
+    for name in ("dmd_adp", "dmdx"):
+        assert arms[name]["init_from"] == "adp_half" and arms[name]["updates"] == "half"
+    assert arms["adp_half"]["updates"] == "half" and arms["adp_half"]["configs"] == arms["adp"]["configs"]
+
+
+def test_study_budget_and_placeholders(tmp_path):
+    study = load("study")
+    arms = {"a": {"title": "a", "configs": [], "updates": "half"}, "b": {"title": "b", "configs": [], "updates": 7},
+            "c": {"title": "c", "configs": []}}
+    s = study.Study(arms, tmp_path, lambda d, a: {}, updates=301)
+    assert [s.updates_of(a) for a in "abc"] == [150, 7, 301]
+    s.shutdown()
 
 
 @pytest.mark.slow
 def test_quality_quick_writes_results(tmp_path):
     q = load("quality")
     report = q.main(["--quick", "--testbed", "digits", "--arms", "teacher,dmd,dmd2,adm,a1_mse,dmdx", "--budget", "2",
-                     "--samples-per-digit", "8", "--diversity-k", "2", "--pairs", "32", "--adp-pairs", "32",
-                     "--jobs", "1", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+                     "--samples-per-digit", "8", "--diversity-k", "2", "--pairs", "32",
+                     "--jobs", "2", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved["arms"].keys() == report["arms"].keys()
-    assert "adp" in saved["arms"]  # dmdx pulled in the arm it starts from
-    for name in ["teacher", "dmd", "dmd2", "adm", "a1_mse", "adp", "dmdx"]:
+    assert "adp_half" in saved["arms"]  # dmdx pulled in the stage it starts from
+    for name in ["teacher", "dmd", "dmd2", "adm", "a1_mse", "adp_half", "dmdx"]:
         r = saved["arms"][name]
         assert r["status"] == "ok" and len(r["runs"]) == 1, (name, r["status"])
         assert r["mean"]["fd"] > 0 and 0 <= r["mean"]["recall"] <= 1 and r["mean"]["diversity"] > 0
@@ -57,6 +71,9 @@ def test_quality_quick_writes_results(tmp_path):
     table = (tmp_path / "quality.md").read_text()
     assert "| dmd2: DMD2 without ADP (TTUR 1) |" in table and "Verdict" in table
     assert (tmp_path / "quality_samples.png").stat().st_size > 1000
+    # every run went through `dmdx fit` with the arm's configs (the resolved config is saved in its folder)
+    config = (tmp_path / "work/runs/dmd2/lr0.0001/seed0/config.yaml").read_text()
+    assert "loss: dmd2" in config and str(tmp_path / "work/pairs") in config
 
 
 @pytest.mark.slow

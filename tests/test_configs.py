@@ -25,7 +25,7 @@ OVERRIDES: dict[str, list[str]] = {
     "ode_pairs_sd3.yaml": SD3_TINY,
 }
 # configs that train on ODE pairs read a small pair set written here instead of the quickstart's
-PAIR_CONFIGS = {"quickstart/adp.yaml", "adp_sd3.yaml", "mixture/adp.yaml", "mixture/a1.yaml", "mixture/dmd2.yaml", "mixture/regression.yaml"}
+PAIR_CONFIGS = {"quickstart/adp.yaml", "digits/a1.yaml", "digits/dmd2.yaml", "adp_sd3.yaml", "mixture/adp.yaml", "mixture/a1.yaml", "mixture/dmd2.yaml", "mixture/regression.yaml"}
 #: pair sets of the mixture teacher hold its family and latent shape (the data module checks both)
 MIXTURE_PAIRS = {"teacher_family": "mixture", "latent_shape": (16, 8, 8), "prompt": "mixture class 0"}
 
@@ -43,7 +43,8 @@ def write_tiny_pairs(directory, num_pairs=64, latent_shape=(1, 8, 8), teacher_fa
     write_manifest(directory, header, {0: entry})
     return directory
 # overlays: YAMLs that hold only what differs from a base config; parsed after their base
-OVERLAY_BASES = {"quickstart/dmdx.yaml": "quickstart/adm.yaml", "mixture/regression.yaml": "mixture/adm.yaml", "mixture/dmd.yaml": "mixture/adm.yaml",
+OVERLAY_BASES = {"quickstart/dmdx.yaml": "quickstart/adm.yaml", "digits/dmd.yaml": "quickstart/adm.yaml",
+                 "digits/dmd2.yaml": "quickstart/adm.yaml", "digits/a1.yaml": "quickstart/adp.yaml", "mixture/regression.yaml": "mixture/adm.yaml", "mixture/dmd.yaml": "mixture/adm.yaml",
                  "mixture/dmd2.yaml": "mixture/adm.yaml", "mixture/dmdx.yaml": "mixture/adm.yaml",
                  "mixture/a1.yaml": "mixture/adp.yaml"}
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "trainer" not in p.parts)

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from dmdx_lightning.callbacks.samples import fixed_noise
+from dmdx_lightning.callbacks.samples import unit_range
+from dmdx_lightning.rng import fixed_noise
 
 
 # ============================================================================ pure functions
@@ -186,7 +187,7 @@ def _images_uint8(images: Tensor) -> Tensor:
         images = images[:, :, 0]
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return (unit_range(images) * 255).round().to(torch.uint8)
 
 
 def _as_rgb(images: Tensor) -> Tensor:

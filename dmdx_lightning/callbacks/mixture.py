@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from dmdx_lightning.callbacks.samples import fixed_noise
+from dmdx_lightning.rng import fixed_noise
 from dmdx_lightning.callbacks.summary import arm_name, update_summary
 from dmdx_lightning.teachers.mixture import MixtureTeacher, class_prompt, mixture_metrics
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -11,17 +10,19 @@ import torchvision
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from dmdx_lightning.rng import fixed_noise
 
-def fixed_noise(shape: Sequence[int], seeds: Sequence[int]) -> Tensor:
-    """One noise tensor per seed, drawn on the CPU so the grid is identical on every machine."""
-    return torch.stack([torch.randn(tuple(shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+def unit_range(images: Tensor) -> Tensor:
+    """Images in ``[-1, 1]`` (the teachers' ``decode``) -> float in ``[0, 1]`` (clamped)."""
+    return (images.float().clamp(-1, 1) + 1) / 2
 
 
 def to_grid(images: Tensor, nrow: int) -> Tensor:
     """``[-1, 1]`` images (video: first frame) -> one ``(3, H, W)`` grid in ``[0, 1]``."""
     if images.ndim == 5:  # (B, C, F, H, W)
         images = images[:, :, 0]
-    return torchvision.utils.make_grid(((images.float().clamp(-1, 1) + 1) / 2).cpu(), nrow=nrow, padding=1)
+    return torchvision.utils.make_grid(unit_range(images).cpu(), nrow=nrow, padding=1)
 
 
 class SampleGrid(pl.Callback):

@@ -7,22 +7,13 @@ The reports themselves belong to a teacher family: ``DigitsSummary`` in
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import lightning.pytorch as pl
 
+from dmdx_lightning.atomic import write_json_atomic
 from dmdx_lightning.methods.adm import ADMModule
 from dmdx_lightning.methods.adp import ADPModule
-
-
-def write_json_atomic(path: str | Path, data) -> None:
-    """Write JSON through a temporary file and a rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def arm_name(module: pl.LightningModule) -> str:

@@ -24,7 +24,6 @@ import bisect
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -36,7 +35,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from dmdx_lightning.atomic import atomic_path, write_text_atomic
 from dmdx_lightning.data.prompts import dedupe, read_prompts
+from dmdx_lightning.dtypes import DTYPES
+from dmdx_lightning.rng import fixed_noise
 from dmdx_lightning.data.resumable import ResumableTrainData
 
 FORMAT = "dmdx-ode-pairs/1"
@@ -46,8 +48,6 @@ SEED_RULE = "x_T[i] = torch.randn(latent_shape, generator=torch.Generator('cpu')
 #: header keys that must agree between a manifest on disk and a rerun that appends to it
 HEADER_KEYS = ("format", "teacher_family", "teacher_id", "latent_shape", "dtype", "sampler",
                "num_steps", "cfg_scale", "seed_rule", "seed", "num_pairs", "shard_size", "prompts_sha256")
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class PairDataError(RuntimeError):
@@ -72,8 +72,7 @@ def shard_ranges(num_pairs: int, shard_size: int) -> list[tuple[int, int]]:
 
 def pair_noise(shape: Sequence[int], indices: Sequence[int], seed: int) -> Tensor:
     """Start noise of pairs ``indices`` (:data:`SEED_RULE`): a function of the pair index alone."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed + int(i)))
-                        for i in indices])
+    return fixed_noise((len(indices), *shape), [seed + int(i) for i in indices])
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -86,12 +85,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def prompts_sha256(prompts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(prompts)).encode("utf-8")).hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def write_shard(directory: str | Path, k: int, x_T: Tensor, x0: Tensor, index: Tensor,
@@ -107,14 +100,13 @@ def write_shard(directory: str | Path, k: int, x_T: Tensor, x0: Tensor, index: T
     if not torch.equal(index, torch.arange(int(index[0]), int(index[0]) + len(index))):
         raise ValueError(f"shard {k}: pair indices are not one contiguous range: {index.tolist()[:8]}...")
     path = directory / shard_name(k)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tensors = {"x_T": x_T[order].contiguous().cpu(), "x0": x0[order].contiguous().cpu(),
                "index": index.contiguous().cpu()}
-    save_file(tensors, str(tmp), metadata={"prompts": json.dumps([prompts[i] for i in order.tolist()])})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"prompts": json.dumps([prompts[i] for i in order.tolist()])})
     entry = {"file": path.name, "start": int(index[0]), "stop": int(index[-1]) + 1, "count": len(index),
              "sha256": sha256_file(path)}
-    _atomic_write_text(path.with_suffix(".json"), json.dumps(entry, indent=1) + "\n")
+    write_text_atomic(path.with_suffix(".json"), json.dumps(entry, indent=1) + "\n")
     return entry
 
 
@@ -154,7 +146,7 @@ def write_manifest(directory: str | Path, header: dict[str, Any], shards: dict[i
     num_shards = len(shard_ranges(header["num_pairs"], header["shard_size"]))
     manifest = {**header, "num_shards": num_shards, "complete": len(shards) == num_shards,
                 "shards": [shards[k] for k in sorted(shards)]}
-    _atomic_write_text(Path(directory) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    write_text_atomic(Path(directory) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 

@@ -8,7 +8,8 @@ backbone) on 8x8 digits; generic callbacks and discriminators never import it.
   (Kynkaanniemi et al. 2019) on the same features, class accuracy and coverage;
   :func:`digits_diversity`: within-prompt distance on the classifier's maps.
 - :class:`DigitsMetricsCallback`: both, in the validation loop (``val/...``).
-- :class:`DigitsSummary`: the quickstart's end-of-fit report (``runs/quickstart/summary.json``).
+- :func:`evaluate_digits`: the one scoring path (fixed seeds) of :class:`DigitsSummary`, the
+  quickstart's end-of-fit report (``runs/quickstart/summary.json``), and the quality benchmark.
 - :class:`DigitsClassifierBackbone`: the classifier as ADP's pixel-discriminator backbone.
 """
 
@@ -28,9 +29,12 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from dmdx_lightning.callbacks.metrics import (ValidationMetric, feature_lpips, knn_precision_recall,
                                               mean_pairwise_distance, sample_images)
-from dmdx_lightning.callbacks.samples import fixed_noise
-from dmdx_lightning.callbacks.summary import arm_name, format_table, write_json_atomic
+from dmdx_lightning.callbacks.samples import unit_range
+from dmdx_lightning.rng import fixed_noise
+from dmdx_lightning.atomic import write_json_atomic
+from dmdx_lightning.callbacks.summary import arm_name, format_table
 from dmdx_lightning.discriminators.pixel import PixelBackbone
+from dmdx_lightning.teachers.base import Conditioning
 from dmdx_lightning.teachers.digits import (DIGIT_PROMPTS, NUM_CLASSES, DigitsClassifier, load_classifier,
                                             load_digits_data)
 
@@ -67,8 +71,8 @@ def digits_metrics(samples: Tensor, labels: Tensor, classifier: DigitsClassifier
     fd = FrechetInceptionDistance(feature=_ClassifierFeatures(classifier), normalize=True,
                                   input_img_size=(1, 8, 8))
     real, _ = load_digits_data("all")
-    fd.update((real + 1) / 2, real=True)
-    fd.update((samples + 1) / 2, real=False)
+    fd.update(unit_range(real), real=True)
+    fd.update(unit_range(samples), real=False)
     precision, recall = knn_precision_recall(classifier.features(real), classifier.features(samples), k)
     correct = classifier(samples).argmax(-1) == labels
     covered = sum(bool(correct[labels == c].any()) for c in range(NUM_CLASSES))
@@ -141,47 +145,110 @@ def _timed(fn, n: int) -> tuple[torch.Tensor, float]:
     return out, (time.perf_counter() - start) / n
 
 
-class DigitsSummary(pl.Callback):
-    """After fit, score the student (and the teacher, if the file lacks it) on fixed seeds.
+@torch.no_grad()
+def evaluate_digits(teacher, sample: Callable[[Conditioning, Tensor], Tensor], nfe: int, samples_per_digit: int = 50,
+                    diversity_k: int = 0, classifier: DigitsClassifier | None = None) -> tuple[dict, Tensor | None]:
+    """Score a digits sampler on fixed seeds: the one evaluation path of the quickstart's summary
+    and the quality benchmark.
 
-    Writes ``{arm: {nfe, class_accuracy, fd, class_coverage, seconds_per_sample}}`` into
-    ``path``, keeping the other arms already there (so several runs fill one table).
+    Args:
+        teacher: the digits teacher (prompt encoding, latent shape).
+        sample: ``(cond, noise) -> samples in [-1, 1]`` (:func:`student_sampler` / :func:`teacher_sampler`).
+        nfe: network evaluations per sample, reported as is.
+        samples_per_digit: samples per prompt for :func:`digits_metrics` (noise seeds ``0..``).
+        diversity_k: seeds per prompt for :func:`digits_diversity` (the seeds after those; 0 skips it).
+        classifier: the evaluation classifier (default: the packaged one).
+
+    Returns ``({nfe, fd, precision, recall, class_accuracy, class_coverage, seconds_per_sample[, diversity]},
+    the diversity samples as (diversity_k, 10, 1, 8, 8) or None)``.
+    """
+    classifier = classifier or load_classifier()
+    prompts = [p for p in DIGIT_PROMPTS for _ in range(samples_per_digit)]
+    cond = teacher.encode_prompts(prompts)
+    device = next(teacher.parameters()).device
+    noise = fixed_noise(teacher.latent_shape(len(prompts)), list(range(len(prompts)))).to(device)
+    x, seconds_per_sample = _timed(lambda: sample(cond, noise), len(prompts))
+    values = {"nfe": nfe, **digits_metrics(x, cond.labels, classifier), "seconds_per_sample": seconds_per_sample}
+    if not diversity_k:
+        return values, None
+    prompts = [p for p in DIGIT_PROMPTS for _ in range(diversity_k)]
+    seeds = [len(noise) + i for i in range(len(prompts))]
+    x = sample(teacher.encode_prompts(prompts), fixed_noise(teacher.latent_shape(len(prompts)), seeds).to(device))
+    per_prompt = x.view(NUM_CLASSES, diversity_k, *x.shape[1:])
+    values["diversity"] = digits_diversity(per_prompt, classifier)
+    return values, per_prompt.transpose(0, 1)
+
+
+def student_sampler(module) -> tuple[Callable[[Conditioning, Tensor], Tensor], int]:
+    """A distillation module's few-step sampler (its EMA when it has one) and its NFE."""
+    def sample(cond: Conditioning, noise: Tensor) -> Tensor:
+        gen = torch.Generator(module.device).manual_seed(0)
+        return module.sample(cond, noise, generator=gen)
+
+    return sample, len(module.student_timesteps)
+
+
+def teacher_sampler(teacher, steps: int | None = None,
+                    cfg_scale: float | None = None) -> tuple[Callable[[Conditioning, Tensor], Tensor], int]:
+    """The teacher's own ODE sampler (default: its ``sample_steps`` and ``cfg_scale``) and its NFE."""
+    steps = steps or teacher.sample_steps
+    cfg = cfg_scale or teacher.cfg_scale
+    return (lambda cond, noise: teacher.sample_ode(noise, cond, steps, cfg)), steps * (2 if cfg != 1.0 else 1)
+
+
+def save_digit_grid(samples: Tensor, path: Path, scale: int = 4) -> None:
+    """``(rows, cols, 1, 8, 8)`` digits in ``[-1, 1]`` as one PNG (``scale`` x nearest upsampling)."""
+    import torchvision
+
+    rows, cols = samples.shape[:2]
+    grid = torchvision.utils.make_grid(unit_range(samples.reshape(rows * cols, *samples.shape[2:])), nrow=cols, padding=1)
+    grid = F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torchvision.utils.save_image(grid, path)
+
+
+class DigitsSummary(pl.Callback):
+    """After fit, score the student (and the teacher, if the file lacks it) on fixed seeds
+    (:func:`evaluate_digits`).
+
+    Writes ``{arm: {nfe, fd, precision, recall, class_accuracy, class_coverage, seconds_per_sample}}``
+    into ``path``, keeping the other arms already there (so several runs fill one table).
 
     Args:
         path: the summary JSON file.
         arm: this run's row name (default: :func:`arm_name`, e.g. ``adm_1step``).
         samples_per_digit: samples per prompt (seeds ``0..n-1``).
+        diversity_k: seeds per prompt for the within-prompt ``diversity`` (0 skips it).
+        grid: a PNG of those diversity samples (rows: seeds, columns: digits); needs ``diversity_k``.
+        score_teacher: add the teacher's row when the file lacks one.
         teacher_steps, teacher_cfg_scale: the teacher arm's sampler (default: the teacher's own).
     """
 
     def __init__(self, path: str = "runs/quickstart/summary.json", arm: str | None = None,
-                 samples_per_digit: int = 50, teacher_steps: int | None = None,
+                 samples_per_digit: int = 50, diversity_k: int = 0, grid: str | None = None,
+                 score_teacher: bool = True, teacher_steps: int | None = None,
                  teacher_cfg_scale: float | None = None) -> None:
-        self.path, self.arm = Path(path), arm
-        self.samples_per_digit = samples_per_digit
+        if grid and not diversity_k:
+            raise ValueError("DigitsSummary: grid needs diversity_k > 0 (the grid shows the diversity samples)")
+        self.path, self.arm, self.grid = Path(path), arm, Path(grid) if grid else None
+        self.samples_per_digit, self.diversity_k, self.score_teacher = samples_per_digit, diversity_k, score_teacher
         self.teacher_steps, self.teacher_cfg_scale = teacher_steps, teacher_cfg_scale
 
     @rank_zero_only
     def on_fit_end(self, trainer, module) -> None:
         summary = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        teacher = module.teacher
-        prompts = [p for p in DIGIT_PROMPTS for _ in range(self.samples_per_digit)]
-        cond = teacher.encode_prompts(prompts)
-        noise = fixed_noise(teacher.latent_shape(len(prompts)), list(range(len(prompts)))).to(module.device)
         classifier = load_classifier()
         module.eval()
-        with torch.no_grad():
-            if "teacher" not in summary:
-                steps = self.teacher_steps or teacher.sample_steps
-                cfg = self.teacher_cfg_scale or teacher.cfg_scale
-                x, sps = _timed(lambda: teacher.sample_ode(noise, cond, steps, cfg), len(prompts))
-                summary["teacher"] = {"nfe": steps * (2 if cfg != 1.0 else 1), "cfg_scale": cfg,
-                                      **digits_metrics(x, cond.labels, classifier), "seconds_per_sample": sps}
-            gen = torch.Generator(module.device).manual_seed(0)
-            x, sps = _timed(lambda: module.sample(cond, noise, generator=gen), len(prompts))
-            summary[self.arm or arm_name(module)] = {
-                "nfe": len(module.student_timesteps), **digits_metrics(x, cond.labels, classifier),
-                "seconds_per_sample": sps}
+        if self.score_teacher and "teacher" not in summary:
+            sample, nfe = teacher_sampler(module.teacher, self.teacher_steps, self.teacher_cfg_scale)
+            summary["teacher"], _ = evaluate_digits(module.teacher, sample, nfe, self.samples_per_digit,
+                                                    classifier=classifier)
+            summary["teacher"]["cfg_scale"] = self.teacher_cfg_scale or module.teacher.cfg_scale
+        sample, nfe = student_sampler(module)
+        summary[self.arm or arm_name(module)], grid = evaluate_digits(
+            module.teacher, sample, nfe, self.samples_per_digit, self.diversity_k, classifier)
+        if self.grid is not None:
+            save_digit_grid(grid.cpu(), self.grid)
         write_json_atomic(self.path, summary)
         print(f"\n{self.path}:\n{format_table(summary)}\n")
 

@@ -39,7 +39,7 @@ from dmdx_lightning.discriminators.latent import LatentDiscriminator
 from dmdx_lightning.losses import (denoising_loss, dmd_loss, gradient_penalty, hinge_d, hinge_g,
                                    nonsaturating_d, nonsaturating_g, paired_hinge_d, paired_hinge_g)
 from dmdx_lightning.methods.base import DistillationModule, Player, _default_optimizer
-from dmdx_lightning.schedules import sample_t
+from dmdx_lightning.schedules import noised
 from dmdx_lightning.teachers.base import Conditioning, Teacher
 
 
@@ -215,10 +215,8 @@ class ADMModule(DistillationModule):
         return generator_step
 
     def _noised(self, x0: Tensor, t_min: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        t = sample_t(self.t_sampler, x0.shape[0], shift=self.t_shift, t_min=self.t_min if t_min is None else t_min,
-                     t_max=self.t_max, device=x0.device).to(x0.dtype)
-        eps = torch.randn_like(x0)
-        return self.teacher.schedule.add_noise(x0, eps, t), t, eps
+        return noised(self.teacher.schedule, x0, self.t_sampler, shift=self.t_shift,
+                      t_min=self.t_min if t_min is None else t_min, t_max=self.t_max)
 
     def _end_time(self, t: Tensor) -> Tensor:
         """Where the real and fake moves end: ``t - dt`` (absolute) or ``t - dt * t`` (relative), >= 0."""
@@ -287,9 +285,7 @@ class ADMModule(DistillationModule):
 
     def fake_score_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
         x0 = ctx["x0_hat"].detach()
-        t = sample_t("uniform", x0.shape[0], t_min=self.t_min, t_max=self.t_max, device=x0.device).to(x0.dtype)
-        eps = torch.randn_like(x0)
-        x_t = self.teacher.schedule.add_noise(x0, eps, t)
+        x_t, t, eps = noised(self.teacher.schedule, x0, t_min=self.t_min, t_max=self.t_max)
         pred = self.teacher.forward_role("fake", x_t, t, cond)
         target = self.teacher.schedule.training_target(x0, eps, t, self.teacher.prediction_type)
         loss = denoising_loss(pred, target)

@@ -31,7 +31,7 @@ from dmdx_lightning.discriminators.latent import LatentDiscriminator
 from dmdx_lightning.discriminators.pixel import PixelDiscriminator
 from dmdx_lightning.losses import hinge_d, hinge_g
 from dmdx_lightning.methods.base import DistillationModule, Player, _default_optimizer
-from dmdx_lightning.schedules import sample_discrete, sample_t
+from dmdx_lightning.schedules import noised, sample_discrete, sample_t
 from dmdx_lightning.teachers.base import Conditioning, Teacher
 
 
@@ -140,9 +140,9 @@ class ADPModule(DistillationModule):
         return {"x0_tilde": x0_tilde}
 
     def _renoised(self, x0: Tensor, x_T: Tensor) -> tuple[Tensor, Tensor]:
-        t = sample_t("uniform", x0.shape[0], t_min=self.t_min, t_max=self.t_max, device=x0.device).to(x0.dtype)
-        eps = x_T.to(x0) if self.renoise == "pair" else torch.randn_like(x0)
-        return self.teacher.schedule.add_noise(x0, eps, t), t
+        x_t, t, _ = noised(self.teacher.schedule, x0, t_min=self.t_min, t_max=self.t_max,
+                           eps=x_T if self.renoise == "pair" else None)
+        return x_t, t
 
     # ------------------------------------------------------------------ players
     def generator_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:

@@ -17,9 +17,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from dmdx_lightning.data.ode_pairs import (DTYPES, FORMAT, MANIFEST, SEED_RULE, ODEPairPromptsDataModule,
+from dmdx_lightning.data.ode_pairs import (FORMAT, MANIFEST, SEED_RULE, ODEPairPromptsDataModule,
                                            check_header, finished_shards, pair_noise, prompts_sha256,
                                            read_manifest, write_manifest, write_shard)
+from dmdx_lightning.dtypes import parse_dtype
 from dmdx_lightning.teachers.base import Teacher
 
 
@@ -37,8 +38,7 @@ class ODEPairGenerator(pl.LightningModule):
     def __init__(self, teacher: Teacher, num_steps: int | None = None, cfg_scale: float | None = None,
                  seed: int = 0, storage_dtype: str = "float32") -> None:
         super().__init__()
-        if storage_dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {storage_dtype!r}")
+        parse_dtype(storage_dtype, "storage_dtype")  # an unknown name fails here, not at the first shard
         self.teacher = teacher
         self.num_steps = int(num_steps or teacher.sample_steps)
         if self.num_steps < 1:
@@ -63,7 +63,7 @@ class ODEPairGenerator(pl.LightningModule):
         x_T = pair_noise(self.teacher.latent_shape(1)[1:], index.tolist(), self.seed).to(self.device)
         cond = self.teacher.encode_prompts(batch["prompt"])
         x0 = self.teacher.sample_ode(x_T, cond, self.num_steps, self.cfg_scale)
-        dtype = DTYPES[self.storage_dtype]
+        dtype = parse_dtype(self.storage_dtype, "storage_dtype")
         return {"shard": batch["shard"], "index": index.cpu(), "prompt": list(batch["prompt"]),
                 "x_T": x_T.to(dtype).cpu(), "x0": x0.to(dtype).cpu()}
 

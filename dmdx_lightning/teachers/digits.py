@@ -11,7 +11,6 @@ frozen digits classifier stands in for SAM (pixel discriminator backbone) and In
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from dmdx_lightning.atomic import atomic_path
 from dmdx_lightning.schedules import FlowMatchSchedule, sample_t
 from dmdx_lightning.teachers.base import Conditioning, Teacher
 from dmdx_lightning.teachers.blocks import ResBlock, timestep_embedding
@@ -124,12 +124,9 @@ class DigitsClassifier(nn.Module):
 
 def save_network(net: nn.Module, path: str | Path) -> None:
     """Write weights as safetensors with the constructor config in the metadata (atomic rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    save_file(state, str(tmp), metadata={"config": json.dumps(net.config), "class": type(net).__name__})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"config": json.dumps(net.config), "class": type(net).__name__})
 
 
 def load_network(cls: type[nn.Module], path: str | Path) -> nn.Module:

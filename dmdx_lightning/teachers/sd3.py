@@ -29,13 +29,13 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from dmdx_lightning.dtypes import parse_dtype
 from dmdx_lightning.schedules import FlowMatchSchedule
 from dmdx_lightning.teachers.base import Conditioning, Teacher
 
 #: the config key users set to point at the weights (named in every loading error)
 CONFIG_KEY = "model.init_args.teacher.init_args.pretrained_model_name_or_path"
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def student_flow_scheduler(base_config: dict, timesteps: Sequence[float]):
@@ -69,14 +69,6 @@ def student_flow_scheduler(base_config: dict, timesteps: Sequence[float]):
     probe.set_timesteps(n)
     exact = bool(torch.allclose(probe.sigmas[:-1].double(), torch.tensor(ts, dtype=torch.float64), atol=1e-6))
     return scheduler, exact
-
-
-def parse_dtype(value: str | torch.dtype | None, key: str) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if value not in _DTYPES:
-        raise ValueError(f"{key} must be one of {sorted(_DTYPES)}, got {value!r}")
-    return _DTYPES[value]
 
 
 class SD3Teacher(Teacher):
