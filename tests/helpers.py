@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -67,6 +68,18 @@ def dmdx_env() -> dict[str, str]:
 
 
 def dmdx_fit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``dmdx fit`` in a fresh process (as a user would), capturing its output."""
-    return subprocess.run([sys.executable, "-m", "dmdx_lightning.cli", "fit", *args], cwd=ROOT, env=dmdx_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    """Run ``dmdx fit`` in a fresh process (as a user would), capturing its output.
+
+    The run gets its own process group, killed whole on timeout: Lightning starts ranks > 0 as
+    children of rank 0, and a hung rank left behind would hold the machine's cores (and a port).
+    """
+    cmd = [sys.executable, "-m", "dmdx_lightning.cli", "fit", *args]
+    with subprocess.Popen(cmd, cwd=ROOT, env=dmdx_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
