@@ -13,6 +13,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies.fsdp import _setup_activation_checkpointing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,6 +60,23 @@ class RankReport(pl.Callback):
         if os.environ.get("SLURM_RESTART_COUNT"):
             name += f"_restart{os.environ['SLURM_RESTART_COUNT']}"
         (self.dir / f"{name}.json").write_text(json.dumps(report, indent=1))
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """FSDPStrategy on CPU (tests only).
+
+    Lightning refuses ``FSDPStrategy`` on CPU (an exact-type check) and wraps with
+    ``device_id=None``, which torch's FSDP rejects without an accelerator; this lifts only those two.
+    """
+
+    def _setup_model(self, model):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = FullyShardedDataParallel(
+            module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs)
+        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
+        return model
 
 
 def dmdx_env() -> dict[str, str]:
