@@ -54,7 +54,9 @@ import dmdx_lightning.discriminators.latent
 import diffusers.pipelines.stable_diffusion_3
 floor = status("VmRSS")
 dmdx_lightning.cli.main(["export", *sys.argv[1:]])
-print("EXPORT_MEMORY " + json.dumps({"import_rss": floor, "peak_rss": status("VmHWM")}))
+import os
+package = os.path.dirname(dmdx_lightning.__file__)
+print("EXPORT_MEMORY " + json.dumps({"import_rss": floor, "peak_rss": status("VmHWM"), "package": package}))
 """
 
 
@@ -97,12 +99,16 @@ def measure(ckpt: Path, out: Path, package_root: Path) -> dict:
     """One export in a fresh process; its memory, what it wrote and the command."""
     args = ["--ckpt_path", str(ckpt), "--output", str(out), "--format", "pipeline"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(package_root))
+    # cwd outside any checkout: `python -c` puts the cwd first on sys.path, ahead of PYTHONPATH
     result = subprocess.run([sys.executable, "-c", PROBE, *args], env=env, capture_output=True, text=True,
-                            timeout=1800)
+                            timeout=1800, cwd=out.parent)
     if result.returncode != 0:
         raise RuntimeError(f"export failed ({package_root}):\n{result.stderr[-3000:]}")
     line = next(l for l in result.stdout.splitlines() if l.startswith("EXPORT_MEMORY "))
     memory = json.loads(line.removeprefix("EXPORT_MEMORY "))
+    package = memory.pop("package")  # which code ran (a machine path: checked, not recorded)
+    if package != str(package_root / "dmdx_lightning"):
+        raise RuntimeError(f"measured the package in {package}, not the one in {package_root}")
     export_bytes = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
     return {**memory, "export_bytes": export_bytes, "checkpoint_bytes": ckpt.stat().st_size,
             "increment": memory["peak_rss"] - memory["import_rss"],
