@@ -28,7 +28,8 @@ from typing import Callable, Iterable
 
 import yaml
 
-from _common import mean_std
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import mean_std  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ARM_KEYS = {"title", "configs", "args", "init_from", "teacher", "lr", "updates"}

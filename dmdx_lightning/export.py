@@ -5,7 +5,7 @@
 - ``--format lora`` (lora-mode runs): the student adapter as ``pytorch_lora_weights.safetensors``
   with its LoRA config in the metadata, loadable by the teacher pipeline's ``load_lora_weights``.
 - ``--format pipeline``: the teacher's pipeline folder with the student denoiser (the adapter
-  merged into a copy of the base in lora mode) and a scheduler configured for the student.
+  merged into the base in lora mode) and a scheduler configured for the student.
 
 What is written is the teacher family's business (the Teacher contract's ``export_formats``,
 ``export_pipeline`` and ``export_lora``; e.g. :class:`~dmdx_lightning.teachers.sd3.SD3Teacher`
@@ -14,43 +14,30 @@ student's sampler step for step). A family without an export stops with a ``NotI
 naming it. The times and the call that reproduces the student are written to
 ``dmdx_export.json`` in the output folder.
 
-The module is rebuilt from the run's ``config.yaml`` (written by the CLI next to the logs; found
-automatically near the checkpoint, or given with ``--config``); the checkpoint supplies the
-student's weights (its EMA when it has one, unless ``--no-ema``).
+Only what the export needs is built, from the run's ``config.yaml`` (written by the CLI next to
+the logs; found automatically near the checkpoint, or given with ``--config``): the teacher with
+the student role alone (``build_roles=("student",)``): in full mode the loaded network becomes the
+student (no second copy, no real score), in lora mode the frozen base gets the student's adapter
+only. The fake score, the discriminator and the rest of the method are never built. The
+checkpoint is memory-mapped and only the student's tensors are read (its EMA when it has one,
+unless ``--no-ema``); optimizer states and other players stay on disk. The lora merge is the
+model library's own (diffusers' ``fuse_lora`` / ``unload_lora`` for SD3), in place.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 from pathlib import Path
 from typing import Sequence
 
-from torch import nn
+from dmdx_lightning.atomic import write_json_atomic
 
 EXPORT_INFO = "dmdx_export.json"
+#: the roles an export builds (Teacher ``build_roles``)
+EXPORT_ROLES = ("student",)
 
 
 # ---------------------------------------------------------------------------------------- the student
-def merged_student(teacher) -> nn.Module:
-    """The student as a plain denoiser: its own copy (full mode) or base + merged adapter (lora mode)."""
-    if teacher.mode == "full":
-        return copy.deepcopy(teacher.roles["student"]).requires_grad_(False).eval()
-    from peft.tuners.lora import LoraLayer
-
-    net = copy.deepcopy(teacher.denoiser)
-    for name, layer in list(net.named_modules()):
-        if isinstance(layer, LoraLayer):
-            layer.merge(adapter_names=["student"])
-            parent_name, _, child = name.rpartition(".")
-            setattr(net.get_submodule(parent_name) if parent_name else net, child, layer.get_base_layer())
-    net.__dict__.pop("peft_config", None)  # set by peft's injection; the merged net has no adapters
-    if "_hf_peft_config_loaded" in net.__dict__:
-        net._hf_peft_config_loaded = False
-    return net.requires_grad_(False).eval()
-
-
 def student_lora_state(teacher) -> tuple[dict, dict]:
     """The student adapter's weights (peft names without the adapter name) and its LoRA config."""
     from peft.utils import get_peft_model_state_dict
@@ -68,9 +55,19 @@ def student_lora_state(teacher) -> tuple[dict, dict]:
 
 
 # ---------------------------------------------------------------------------------------- export
-def export(module, output: str | Path, format: str = "pipeline") -> dict:
-    """Write ``module``'s student (current weights) to ``output`` as ``lora`` or ``pipeline``."""
-    teacher = module.teacher
+def export(teacher, timesteps: Sequence[float], output: str | Path, format: str = "pipeline",
+           provenance: dict | None = None) -> dict:
+    """Write ``teacher``'s student (current weights), sampled at ``timesteps``, to ``output`` as
+    ``lora`` or ``pipeline``, and ``dmdx_export.json`` (how to call it, plus ``provenance``:
+    where the weights came from) once, atomically.
+
+    ``teacher`` must be built with the student alone (:func:`build_teacher`), because the
+    pipeline export consumes it: the adapter is merged into the base in place (no copy) and the
+    student is cast to the teacher's dtype.
+    """
+    if tuple(teacher.build_roles) != EXPORT_ROLES:
+        raise ValueError(f"export needs a teacher built with build_roles={EXPORT_ROLES} (build_teacher(config) "
+                         f"builds one; the pipeline export merges into it in place), got {teacher.build_roles}")
     if format not in ("lora", "pipeline"):
         raise ValueError(f"--format must be 'lora' or 'pipeline', got {format!r}")
     if format not in teacher.export_formats:
@@ -79,7 +76,7 @@ def export(module, output: str | Path, format: str = "pipeline") -> dict:
             f"(it exports: {', '.join(teacher.export_formats) or 'nothing'})")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    timesteps = [float(t) for t in module.student_timesteps]
+    timesteps = [float(t) for t in timesteps]
     info = {
         "format": format,
         "teacher": teacher.identity(),
@@ -91,7 +88,8 @@ def export(module, output: str | Path, format: str = "pipeline") -> dict:
     }
     write = teacher.export_lora if format == "lora" else teacher.export_pipeline
     info.update(write(output, timesteps))
-    (output / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    info.update(provenance or {})
+    write_json_atomic(output / EXPORT_INFO, info)
     return info
 
 
@@ -109,32 +107,67 @@ def find_run_config(ckpt_path: str | Path) -> Path:
                             "and their version_*/ folders): pass the run's config with --config")
 
 
-def build_module(config: str | Path):
-    """Instantiate only the ``model`` of a run config (no trainer, no data)."""
+def _model_parser():
     import lightning.pytorch as pl
-    import yaml
     from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(pl.LightningModule, "model", required=True)
+    return parser
+
+
+def _model_config(config: str | Path) -> dict:
+    import yaml
 
     raw = yaml.safe_load(Path(config).read_text())
     if not isinstance(raw, dict) or "model" not in raw:
         raise ValueError(f"{config} has no 'model' section: pass the config the run was trained with")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(pl.LightningModule, "model", required=True)
     model_cfg = dict(raw["model"])
-    model_cfg.get("init_args", {}).pop("init_from", None)  # the checkpoint supplies the student
-    cfg = parser.parse_object({"model": model_cfg})
-    return parser.instantiate(cfg).model
+    model_cfg["init_args"] = dict(model_cfg.get("init_args") or {})
+    model_cfg["init_args"].pop("init_from", None)  # the checkpoint supplies the student
+    return model_cfg
+
+
+def build_module(config: str | Path):
+    """Instantiate the whole ``model`` of a run config (no trainer, no data), as training builds it."""
+    parser = _model_parser()
+    return parser.instantiate_classes(parser.parse_object({"model": _model_config(config)})).model
+
+
+def build_teacher(config: str | Path):
+    """``(teacher, student_timesteps)`` of a run config, building only what an export needs.
+
+    The model section is parsed (its classes resolved and its values checked, nothing built); then
+    the teacher alone is instantiated, with ``build_roles=("student",)``. The student's times are
+    the method's (``student_timesteps``, else ``student_steps`` evenly spaced).
+    """
+    from jsonargparse import ArgumentParser
+
+    from dmdx_lightning.methods.base import resolve_student_timesteps
+    from dmdx_lightning.teachers.base import Teacher
+
+    model = _model_parser().parse_object({"model": _model_config(config)}).model.init_args
+    if "teacher" not in model or "student_steps" not in model:
+        raise ValueError(f"{config}: the model has no teacher / student_steps: `dmdx export` exports the student "
+                         "of a distillation run (ADM, DMD, ADP ...)")
+    teacher_cfg = model.teacher.as_dict()
+    teacher_cfg["init_args"]["build_roles"] = list(EXPORT_ROLES)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(Teacher, "teacher", required=True)
+    teacher = parser.instantiate_classes(parser.parse_object({"teacher": teacher_cfg})).teacher
+    timesteps = resolve_student_timesteps(model.student_steps, model.get("student_timesteps"), teacher.schedule)
+    return teacher, timesteps
 
 
 def export_checkpoint(ckpt_path: str | Path, output: str | Path, format: str = "pipeline",
                       config: str | Path | None = None, use_ema: bool = True) -> dict:
+    from dmdx_lightning.methods.base import load_student
+
     config = Path(config) if config else find_run_config(ckpt_path)
-    module = build_module(config)
-    module.load_student_from(str(ckpt_path), use_ema=use_ema)
-    info = export(module, output, format)
-    info.update(checkpoint=str(ckpt_path), config=str(config), ema=use_ema and module.ema is not None)
-    (Path(output) / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    teacher, timesteps = build_teacher(config)
+    ema = load_student(teacher, str(ckpt_path), use_ema, what="--ckpt_path")
+    return export(teacher, timesteps, output, format,
+                  provenance={"checkpoint": str(ckpt_path), "config": str(config), "ema": ema})
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies.fsdp import _setup_activation_checkpointing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,6 +62,23 @@ class RankReport(pl.Callback):
         (self.dir / f"{name}.json").write_text(json.dumps(report, indent=1))
 
 
+class CPUFSDPStrategy(FSDPStrategy):
+    """FSDPStrategy on CPU (tests only).
+
+    Lightning refuses ``FSDPStrategy`` on CPU (an exact-type check) and wraps with
+    ``device_id=None``, which torch's FSDP rejects without an accelerator; this lifts only those two.
+    """
+
+    def _setup_model(self, model):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = FullyShardedDataParallel(
+            module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs)
+        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
+        return model
+
+
 def dmdx_env() -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for key in [k for k in env if k.startswith(("SLURM_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_"))]:
@@ -67,6 +87,18 @@ def dmdx_env() -> dict[str, str]:
 
 
 def dmdx_fit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``dmdx fit`` in a fresh process (as a user would), capturing its output."""
-    return subprocess.run([sys.executable, "-m", "dmdx_lightning.cli", "fit", *args], cwd=ROOT, env=dmdx_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    """Run ``dmdx fit`` in a fresh process (as a user would), capturing its output.
+
+    The run gets its own process group, killed whole on timeout: Lightning starts ranks > 0 as
+    children of rank 0, and a hung rank left behind would hold the machine's cores (and a port).
+    """
+    cmd = [sys.executable, "-m", "dmdx_lightning.cli", "fit", *args]
+    with subprocess.Popen(cmd, cwd=ROOT, env=dmdx_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

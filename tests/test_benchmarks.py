@@ -119,3 +119,16 @@ def test_speed_pass_counter_counts_teacher_passes_per_player():
                 s.bare_iteration(module, optimizers, batch, counter, passes)
                 assert passes == want, loss
         assert len(counter.modules) == 3  # full mode: the real, fake and student networks
+
+
+@pytest.mark.slow
+def test_export_memory_quick_writes_results(tmp_path):
+    e = load("export_memory")
+    report = e.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "export_memory.json").read_text())
+    m = saved["runs"]["tiny"]["lora"]["this"]
+    assert m == report["runs"]["tiny"]["lora"]["this"]
+    assert m["peak_rss"] >= m["import_rss"] > 0 and m["export_bytes"] > 0
+    assert m["ratio"] == pytest.approx((m["peak_rss"] - m["import_rss"]) / m["export_bytes"])
+    assert m["command"].startswith("dmdx export --ckpt_path last.ckpt")
+    assert "| tiny | lora | this |" in (tmp_path / "export_memory.md").read_text()

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from dmdx_lightning.cli import main as dmdx
-from dmdx_lightning.export import EXPORT_INFO, build_module
+from dmdx_lightning.export import EXPORT_INFO, build_module, build_teacher, export, export_checkpoint
 from dmdx_lightning.teachers.sd3 import student_flow_scheduler
 from tests.conftest import TINY_SD3, prompt_loader
 
@@ -93,6 +93,42 @@ def test_export_round_trip_matches_our_sampler(trained, fmt, tmp_path, tiny_sd3_
     assert (latents - untrained).abs().max() > 1e-3
 
 
+@pytest.mark.slow
+def test_export_builds_the_student_alone(trained, tmp_path):
+    """`dmdx export` builds the teacher's frozen parts and the student, nothing else: no fake score,
+    no discriminator, no method module, and in full mode no second transformer."""
+    mode, module, ckpt = trained
+    built = []  # every module given a submodule while the export runs (torch's global registration hook)
+    handle = torch.nn.modules.module.register_module_module_registration_hook(
+        lambda parent, name, child: built.append((type(parent).__name__, name, type(child).__name__)))
+    try:
+        export_checkpoint(ckpt, tmp_path / "out", "pipeline")
+    finally:
+        handle.remove()
+    parents = {p for p, _, _ in built}
+    assert "SD3Teacher" in parents and ("SD3Teacher", "denoiser", "SD3Transformer2DModel") in built  # it sees
+    assert not parents & {"ADMModule", "LatentDiscriminator", "Head2D", "GeneratorEMA"}, parents
+    assert not [b for b in built if b[1] == "fake"], "a fake-score role or adapter was built"
+    # full mode: the roles dict holds one transformer, the student (the loaded one, see below)
+    assert [name for p, name, c in built if p == "ModuleDict" and c == "SD3Transformer2DModel"] == \
+        (["student"] if mode == "full" else [])
+
+    teacher, timesteps = build_teacher(ckpt.parent.parent / "config.yaml")
+    assert teacher.build_roles == ("student",) and timesteps == module.student_timesteps
+    if mode == "full":  # the loaded transformer IS the student: one copy, no real score
+        assert list(teacher.roles) == ["student"] and teacher.roles["student"] is teacher.denoiser
+    else:  # one base with the student's adapter only
+        assert not teacher.roles
+        adapters = {n.split(".lora_A.")[1].split(".")[0] for n, _ in teacher.denoiser.named_parameters() if ".lora_A." in n}
+        assert adapters == {"student"}
+    for role in ("fake", "real"):
+        with pytest.raises(ValueError, match=f"no '{role}' role"):
+            teacher.network(role)
+    # a training teacher is refused: the export would merge into (and cast) its live student
+    with pytest.raises(ValueError, match="build_roles"):
+        export(module.teacher, module.student_timesteps, tmp_path / "refused")
+
+
 def test_student_scheduler_replays_student_times():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -122,3 +158,11 @@ def test_export_without_config_is_a_clear_error(tmp_path):
     ckpt.write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="--config"):
         dmdx(["export", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "out")])
+
+
+def test_training_refuses_a_teacher_built_for_export():
+    from dmdx_lightning.methods.adm import ADMModule
+    from dmdx_lightning.teachers.digits import DigitsTeacher
+
+    with pytest.raises(ValueError, match="build_roles"):
+        ADMModule(DigitsTeacher(build_roles=["student"]))

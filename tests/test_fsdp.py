@@ -1,43 +1,29 @@
 """configs/trainer/fsdp.yaml on CPU: full-mode SD3 ADM trains, checkpoints and restarts under FSDP.
 
-Lightning refuses ``FSDPStrategy`` on CPU (an exact-type check) and wraps with ``device_id=None``,
-which torch's FSDP rejects without an accelerator; the subclass below only lifts those two, so the
-wrapping (auto-wrap policy, ``use_orig_params``, full state dict) is the config's own. World size
-1 runs FSDP as NO_SHARD.
+On CPU the strategy is :class:`tests.helpers.CPUFSDPStrategy`, which lifts only what stops
+Lightning's FSDP there, so the wrapping (auto-wrap policy, ``use_orig_params``, full state dict)
+is the config's own. World size 1 runs FSDP as NO_SHARD (in-process here); FULL_SHARD across two
+processes is in tests/test_multiprocess.py.
 """
 
 from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.strategies.fsdp import _setup_activation_checkpointing
 
 from dmdx_lightning.cli import DMDXCLI
 from dmdx_lightning.methods.distributed import clean_name
+from tests.helpers import CPUFSDPStrategy
 
 ROOT = Path(__file__).resolve().parent.parent
 _TEACHER = "--model.init_args.teacher.init_args."
 FROZEN_PREFIXES = ("teacher.denoiser.", "teacher.text_encoder", "teacher.vae.")
 
 
-class CPUFSDPStrategy(FSDPStrategy):
-    """FSDPStrategy on CPU (tests only)."""
-
-    def _setup_model(self, model):
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        model = FullyShardedDataParallel(
-            module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-            sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs)
-        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
-        return model
-
-
 def fsdp_cli(tiny_sd3_dir, tmp_path, max_steps, *extra):
     args = ["--config", str(ROOT / "configs" / "adm_sd35_large.yaml"),
             "--config", str(ROOT / "configs" / "trainer" / "fsdp.yaml"),
-            "--trainer.strategy.class_path", f"{__name__}.CPUFSDPStrategy",
+            "--trainer.strategy.class_path", "tests.helpers.CPUFSDPStrategy",
             _TEACHER + "pretrained_model_name_or_path", str(tiny_sd3_dir), _TEACHER + "resolution", "16",
             _TEACHER + "max_sequence_length", "16", _TEACHER + "torch_dtype", "float32",
             "--model.init_args.discriminator.init_args.layers", "[0, 1]",

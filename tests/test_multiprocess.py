@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.helpers import dmdx_fit
+from tests.test_configs import SD3_TINY, TINY_HEADS
 
 MODULE_CONFIGS = {"adm": "tests/configs/adm_tiny.yaml"}
 
@@ -66,3 +68,95 @@ def test_ddp_resume_is_exact_with_per_rank_rng(module_name, tmp_path):
         assert resumed[r]["fingerprint"] == reference[r]["fingerprint"]
         assert resumed[r]["torch_rng"] == reference[r]["torch_rng"]
         assert resumed[r]["indices"] == reference[r]["indices"][3:]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_shipped_adm_sd3_config_trains_on_two_processes(tiny_sd3_dir, tmp_path):
+    """configs/adm_sd3.yaml as shipped (its strategy, callbacks and checkpointing) on 2 CPU processes;
+    only the weights (the tiny SD3 folder), the device and the length change.
+
+    It used to hang: SampleGrid drew its first grid on rank 0 alone and asked ``trainer.log_dir``
+    there, a broadcast under DDP, while rank 1 waited in the next step's gradient all-reduce.
+    """
+    tiny = [a.replace("{tiny_sd3}", str(tiny_sd3_dir)) for a in SD3_TINY]
+    out = tmp_path / "report"
+    # 6 optimizer steps = 2 iterations; fp32 on CPU (bf16-mixed on CPU is slow, not what is tested)
+    result = dmdx_fit("--config", "configs/adm_sd3.yaml", *tiny, *TINY_HEADS,
+                      "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
+                      "--trainer.max_steps", "6", "--trainer.enable_progress_bar", "false",
+                      "--trainer.default_root_dir", str(tmp_path / "run"),
+                      "--trainer.callbacks+=tests.helpers.RankReport", f"--trainer.callbacks.dir={out}",
+                      timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 6
+    # DDP kept the players identical on both ranks (LoRA adapters of both roles, heads)
+    assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6
+    samples = {p.name for p in (tmp_path / "run").rglob("samples/*.png")}
+    assert {"student_step0000003.png", "teacher_step0000003.png", "student_step0000006.png"} <= samples
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_fsdp_full_shard_two_processes_saves_trainable_state_and_resumes(tiny_sd3_dir, tmp_path, monkeypatch):
+    """configs/trainer/fsdp.yaml (FULL_SHARD) on 2 CPU processes, full-mode SD3 ADM: trains, writes
+    a consolidated checkpoint that holds exactly the trainable state, and a resumed run goes on
+    from the checkpoint's iteration to the same weights as the uninterrupted run."""
+    from dmdx_lightning.methods.distributed import clean_name
+    from tests.test_fsdp import ROOT, fsdp_cli
+
+    tiny = [a.replace("{tiny_sd3}", str(tiny_sd3_dir)) for a in SD3_TINY]
+
+    def fit(name, *extra):
+        out = tmp_path / name
+        result = dmdx_fit("--config", "configs/adm_sd35_large.yaml", "--config", "configs/trainer/fsdp.yaml",
+                          "--trainer.strategy.class_path", "tests.helpers.CPUFSDPStrategy", *tiny, *TINY_HEADS,
+                          "--data.init_args.batch_size", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                          "--trainer.precision", "32-true", "--trainer.max_steps", "6", "--trainer.logger", "false",
+                          "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+                          "--trainer.default_root_dir", str(out), "--trainer.callbacks", "[]",
+                          # 3 optimizer steps = 1 iteration of generator, fake score and discriminator
+                          "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                          f"--trainer.callbacks.dirpath={out / 'ckpt'}", "--trainer.callbacks.every_n_train_steps=3",
+                          "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename={step}",
+                          "--trainer.callbacks+=tests.helpers.RankReport", f"--trainer.callbacks.dir={out / 'report'}",
+                          *extra, timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return out, [json.loads((out / "report" / f"rank{r}.json").read_text()) for r in range(2)]
+
+    def state(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    reference, ranks = fit("reference")
+    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["global_step"] == ranks[1]["global_step"] == 6
+    assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]  # the gathered full state agrees on both ranks
+    saved = state(reference / "ckpt" / "step=6.ckpt")
+    weights = saved["state_dict"]
+
+    # exactly the trainable state (student, fake score, heads) and the buffers, at full (unsharded) size
+    monkeypatch.chdir(ROOT)
+    model = fsdp_cli(tiny_sd3_dir, tmp_path / "unwrapped", 6).model  # the same config, built in-process
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    persistent = set(model.state_dict())  # non-persistent buffers (CLIP's position_ids) are never saved
+    expected = {**{clean_name(n): tuple(p.shape) for n, p in trainable.items()},
+                **{n: tuple(b.shape) for n, b in model.named_buffers() if n in persistent}}
+    assert {k: tuple(v.shape) for k, v in weights.items()} == expected
+    assert int(weights["iteration"]) == 2
+    # the student trained (it starts as the loaded teacher, as the in-process build's does)
+    assert any(not torch.equal(weights[n], p) for n, p in trainable.items() if n.startswith("teacher.roles.student."))
+    frozen = {clean_name(n) for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(k.startswith("teacher.denoiser.") for k in frozen) and not frozen & set(weights)  # no frozen weight
+
+    # resume from iteration 1 (optimizer step 3): one more iteration per rank, the same end state
+    resumed, ranks = fit("resumed", "--ckpt_path", str(reference / "ckpt" / "step=3.ckpt"))
+    for r in ranks:
+        assert r["ckpt_path"].endswith("step=3.ckpt") and r["global_step"] == 6
+        assert len(r["indices"]) == 1  # it started at the second iteration, not from scratch
+    again = state(resumed / "ckpt" / "step=6.ckpt")
+    assert int(again["state_dict"]["iteration"]) == 2
+    for key, value in weights.items():
+        torch.testing.assert_close(again["state_dict"][key], value, rtol=0, atol=0, msg=key)

@@ -18,30 +18,31 @@ from dmdx_lightning.teachers.base import Teacher
 from tests.conftest import TINY_SD3
 
 
-def _digits(mode, request):
+def _digits(mode, request, **kw):
     from dmdx_lightning.teachers.digits import DigitsTeacher
 
-    return DigitsTeacher(mode=mode, lora_rank=4)
+    return DigitsTeacher(mode=mode, lora_rank=4, **kw)
 
 
-def _sd3(mode, request):
+def _sd3(mode, request, **kw):
     from dmdx_lightning.teachers.sd3 import SD3Teacher
 
     return SD3Teacher(pretrained_model_name_or_path=str(request.getfixturevalue("tiny_sd3_dir")), mode=mode,
-                      **TINY_SD3)
+                      **TINY_SD3, **kw)
 
 
-def _mixture(mode, request):
+def _mixture(mode, request, **kw):
     from dmdx_lightning.teachers.mixture import MixtureTeacher
 
     return MixtureTeacher(shape=(2, 4, 4), num_classes=4, modes_per_class=4, std=0.3, channels=8, num_blocks=2,
-                          sample_steps=8, mode=mode, lora_rank=4)
+                          sample_steps=8, mode=mode, lora_rank=4, **kw)
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    build: Callable[[str, pytest.FixtureRequest], Teacher]
+    #: ``(mode, request, **Teacher options) -> teacher``
+    build: Callable[..., Teacher]
     #: decode(encode(images)) == images within this tolerance; None: only shapes are checked
     #: (a random tiny VAE does not reconstruct)
     round_trip_atol: float | None = None
@@ -59,9 +60,9 @@ def family(request) -> Family:
     return request.param
 
 
-def build(family: Family, request, mode: str = "full") -> Teacher:
+def build(family: Family, request, mode: str = "full", **kw) -> Teacher:
     torch.manual_seed(0)
-    return family.build(mode, request)
+    return family.build(mode, request, **kw)
 
 
 def inputs(teacher: Teacher, batch: int = 2, seed: int = 0):
@@ -127,6 +128,25 @@ def test_changing_the_student_changes_only_the_student(family, request, mode):
     assert (after["student"] - before["student"]).abs().max() > 1e-4
     torch.testing.assert_close(after["real"], before["real"], rtol=0, atol=0)
     torch.testing.assert_close(after["fake"], before["fake"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_the_student_built_alone_is_the_training_student(family, request, mode):
+    """``build_roles=("student",)`` (what `dmdx export` builds): the student under the same names
+    and with the same predictions as in a training build, one network, and no other role."""
+    whole, alone = build(family, request, mode), build(family, request, mode, build_roles=["student"])
+    names = [n for n, _ in whole.named_trainable_parameters("student")]
+    assert [n for n, _ in alone.named_trainable_parameters("student")] == names  # checkpoint keys match
+    x_t, t, cond = inputs(alone)
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(whole.named_trainable_parameters("student"), alone.named_trainable_parameters("student")):
+            q.copy_(p.add_(0.05 * torch.randn_like(p)))  # a student that differs from the teacher
+        torch.testing.assert_close(alone.predict("student", x_t, t, cond)[0], whole.predict("student", x_t, t, cond)[0])
+    if mode == "full":  # the loaded network is the student: no real score and no copy beside it
+        assert alone.roles["student"] is alone.denoiser and list(alone.roles) == ["student"]
+    for role in ("real", "fake"):
+        with pytest.raises(ValueError, match=f"no '{role}' role"):
+            alone.network(role)
 
 
 def test_trainable_parameters_are_the_roles_own(family, request):

@@ -51,6 +51,14 @@ class SampleGrid(pl.Callback):
         self.log_teacher = log_teacher
         self._teacher_done = False
         self._last_step = -1
+        self._dir: Path | None = None
+
+    def setup(self, trainer: pl.Trainer, module, stage: str) -> None:
+        # trainer.log_dir is a collective under DDP (rank 0 broadcasts its logger's folder), so it is
+        # read here, where every rank comes, and never in draw, which runs on rank 0 alone: there
+        # the broadcast waited for ranks that were already in the next step's gradient all-reduce,
+        # and a multi-process run hung at its first grid
+        self._dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
 
     def _inputs(self, module):
         teacher = module.teacher
@@ -81,8 +89,9 @@ class SampleGrid(pl.Callback):
         return self._png_path(trainer, "student")
 
     def _png_path(self, trainer, name: str) -> Path:
-        root = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
-        return root / f"{name}_step{trainer.global_step:07d}.png"
+        if self._dir is None:
+            raise RuntimeError("SampleGrid draws only inside a Trainer run (its setup hook finds the log folder)")
+        return self._dir / f"{name}_step{trainer.global_step:07d}.png"
 
     def _emit(self, trainer, name: str, grid: Tensor) -> None:
         path = self._png_path(trainer, name)

@@ -28,10 +28,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from dmdx_lightning.ema import GeneratorEMA
-from dmdx_lightning.methods.distributed import check_ddp_finds_unused_parameters, clean_name, finish_fsdp_backward
+from dmdx_lightning.methods.distributed import (check_ddp_finds_unused_parameters, clean_name,
+                                                 finish_fsdp_backward, same_pass_count)
 from dmdx_lightning.rng import capture_rng, restore_rng
 from dmdx_lightning.schedules import student_timesteps
-from dmdx_lightning.teachers.base import Conditioning, Teacher
+from dmdx_lightning.teachers.base import ROLES, Conditioning, Teacher
 
 
 def _default_optimizer(params):
@@ -104,11 +105,11 @@ class DistillationModule(pl.LightningModule):
         self.automatic_optimization = False
         # the frozen teacher is left out of checkpoints, so loading must accept its absence
         self.strict_loading = False
+        if set(teacher.build_roles) != set(ROLES):
+            raise ValueError(f"model.init_args.teacher.init_args.build_roles is {teacher.build_roles}: distillation "
+                             f"trains with all roles {ROLES} (fewer are for `dmdx export`); remove build_roles")
         self.teacher = teacher
-        self.student_timesteps = list(student_timesteps or default_student_timesteps(student_steps, teacher.schedule))
-        if any(not 0.0 < t <= 1.0 for t in self.student_timesteps) or \
-                sorted(self.student_timesteps, reverse=True) != self.student_timesteps:
-            raise ValueError(f"student_timesteps must be decreasing values in (0, 1], got {self.student_timesteps}")
+        self.student_timesteps = resolve_student_timesteps(student_steps, student_timesteps, teacher.schedule)
         if not 0 <= first_trained_step < len(self.student_timesteps):
             raise ValueError(f"first_trained_step must be in [0, {len(self.student_timesteps)}) for "
                              f"{len(self.student_timesteps)} student steps, got {first_trained_step}")
@@ -228,6 +229,8 @@ class DistillationModule(pl.LightningModule):
             noise = torch.randn(self.teacher.latent_shape(len(cond)), device=self.device)
         ts = self.student_timesteps
         k = int(torch.randint(self.first_trained_step, len(ts), ())) if len(ts) > 1 else 0
+        if len(ts) > 1 and self._trainer is not None:
+            k = same_pass_count(k, self.trainer.strategy)  # FSDP: the same student passes on every rank
         x_t = noise
         if k > 0:
             with torch.no_grad():
@@ -249,17 +252,7 @@ class DistillationModule(pl.LightningModule):
 
     def load_student_from(self, path: str, use_ema: bool = True) -> None:
         """Start the student from ``path``'s student weights (its EMA when it has one)."""
-        ckpt = _load_checkpoint(path)
-        state = ckpt["state_dict"]
-        _check_family(ckpt, self.teacher, path)
-        params = dict(self.teacher.named_trainable_parameters("student"))
-        missing = [n for n in params if f"teacher.{n}" not in state]
-        if missing:
-            raise KeyError(f"{path} has no student weights for {missing[:3]}... (is it a checkpoint of this teacher/mode?)")
-        shadows = GeneratorEMA.stored_shadows(state, "ema.", len(params)) if use_ema else None
-        with torch.no_grad():
-            for i, (n, p) in enumerate(params.items()):
-                p.copy_(shadows[i] if shadows is not None else state[f"teacher.{n}"])
+        load_student(self.teacher, path, use_ema)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -298,6 +291,38 @@ class DistillationModule(pl.LightningModule):
         restore_rng(rng, self.global_rank, self.trainer.world_size, self.device)
 
 
+def load_student(teacher: Teacher, path: str, use_ema: bool = True, what: str = "init_from checkpoint") -> bool:
+    """Copy the student's weights from checkpoint ``path`` into ``teacher`` (the EMA's when the
+    checkpoint has one and ``use_ema``); returns whether the EMA was used.
+
+    Only the student's tensors are read: the checkpoint is memory-mapped, so the fake score, the
+    heads and the optimizer states in it are never loaded into memory (``dmdx export`` of a
+    full-mode SD3.5-Large checkpoint would otherwise read some 200 GB).
+    """
+    ckpt = _load_checkpoint(path, what)
+    state = ckpt["state_dict"]
+    _check_family(ckpt, teacher, path)
+    params = dict(teacher.named_trainable_parameters("student"))
+    missing = [n for n in params if f"teacher.{n}" not in state]
+    if missing:
+        raise KeyError(f"{path} has no student weights for {missing[:3]}... (is it a checkpoint of this teacher/mode?)")
+    shadows = GeneratorEMA.stored_shadows(state, "ema.", len(params)) if use_ema else None
+    with torch.no_grad():
+        for i, (n, p) in enumerate(params.items()):
+            p.copy_(shadows[i] if shadows is not None else state[f"teacher.{n}"])
+    return shadows is not None
+
+
+def resolve_student_timesteps(student_steps: int, student_timesteps: Sequence[float] | None,
+                              schedule) -> list[float]:
+    """The student's sampling times: ``student_timesteps`` as given, else ``student_steps`` evenly
+    spaced ones (:func:`default_student_timesteps`); checked to decrease within ``(0, 1]``."""
+    times = [float(t) for t in (student_timesteps or default_student_timesteps(student_steps, schedule))]
+    if any(not 0.0 < t <= 1.0 for t in times) or sorted(times, reverse=True) != times:
+        raise ValueError(f"student_timesteps must be decreasing values in (0, 1], got {times}")
+    return times
+
+
 def default_student_timesteps(num_steps: int, schedule) -> list[float]:
     """``num_steps`` evenly spaced times from 1, through the schedule's ``shift_time``."""
     return student_timesteps(num_steps, schedule=schedule)
@@ -312,13 +337,15 @@ def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def _load_checkpoint(path: str) -> dict:
+def _load_checkpoint(path: str, what: str = "init_from checkpoint") -> dict:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"init_from checkpoint {path} does not exist (run the stage that writes it "
-                                "first, e.g. `dmdx fit --config configs/quickstart/adp.yaml`)")
-    # weights_only: never unpickle arbitrary objects (our checkpoints hold tensors and plain types only)
-    return torch.load(p, map_location="cpu", weights_only=True)
+        hint = " (run the stage that writes it first, e.g. `dmdx fit --config configs/quickstart/adp.yaml`)" \
+            if what.startswith("init_from") else ""
+        raise FileNotFoundError(f"{what} {path} does not exist{hint}")
+    # weights_only: never unpickle arbitrary objects (our checkpoints hold tensors and plain types only);
+    # mmap: a tensor is read from disk only when it is used (the caller takes the student's)
+    return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
 
 
 def _check_family(checkpoint: dict, teacher: Teacher, where: str) -> None:

@@ -1,6 +1,7 @@
 """What Lightning's distributed strategies need from modules that optimize manually, several
 players per iteration: DDP must find unused parameters, FSDP must finish each manual backward,
-and parameter names lose FSDP's wrapper parts before they meet state-dict keys.
+FSDP ranks must run the same network passes, and parameter names lose FSDP's wrapper parts before
+they meet state-dict keys.
 """
 
 from __future__ import annotations
@@ -36,6 +37,23 @@ def check_ddp_finds_unused_parameters(strategy) -> None:
             "only its own parameters: set trainer.strategy to ddp_find_unused_parameters_true (or give "
             "lightning.pytorch.strategies.DDPStrategy init_args {find_unused_parameters: true}), as "
             "configs/trainer/ddp_cpu.yaml does")
+
+
+def same_pass_count(value: int, strategy) -> int:
+    """``value`` as rank 0 drew it under FSDP, this rank's own otherwise.
+
+    For random choices that set how many network passes an iteration makes (e.g. how many student
+    steps backward simulation runs). Under FSDP every forward of a unit is an all-gather, so the
+    ranks must make the same passes in the same order; ranks that drew different counts exchanged
+    mismatched tensors (gloo: "Received data size doesn't match expected size") or hung. Under DDP
+    passes are local and each rank keeps its own draw. Every rank still draws, so the RNG streams
+    advance as without FSDP.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(strategy, FSDPStrategy) or strategy.world_size < 2:
+        return value
+    return int(strategy.broadcast(int(value), src=0))
 
 
 def finish_fsdp_backward(root: torch.nn.Module) -> None:

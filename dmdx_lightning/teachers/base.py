@@ -10,6 +10,10 @@ generator ``G_theta`` are three roles on one architecture.
 
 The discriminator backbone is the real score's network (frozen), never another copy.
 
+``build_roles`` builds fewer roles where fewer are needed: ``dmdx export`` builds the student
+alone. In full mode the loaded network then IS the student (no copy, no real score); in lora mode
+only the student's adapter is injected.
+
 The contract (one file per family in ``teachers/``; checked for every family by
 ``tests/test_teacher_conformance.py``). Prediction conversion, CFG, the ODE step, samplers and
 role switching are written once here; a family provides:
@@ -102,6 +106,10 @@ class Teacher(nn.Module):
         lora_rank, lora_alpha: LoRA size, used in ``lora`` mode.
         lora_target_modules: module names the adapters wrap (family default when ``None``).
         gradient_checkpointing: trade compute for memory in the trainable roles.
+        build_roles: the roles to build (default: all three, as training needs). ``("student",)``
+            is what ``dmdx export`` builds: in full mode the loaded network becomes the student
+            itself, in lora mode only the ``"student"`` adapter is injected; asking such a
+            teacher for another role is an error naming the role.
     """
 
     # ---- MUST: class attributes
@@ -138,10 +146,18 @@ class Teacher(nn.Module):
         lora_alpha: float | None = None,
         lora_target_modules: list[str] | None = None,
         gradient_checkpointing: bool = False,
+        build_roles: Sequence[str] = ROLES,
     ) -> None:
         super().__init__()
         if mode not in ("full", "lora"):
             raise ValueError(f"mode must be 'full' or 'lora', got {mode!r}")
+        build_roles = tuple(build_roles)
+        if not build_roles or not set(build_roles) <= set(ROLES):
+            raise ValueError(f"build_roles must be a non-empty subset of {ROLES}, got {build_roles!r}")
+        if mode == "full" and "real" not in build_roles and len(set(build_roles) & set(TRAINABLE_ROLES)) > 1:
+            # without the real score the loaded network is reused as the one trainable role
+            raise ValueError(f"build_roles {build_roles!r}: without 'real', full mode builds one trainable role")
+        self.build_roles = build_roles
         self.mode = mode
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha if lora_alpha is not None else float(lora_rank)
@@ -160,10 +176,12 @@ class Teacher(nn.Module):
         denoiser.requires_grad_(False).eval()
         self.denoiser = denoiser
         self.roles = nn.ModuleDict()
+        trainable = [role for role in TRAINABLE_ROLES if role in self.build_roles]
         if self.mode == "full":
-            for role in TRAINABLE_ROLES:
-                net = copy.deepcopy(denoiser).requires_grad_(True).train()
-                self.roles[role] = net
+            for role in trainable:
+                # without the real score nothing else needs the loaded weights: they become the role's
+                net = copy.deepcopy(denoiser) if "real" in self.build_roles else denoiser
+                self.roles[role] = net.requires_grad_(True).train()
         else:
             from peft import LoraConfig, inject_adapter_in_model
 
@@ -172,7 +190,7 @@ class Teacher(nn.Module):
                 raise ValueError(f"{type(self).__name__}: lora mode needs lora_target_modules")
             config = LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, target_modules=targets,
                                 init_lora_weights=True)
-            for role in TRAINABLE_ROLES:
+            for role in trainable:
                 inject_adapter_in_model(config, denoiser, adapter_name=role)
             for name, p in denoiser.named_parameters():
                 p.requires_grad_(_lora_role_of(name) is not None)
@@ -183,7 +201,7 @@ class Teacher(nn.Module):
                     # (peft casts a layer's input to its adapter's dtype and the sum back).
                     p.data = p.data.float()
         if self.gradient_checkpointing:
-            for role in TRAINABLE_ROLES:
+            for role in trainable:
                 self.enable_gradient_checkpointing(self.network(role))
 
     def check_contract(self) -> None:
@@ -216,25 +234,35 @@ class Teacher(nn.Module):
 
     def network(self, role: str) -> nn.Module:
         """The module that computes ``role`` (in lora mode the shared base for every role)."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self._check_built(role)
         if role == "real" or self.mode == "lora":
             return self.denoiser
         return self.roles[role]
 
     def trainable_parameters(self, role: str) -> list[nn.Parameter]:
         """Parameters an optimizer of ``role`` owns (adapters only in lora mode)."""
-        if role not in TRAINABLE_ROLES:
-            raise ValueError(f"only {TRAINABLE_ROLES} are trainable, got {role!r}")
-        if self.mode == "full":
-            return list(self.roles[role].parameters())
-        return [p for n, p in self.denoiser.named_parameters() if _lora_role_of(n) == role]
+        return [p for _, p in self.named_trainable_parameters(role)]
 
     def named_trainable_parameters(self, role: str) -> Iterator[tuple[str, nn.Parameter]]:
-        wanted = {id(p) for p in self.trainable_parameters(role)}
-        for name, p in self.named_parameters():
-            if id(p) in wanted:
-                yield name, p
+        """``role``'s trainable parameters under their names in this module's state dict (the names
+        a training build writes to checkpoints, also when ``build_roles`` left the real score out)."""
+        if role not in TRAINABLE_ROLES:
+            raise ValueError(f"only {TRAINABLE_ROLES} are trainable, got {role!r}")
+        self._check_built(role)
+        if self.mode == "full":
+            for name, p in self.roles[role].named_parameters():
+                yield f"roles.{role}.{name}", p
+            return
+        for name, p in self.denoiser.named_parameters():
+            if _lora_role_of(name) == role:
+                yield f"denoiser.{name}", p
+
+    def _check_built(self, role: str) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if role not in self.build_roles:
+            raise ValueError(f"{type(self).__name__} was built with build_roles={self.build_roles} (e.g. by "
+                             f"`dmdx export`, which builds the student alone): it has no {role!r} role")
 
     @contextmanager
     def as_role(self, role: str):
@@ -243,6 +271,7 @@ class Teacher(nn.Module):
         peft's ``set_adapter`` also rewrites ``requires_grad``; the flags are restored so that
         optimizer toggling stays the only thing that decides what trains.
         """
+        self._check_built(role)
         if self.mode == "full":
             yield
             return
@@ -262,7 +291,7 @@ class Teacher(nn.Module):
 
     def train(self, mode: bool = True) -> "Teacher":
         super().train(mode)
-        if self.mode == "full":
+        if self.mode == "full" and "real" in self.build_roles:
             self.denoiser.eval()  # the real score is frozen: no dropout / norm-statistics updates
         return self
 

@@ -165,7 +165,9 @@ class SD3Teacher(Teacher):
                              f"{self.vae_scale_factor * self.patch_size}")
         self.resolution = resolution
         self.setup_roles(transformer)
-        if self.mode == "full" and self.trainable_dtype is not None:
+        if self.mode == "full" and self.trainable_dtype is not None and "real" in self.build_roles:
+            # fp32 master weights serve an optimizer; a student built alone (dmdx export, no real
+            # score) is the loaded network itself and stays in torch_dtype, the dtype it is written in
             for net in self.roles.values():
                 net.to(self.trainable_dtype)
 
@@ -334,13 +336,19 @@ class SD3Teacher(Teacher):
     def export_pipeline(self, output: Path, timesteps: Sequence[float]) -> dict:
         """A ``StableDiffusion3Pipeline`` folder: the student transformer (adapter merged in lora
         mode) in the teacher's dtype, this teacher's VAE and text encoders, and the student's
-        scheduler (:func:`student_flow_scheduler`)."""
-        from dmdx_lightning.export import merged_student
+        scheduler (:func:`student_flow_scheduler`).
 
+        Consumes the student of a teacher built for export (``build_roles=("student",)``): the
+        merge and the cast happen in place, so no second copy of the transformer is made."""
         scheduler, info = self._student_scheduler(timesteps)
+        student = self.network("student")
+        if self.mode == "lora":
+            # diffusers' own merge: W += (alpha / r) B A of the "student" adapter, then every peft
+            # layer is replaced by its base layer (and the peft config dropped)
+            student.fuse_lora(adapter_names=["student"])
+            student.unload_lora()
         # one dtype per pipeline: the student joins the frozen components in the teacher's dtype
-        # (full mode may train fp32 master copies, see trainable_dtype)
-        student = merged_student(self).to(self.torch_dtype or torch.float32)
+        student = student.requires_grad_(False).eval().to(self.torch_dtype or torch.float32)
         self.diffusers_pipeline(student, scheduler).save_pretrained(output, safe_serialization=True)
         return info
 
