@@ -131,8 +131,13 @@ def test_fsdp_full_shard_two_processes_saves_trainable_state_and_resumes(tiny_sd
     def state(path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
-    reference, ranks = fit("reference")
+    # the sample grid too: under FULL_SHARD every forward is a collective, so it samples on every rank
+    # (drawing on rank 0 alone deadlocked); its own generators leave the training RNG untouched
+    reference, ranks = fit("reference", "--trainer.callbacks+=dmdx_lightning.callbacks.samples.SampleGrid",
+                           "--trainer.callbacks.samples_per_prompt=1", "--trainer.callbacks.every_n_steps=3",
+                           "--trainer.callbacks.log_teacher=false")
     assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["global_step"] == ranks[1]["global_step"] == 6
+    assert len(list(reference.glob("**/samples/student_step*.png"))) >= 2  # at step 3 and at fit end
     assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]  # the gathered full state agrees on both ranks
     saved = state(reference / "ckpt" / "step=6.ckpt")
     weights = saved["state_dict"]

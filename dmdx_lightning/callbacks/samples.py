@@ -7,7 +7,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torchvision
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from dmdx_lightning.rng import fixed_noise
@@ -55,9 +54,9 @@ class SampleGrid(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, module, stage: str) -> None:
         # trainer.log_dir is a collective under DDP (rank 0 broadcasts its logger's folder), so it is
-        # read here, where every rank comes, and never in draw, which runs on rank 0 alone: there
-        # the broadcast waited for ranks that were already in the next step's gradient all-reduce,
-        # and a multi-process run hung at its first grid
+        # read here, in a hook every rank runs at the same point, and never in draw: there (rank 0
+        # alone, before) the broadcast waited for ranks already in the next step's gradient
+        # all-reduce, and a multi-process run hung at its first grid
         self._dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
 
     def _inputs(self, module):
@@ -69,8 +68,9 @@ class SampleGrid(pl.Callback):
         noise = fixed_noise(teacher.latent_shape(len(rows)), seeds).to(module.device)
         return cond, noise
 
-    @rank_zero_only
     def draw(self, trainer: pl.Trainer, module) -> Path:
+        """Sample on EVERY rank, write on rank 0: under FSDP the weights are sharded, so each
+        forward is a collective that all ranks must join (rank 0 alone would wait forever)."""
         cond, noise = self._inputs(module)
         teacher = module.teacher
         was_training = module.training
@@ -94,6 +94,8 @@ class SampleGrid(pl.Callback):
         return self._dir / f"{name}_step{trainer.global_step:07d}.png"
 
     def _emit(self, trainer, name: str, grid: Tensor) -> None:
+        if not trainer.is_global_zero:
+            return
         path = self._png_path(trainer, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         torchvision.utils.save_image(grid, path)
