@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dmdx_lightning.teachers.base import Teacher
-from tests.conftest import TINY_SD3
+from tests.conftest import TINY_SD3, TINY_SDXL
 
 
 def _digits(mode, request):
@@ -29,6 +29,13 @@ def _sd3(mode, request):
 
     return SD3Teacher(pretrained_model_name_or_path=str(request.getfixturevalue("tiny_sd3_dir")), mode=mode,
                       **TINY_SD3)
+
+
+def _sdxl(mode, request):
+    from dmdx_lightning.teachers.sdxl import SDXLTeacher
+
+    return SDXLTeacher(pretrained_model_name_or_path=str(request.getfixturevalue("tiny_sdxl_dir")), mode=mode,
+                       **TINY_SDXL)
 
 
 def _mixture(mode, request):
@@ -50,6 +57,7 @@ class Family:
 FAMILIES = [
     Family("digits", _digits, round_trip_atol=0.0),
     Family("sd3", _sd3),
+    Family("sdxl", _sdxl),
     Family("mixture", _mixture),
 ]
 
