@@ -452,3 +452,19 @@ def test_four_step_resume_is_exact_and_the_export_replays_four_steps(four_step, 
     print(f"four steps: max |pipeline - sample_student| = {(theirs - ours).abs().max().item():.2e}")
     assert (theirs - ours).abs().max() < 1e-4
     assert (theirs - real).abs().max() > 1e-3
+
+
+def test_cli_without_the_hub_weights_is_one_paragraph_naming_the_key(tmp_path):
+    """`dmdx fit --config configs/adm_sdxl.yaml` offline: exit 2 with the key and the fix, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "dmdx_lightning.cli", "fit", "--config", "configs/adm_sdxl.yaml",
+                        "--trainer.default_root_dir", str(tmp_path / "run")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert len(out.splitlines()) < 30 and "Traceback" not in out, out
+    assert CONFIG_KEY in out and "hf download" in out and "stabilityai/stable-diffusion-xl-base-1.0" in out
