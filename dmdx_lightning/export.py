@@ -11,8 +11,8 @@ What is written is the teacher family's business (the Teacher contract's ``expor
 ``export_pipeline`` and ``export_lora``; e.g. :class:`~dmdx_lightning.teachers.sd3.SD3Teacher`
 writes a ``StableDiffusion3Pipeline`` whose stochastic flow-matching scheduler replays the
 student's sampler step for step). A family without an export stops with a ``NotImplementedError``
-naming it. The times and the call that reproduces the student are written to
-``dmdx_export.json`` in the output folder.
+naming it. The times and the call that reproduces the student (``call``: the pipeline's keyword
+arguments) are written to ``dmdx_export.json`` in the output folder.
 
 Only what the export needs is built, from the run's ``config.yaml`` (written by the CLI next to
 the logs; found automatically near the checkpoint, or given with ``--config``): the teacher with
@@ -180,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="export raw weights, not the EMA")
     args = parser.parse_args(argv)
     info = export_checkpoint(args.ckpt_path, args.output, args.format, args.config, args.use_ema)
-    call = "" if info.get("default_call_exact", True) else f", sigmas={info['sigmas']}"
+    # the family's export says which pipeline arguments replay the student (``call``)
+    call = info.get("call") or {"num_inference_steps": info["num_inference_steps"], "guidance_scale": 1.0}
     print(f"wrote {args.format} export to {args.output}; generate with "
-          f"num_inference_steps={info['num_inference_steps']}, guidance_scale=1.0{call} (see {EXPORT_INFO})")
+          f"{', '.join(f'{k}={v}' for k, v in call.items())} (see {EXPORT_INFO})")

@@ -138,11 +138,25 @@ class VPSchedule(NoiseSchedule):
     """Discrete variance-preserving schedule (SDXL, CogVideoX) read at continuous ``t``.
 
     ``alpha^2 + sigma^2 = 1``; ``alphas_cumprod`` is interpolated linearly between the
-    ``num_train_timesteps`` training indices, and the network is fed ``t * (N - 1)``.
+    ``num_train_timesteps`` (``N``) training indices. Where ``t`` falls among them is
+    ``time_mapping``:
+
+    - ``"endpoints"``: index ``t (N - 1)``: ``t = 0`` is the first training step (not quite data),
+      ``t = 1`` the last.
+    - ``"trailing"``: index ``N t - 1``, with ``alphas_cumprod = 1`` at index ``-1``: ``t = 0`` is
+      clean data and ``t = 1`` the last training step (999). Evenly spaced times ``k / n`` then
+      land on diffusers' "trailing" integer timesteps ``N k / n - 1``: a 4-step student
+      ``[1, .75, .5, .25]`` is fed DMD2's ``[999, 749, 499, 249]``, a one-step student DMD2's
+      999, and the teacher's Euler grid is DDIM with ``timestep_spacing="trailing"`` ending at
+      the data. SDXL uses this mapping (teachers/sdxl.py).
+
+    The network is fed the (fractional) index.
 
     Args:
         beta_start, beta_end, beta_schedule: as diffusers' ``DDPMScheduler`` (``linear`` or
             ``scaled_linear``).
+        num_train_timesteps: ``N``.
+        time_mapping: ``endpoints`` or ``trailing`` (above).
     """
 
     def __init__(
@@ -151,6 +165,7 @@ class VPSchedule(NoiseSchedule):
         beta_end: float = 0.012,
         beta_schedule: str = "scaled_linear",
         num_train_timesteps: int = 1000,
+        time_mapping: Literal["endpoints", "trailing"] = "endpoints",
     ) -> None:
         n = num_train_timesteps
         if beta_schedule == "linear":
@@ -159,14 +174,31 @@ class VPSchedule(NoiseSchedule):
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
         else:
             raise ValueError(f"beta_schedule must be 'linear' or 'scaled_linear', got {beta_schedule!r}")
+        if time_mapping not in ("endpoints", "trailing"):
+            raise ValueError(f"time_mapping must be 'endpoints' or 'trailing', got {time_mapping!r}")
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.beta_start, self.beta_end, self.beta_schedule = beta_start, beta_end, beta_schedule
         self.num_train_timesteps = n
+        self.time_mapping = time_mapping
+        # the interpolation table and the index offset of t = 0 in it; "trailing" puts the clean
+        # data (alphas_cumprod = 1) at index -1, i.e. position 0 of the table
+        if time_mapping == "trailing":
+            self._table = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
+        else:
+            self._table = self.alphas_cumprod
+
+    def _position(self, t: Tensor) -> Tensor:
+        """``t`` -> position in ``_table`` (float64)."""
+        if self.time_mapping == "trailing":
+            return t.double() * self.num_train_timesteps
+        return t.double() * (self.num_train_timesteps - 1)
 
     def _acp(self, t: Tensor) -> Tensor:
-        pos = t.double() * (self.num_train_timesteps - 1)
-        lo = pos.floor().long().clamp(0, self.num_train_timesteps - 1)
-        hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
-        acp = self.alphas_cumprod.to(t.device)
+        pos = self._position(t)
+        last = len(self._table) - 1
+        lo = pos.floor().long().clamp(0, last)
+        hi = (lo + 1).clamp(max=last)
+        acp = self._table.to(t.device)
         w = pos - lo
         return ((1 - w) * acp[lo] + w * acp[hi]).to(t.dtype)
 
@@ -177,7 +209,18 @@ class VPSchedule(NoiseSchedule):
         return (1.0 - self._acp(torch.as_tensor(t))).sqrt()
 
     def model_timestep(self, t: Tensor) -> Tensor:
+        if self.time_mapping == "trailing":
+            return t * self.num_train_timesteps - 1
         return t * (self.num_train_timesteps - 1)
+
+    def timestep_to_t(self, index: float) -> float:
+        """Inverse of :meth:`model_timestep` for one value (e.g. DMD2's 999 -> 1.0 under ``trailing``)."""
+        if self.time_mapping == "trailing":
+            return (index + 1) / self.num_train_timesteps
+        return index / (self.num_train_timesteps - 1)
+
+    def __repr__(self) -> str:
+        return f"VPSchedule(N={self.num_train_timesteps}, time_mapping={self.time_mapping!r})"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,6 +52,19 @@ TINY_SD3 = {"resolution": 16, "max_sequence_length": 16, "lora_rank": 4}
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A random SDXL pipeline folder (UNet with text_time conditioning, 2 CLIPs, VAE), built once per
+    session; its UNet's sample_size makes the teacher's default resolution 16 px (8x8 latents)."""
+    from dmdx_lightning.teachers.sdxl_random import save_random_sdxl
+
+    return save_random_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny")
+
+
+#: SDXLTeacher options for the tiny folder (its resolution is the default, from the UNet)
+TINY_SDXL = {"lora_rank": 4}
+
+
+@pytest.fixture(scope="session")
 def tiny_sam_path(tmp_path_factory):
     """A random tiny SAM vision encoder saved with save_pretrained (pixel discriminator backbone)."""
     from transformers import SamVisionConfig, SamVisionModel

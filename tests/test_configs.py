@@ -15,6 +15,12 @@ _TEACHER = "--model.init_args.teacher.init_args."
 SD3_TINY = [_TEACHER + "pretrained_model_name_or_path", "{tiny_sd3}", _TEACHER + "resolution", "16",
             _TEACHER + "max_sequence_length", "16", _TEACHER + "torch_dtype", "float32"]
 TINY_HEADS = ["--model.init_args.discriminator.init_args.layers", "[0, 1]"]
+# the SDXL configs leave resolution to the UNet's sample_size and use block indices the tiny UNet
+# also has (2 down, mid, 2 up), so only the folder and the dtype change
+SDXL_TINY = [_TEACHER + "pretrained_model_name_or_path", "{tiny_sdxl}", _TEACHER + "torch_dtype", "float32"]
+TINY_SAM = ["--model.init_args.pixel_discriminator.init_args.backbone.init_args.pretrained", "{tiny_sam}",
+            "--model.init_args.pixel_discriminator.init_args.backbone.init_args.dtype", "float32",
+            "--model.init_args.pixel_discriminator.init_args.layers", "[1, 2]"]
 OVERRIDES: dict[str, list[str]] = {
     "adm_sd3.yaml": SD3_TINY + TINY_HEADS,
     "adm_sd35_large.yaml": SD3_TINY + TINY_HEADS,
@@ -23,9 +29,15 @@ OVERRIDES: dict[str, list[str]] = {
         "--model.init_args.pixel_discriminator.init_args.backbone.init_args.dtype", "float32",
         "--model.init_args.pixel_discriminator.init_args.layers", "[1, 2]"],
     "ode_pairs_sd3.yaml": SD3_TINY,
+    "ode_pairs_sdxl.yaml": SDXL_TINY,
+    "adp_sdxl.yaml": SDXL_TINY + TINY_SAM,
+    "adm_sdxl.yaml": SDXL_TINY,
+    "adm_sdxl_4step.yaml": SDXL_TINY,
+    "dmd2_sdxl.yaml": SDXL_TINY,
 }
 # configs that train on ODE pairs read a small pair set written here instead of the quickstart's
-PAIR_CONFIGS = {"quickstart/adp.yaml", "digits/a1.yaml", "digits/dmd2.yaml", "adp_sd3.yaml", "mixture/adp.yaml", "mixture/a1.yaml", "mixture/dmd2.yaml", "mixture/regression.yaml"}
+PAIR_CONFIGS = {"quickstart/adp.yaml", "digits/a1.yaml", "digits/dmd2.yaml", "adp_sd3.yaml", "adp_sdxl.yaml",
+                "dmd2_sdxl.yaml", "mixture/adp.yaml", "mixture/a1.yaml", "mixture/dmd2.yaml", "mixture/regression.yaml"}
 #: pair sets of the mixture teacher hold its family and latent shape (the data module checks both)
 MIXTURE_PAIRS = {"teacher_family": "mixture", "latent_shape": (16, 8, 8), "prompt": "mixture class 0"}
 
@@ -60,6 +72,9 @@ def build_cli(config, tmp_path, request, drop=()):
     if "{tiny_sd3}" in extra:
         tiny = str(request.getfixturevalue("tiny_sd3_dir"))
         extra = [a.replace("{tiny_sd3}", tiny) for a in extra]
+    if "{tiny_sdxl}" in extra:
+        tiny = str(request.getfixturevalue("tiny_sdxl_dir"))
+        extra = [a.replace("{tiny_sdxl}", tiny) for a in extra]
     if "{tiny_sam}" in extra:
         extra = [a.replace("{tiny_sam}", request.getfixturevalue("tiny_sam_path")) for a in extra]
     if name in PAIR_CONFIGS:

@@ -8,7 +8,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "dmdx_lightning"
 GENERIC = ["callbacks/metrics.py", "callbacks/samples.py", "callbacks/summary.py", "discriminators/pixel.py",
            "discriminators/latent.py", "discriminators/heads.py", "export.py", "methods", "data"]
-FAMILIES = ("dmdx_lightning.teachers.digits", "dmdx_lightning.teachers.sd3", "dmdx_lightning.teachers.mixture")
+FAMILIES = ("dmdx_lightning.teachers.digits", "dmdx_lightning.teachers.sd3", "dmdx_lightning.teachers.sdxl",
+            "dmdx_lightning.teachers.mixture")
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -13,13 +13,14 @@ from tests.test_configs import SD3_TINY, TINY_HEADS
 
 ROOT = Path(__file__).resolve().parent.parent
 SD3_TRAINING = ["adm_sd3.yaml", "adm_sd35_large.yaml", "adp_sd3.yaml"]
+SDXL_TRAINING = ["adp_sdxl.yaml", "adm_sdxl.yaml", "adm_sdxl_4step.yaml", "dmd2_sdxl.yaml"]
 
 
 def _files(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("name", SD3_TRAINING)
+@pytest.mark.parametrize("name", SD3_TRAINING + SDXL_TRAINING)
 def test_sd3_configs_pin_no_output_path_but_their_root(name):
     """A pinned logger save_dir or checkpoint dirpath would stay put when default_root_dir moves."""
     trainer = yaml.safe_load((ROOT / "configs" / name).read_text())["trainer"]

@@ -393,3 +393,23 @@ def test_euler_grid():
     # VP grids are not shifted.
     assert euler_grid(2, VPSchedule()) == pytest.approx([1.0, 0.5, 0.0])
     assert euler_grid(2, FlowMatchSchedule(), t_max=0.5) == pytest.approx([0.5, 0.25, 0.0])
+
+
+def test_vp_trailing_mapping_puts_data_at_zero_and_dmd2_timesteps_on_the_even_grid():
+    from diffusers import DDPMScheduler
+
+    ref = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod.double()
+    sched = VPSchedule(time_mapping="trailing")
+    t = torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64)
+    idx = torch.tensor([999, 749, 499, 249])
+    assert torch.equal(sched.model_timestep(t), idx.double())  # DMD2's 4-step SDXL schedule
+    assert torch.allclose(sched.alpha(t) ** 2, ref[idx], rtol=0, atol=1e-6)
+    zero = torch.tensor([0.0], dtype=torch.float64)
+    assert sched.alpha(zero).item() == 1.0 and sched.sigma(zero).item() == 0.0  # t = 0 is the data
+    # between the data (index -1) and the first training step, alphas_cumprod is interpolated
+    half = torch.tensor([0.0005], dtype=torch.float64)
+    assert sched.alpha(half).item() ** 2 == pytest.approx((1.0 + ref[0].item()) / 2, abs=1e-7)
+    assert sched.timestep_to_t(999) == 1.0 and sched.timestep_to_t(749) == 0.75
+    assert VPSchedule().timestep_to_t(999) == 1.0  # "endpoints": index t (N - 1)
+    with pytest.raises(ValueError, match="time_mapping"):
+        VPSchedule(time_mapping="leading")

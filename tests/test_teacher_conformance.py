@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dmdx_lightning.teachers.base import Teacher
-from tests.conftest import TINY_SD3
+from tests.conftest import TINY_SD3, TINY_SDXL
 
 
 def _digits(mode, request, **kw):
@@ -29,6 +29,13 @@ def _sd3(mode, request, **kw):
 
     return SD3Teacher(pretrained_model_name_or_path=str(request.getfixturevalue("tiny_sd3_dir")), mode=mode,
                       **TINY_SD3, **kw)
+
+
+def _sdxl(mode, request, **kw):
+    from dmdx_lightning.teachers.sdxl import SDXLTeacher
+
+    return SDXLTeacher(pretrained_model_name_or_path=str(request.getfixturevalue("tiny_sdxl_dir")), mode=mode,
+                       **TINY_SDXL, **kw)
 
 
 def _mixture(mode, request, **kw):
@@ -51,6 +58,7 @@ class Family:
 FAMILIES = [
     Family("digits", _digits, round_trip_atol=0.0),
     Family("sd3", _sd3),
+    Family("sdxl", _sdxl),
     Family("mixture", _mixture),
 ]
 
@@ -188,6 +196,14 @@ def test_latent_shape_is_what_decode_reads(family, request):
     images = teacher.decode(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
     assert images.ndim == len(shape) and images.shape[0] == 2 and images.shape[1] in (1, 3)
     assert images.min() >= -1 and images.max() <= 1
+
+
+def test_decode_is_differentiable(family, request):
+    """ADP's pixel discriminator trains the generator through decode (D2's generator loss)."""
+    teacher = build(family, request)
+    latents = (0.1 * torch.randn(teacher.latent_shape(1), generator=torch.Generator().manual_seed(0))).requires_grad_()
+    teacher.decode(latents).sum().backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
 
 
 def test_encode_decode_round_trip(family, request):

@@ -277,7 +277,7 @@ class DistillationModule(pl.LightningModule):
         state = checkpoint.get("state_dict")
         if state is not None:
             expected = {clean_name(n) for n, p in self.named_parameters() if p.requires_grad} | \
-                {clean_name(n) for n, _ in self.named_buffers()}
+                {clean_name(n) for n in _persistent_buffer_names(self)}
             missing = sorted(k for k in expected if k not in state)
             if missing:
                 raise KeyError(f"checkpoint lacks trainable state {missing[:5]}: it was saved by a different "
@@ -326,6 +326,15 @@ def resolve_student_timesteps(student_steps: int, student_timesteps: Sequence[fl
 def default_student_timesteps(num_steps: int, schedule) -> list[float]:
     """``num_steps`` evenly spaced times from 1, through the schedule's ``shift_time``."""
     return student_timesteps(num_steps, schedule=schedule)
+
+
+def _persistent_buffer_names(module: torch.nn.Module):
+    """Buffers a state dict holds: not the non-persistent ones (e.g. CLIP text encoders'
+    ``position_ids`` in transformers 5), which no checkpoint can contain."""
+    for prefix, mod in module.named_modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                yield f"{prefix}.{name}" if prefix else name
 
 
 def _linear_warmup(steps: int):

@@ -30,7 +30,8 @@ MUST
 
 MAY
     - :meth:`block_to_map` (blocks that do not return maps), :meth:`encode` (families with an
-      image encoder), :meth:`identity` (default: the family name),
+      image encoder), :meth:`identity` (default: the family name), :meth:`unconditional` (CFG's
+      unconditional branch; default: the empty prompt encoded),
       :meth:`enable_gradient_checkpointing`, ``default_lora_targets`` (for ``mode="lora"``),
       ``stop_forward_early``;
     - the diffusers export: ``export_formats`` and :meth:`export_pipeline` / :meth:`export_lora`
@@ -297,8 +298,8 @@ class Teacher(nn.Module):
 
     # ------------------------------------------------------------------ family hooks: MUST
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """Prompts -> :class:`Conditioning` with ``pooled`` ``(B, P)``; ``""`` is the unconditional
-        branch of CFG (:meth:`null_conditioning`)."""
+        """Prompts -> :class:`Conditioning` with ``pooled`` ``(B, P)``; by default ``""`` is also the
+        unconditional branch of CFG (:meth:`unconditional`)."""
         raise NotImplementedError(f"{type(self).__name__} must implement encode_prompts")
 
     def model_output(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
@@ -334,6 +335,13 @@ class Teacher(nn.Module):
         The same for every build of the same teacher, different between families."""
         return self.family
 
+    def unconditional(self) -> Conditioning:
+        """The unconditional branch of CFG for ONE sample, as the family's own pipeline builds it.
+
+        Default: the empty prompt encoded. SDXL's pipeline uses zero embeddings instead
+        (``force_zeros_for_empty_prompt``), which a family states by overriding this."""
+        return self.encode_prompts([""])
+
     def export_pipeline(self, output: Path, timesteps: Sequence[float]) -> dict[str, Any]:
         """Write a complete diffusers pipeline folder to ``output`` whose denoiser is the student
         (merged with its adapter in lora mode) and whose scheduler replays the student's
@@ -355,9 +363,9 @@ class Teacher(nn.Module):
 
     # ------------------------------------------------------------------ shared machinery
     def null_conditioning(self, batch_size: int) -> Conditioning:
-        """The empty prompt, encoded once and repeated (the unconditional branch of CFG)."""
+        """The unconditional branch of CFG (:meth:`unconditional`), built once and repeated."""
         if self._null_cache is None:
-            self._null_cache = self.encode_prompts([""])
+            self._null_cache = self.unconditional()
         device = self.denoiser_device
         return self._null_cache.to(device).repeat(batch_size)
 

@@ -20,22 +20,18 @@ CLIP text encoders, T5, their tokenizers, ``scheduler/``). Only what differs fro
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from dmdx_lightning.dtypes import parse_dtype
 from dmdx_lightning.schedules import FlowMatchSchedule
-from dmdx_lightning.teachers.base import Conditioning, Teacher
+from dmdx_lightning.teachers.base import Conditioning
+from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, DiffusersTeacher, parse_dtype
 
-#: the config key users set to point at the weights (named in every loading error)
-CONFIG_KEY = "model.init_args.teacher.init_args.pretrained_model_name_or_path"
-
+__all__ = ["CONFIG_KEY", "SD3Teacher", "parse_dtype", "student_flow_scheduler"]
 
 
 def student_flow_scheduler(base_config: dict, timesteps: Sequence[float]):
@@ -71,7 +67,7 @@ def student_flow_scheduler(base_config: dict, timesteps: Sequence[float]):
     return scheduler, exact
 
 
-class SD3Teacher(Teacher):
+class SD3Teacher(DiffusersTeacher):
     """SD3-Medium, SD3.5-Medium/Large (``StableDiffusion3Pipeline`` layout) as a distillation teacher.
 
     Args:
@@ -102,6 +98,8 @@ class SD3Teacher(Teacher):
 
     family = "sd3"
     prediction_type = "flow"
+    pipeline_name = "SD3"
+    pipeline_layout = "transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/"
     export_formats = ("pipeline", "lora")
     # attention projections of the image and the text stream: diffusers' SD3 LoRA default, so the
     # exported adapter loads with StableDiffusion3Pipeline.load_lora_weights
@@ -130,8 +128,6 @@ class SD3Teacher(Teacher):
         self.torch_dtype = parse_dtype(torch_dtype, "torch_dtype")
         self.trainable_dtype = parse_dtype(trainable_dtype, "trainable_dtype")
         self.drop_t5 = drop_t5
-        self._active_role: str | None = None  # the role of the forward in progress
-        self._applied_role: str | None = None  # the adapter state the network is in (lora mode)
         self.max_sequence_length = max_sequence_length
         self.sample_steps, self.cfg_scale = int(sample_steps), float(cfg_scale)
 
@@ -171,84 +167,9 @@ class SD3Teacher(Teacher):
             for net in self.roles.values():
                 net.to(self.trainable_dtype)
 
-    # ------------------------------------------------------------------ roles under checkpointing
-    @contextmanager
-    def as_role(self, role: str):
-        """The base's adapter switch, remembering the role (re-applied when checkpointed blocks are
-        recomputed) and restoring the enclosing role on exit.
-
-        The switch walks every module of the network, so it runs only when the applied role
-        changes: checkpointed blocks re-enter their role once per block during backward.
-        """
-        previous = self._active_role
-        try:
-            self._apply_role(role)
-            self._active_role = role
-            yield
-        finally:
-            self._active_role = previous
-            if previous is not None:
-                self._apply_role(previous)
-
-    def _apply_role(self, role: str) -> None:
-        if self.mode == "lora" and self._applied_role == role:
-            return
-        with super().as_role(role):
-            pass
-        self._applied_role = role
-
-    def enable_gradient_checkpointing(self, net: nn.Module) -> None:
-        """Checkpoint every transformer block, recomputing it under the role it first ran in.
-
-        In lora mode all roles share one network, and backward runs after the forward's role was
-        left (e.g. the generator's loss goes through the fake score, then through the real
-        score's features): a plain recomputation would use whatever adapter is active then and
-        give wrong gradients (torch notices only when the saved-tensor count differs).
-        """
-        def checkpoint_in_role(block, *args):
-            role = self._active_role
-
-            def run(*inputs):
-                if role is None or self.mode != "lora":
-                    return block(*inputs)
-                with self.as_role(role):
-                    return block(*inputs)
-
-            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
-
-        net.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_in_role)
-
-    @property
-    def stop_forward_early(self) -> bool:
-        # an FSDP unit whose forward is aborted never reshards; its next forward then overwrites
-        # parameters that autograd saved ("modified by an inplace operation")
-        return type(self.denoiser).__name__ != "FullyShardedDataParallel"
-
-    # ------------------------------------------------------------------ loading
     def _load(self, cls, subfolder: str, model: bool = True):
-        """``cls.from_pretrained`` of one component, with an error that says what to do."""
-        kwargs = {"subfolder": subfolder, "revision": self.revision}
-        if model:
-            kwargs["torch_dtype"] = self.torch_dtype
-            if self.variant:
-                kwargs["variant"] = self.variant
-        source = self.pretrained_model_name_or_path
-        local = Path(source).expanduser()
-        if local.is_dir():
-            if not (local / subfolder).is_dir():
-                hint = " or set drop_t5: true to run without T5" if subfolder.endswith("_3") else ""
-                raise FileNotFoundError(
-                    f"{local} has no {subfolder}/ folder: {CONFIG_KEY} must name a diffusers SD3 pipeline folder "
-                    f"(transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/){hint}")
-            source = str(local)
-        try:
-            return cls.from_pretrained(source, **kwargs)
-        except (OSError, ValueError) as e:
-            raise OSError(
-                f"could not load {subfolder}/ of SD3 teacher {source!r} (set by {CONFIG_KEY}): {e}\n"
-                f"Either download it first (accept the model's license on huggingface.co, `hf auth login`, then "
-                f"`hf download {source}`), or set {CONFIG_KEY} to a local diffusers pipeline folder."
-            ) from e
+        hint = " or set drop_t5: true to run without T5" if subfolder.endswith("_3") else ""
+        return self.load_component(cls, subfolder, model, missing_hint=hint)
 
     # ------------------------------------------------------------------ prompts
     @torch.no_grad()
@@ -306,11 +227,7 @@ class SD3Teacher(Teacher):
         size = self.resolution // self.vae_scale_factor
         return (batch_size, self.denoiser.config.in_channels, size, size)
 
-    # ------------------------------------------------------------------ identity and export
-    def identity(self) -> str:
-        """The hub id or local folder the teacher was loaded from."""
-        return self.pretrained_model_name_or_path
-
+    # ------------------------------------------------------------------ export
     @property
     def pipeline_class(self):
         from diffusers import StableDiffusion3Pipeline
@@ -328,8 +245,9 @@ class SD3Teacher(Teacher):
     def _student_scheduler(self, timesteps: Sequence[float]):
         scheduler, exact = student_flow_scheduler(self.scheduler_config, timesteps)
         ts = [float(t) for t in timesteps]
+        call = {"num_inference_steps": len(ts), "guidance_scale": 1.0, **({} if exact else {"sigmas": ts})}
         return scheduler, {
-            "sigmas": ts, "default_call_exact": exact,
+            "sigmas": ts, "default_call_exact": exact, "call": call,
             "scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
             "max_sequence_length": self.max_sequence_length, "t5_dropped": self.drop_t5}
 
@@ -341,15 +259,7 @@ class SD3Teacher(Teacher):
         Consumes the student of a teacher built for export (``build_roles=("student",)``): the
         merge and the cast happen in place, so no second copy of the transformer is made."""
         scheduler, info = self._student_scheduler(timesteps)
-        student = self.network("student")
-        if self.mode == "lora":
-            # diffusers' own merge: W += (alpha / r) B A of the "student" adapter, then every peft
-            # layer is replaced by its base layer (and the peft config dropped)
-            student.fuse_lora(adapter_names=["student"])
-            student.unload_lora()
-        # one dtype per pipeline: the student joins the frozen components in the teacher's dtype
-        student = student.requires_grad_(False).eval().to(self.torch_dtype or torch.float32)
-        self.diffusers_pipeline(student, scheduler).save_pretrained(output, safe_serialization=True)
+        self.diffusers_pipeline(self.merged_student(), scheduler).save_pretrained(output, safe_serialization=True)
         return info
 
     def export_lora(self, output: Path, timesteps: Sequence[float]) -> dict:
@@ -365,8 +275,9 @@ class SD3Teacher(Teacher):
         return {**info, "lora": meta}
 
     # ------------------------------------------------------------------ VAE
-    @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
+        """As the pipeline decodes; differentiable: ADP's pixel discriminator trains the generator
+        through it (under ``no_grad``, as before, D2's generator loss had no effect on SD3)."""
         cfg = self.vae.config
         z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
         return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0].float().clamp(-1, 1)

@@ -1,0 +1,158 @@
+"""What the teachers loaded from diffusers pipeline folders share (SD3 / SD3.5, SDXL).
+
+- :meth:`DiffusersTeacher.load_component`: ``cls.from_pretrained`` of one pipeline subfolder with
+  ``revision`` / ``variant`` / ``torch_dtype``, failing with an error that names the config key
+  and says how to get the weights;
+- role switching that remembers the active role, and gradient checkpointing that recomputes a
+  block in the role it first ran in (lora mode: all roles share one network, and backward runs
+  after the forward's role was left);
+- no early stop of the forward under FSDP (an aborted unit never reshards).
+
+Nothing here is family-specific: each family's file says which subfolders it loads and how its
+network is called.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from dmdx_lightning.dtypes import parse_dtype  # noqa: F401 (the families' dtype options)
+from dmdx_lightning.teachers.base import Teacher
+
+#: the config key users set to point at the weights (named in every loading error)
+CONFIG_KEY = "model.init_args.teacher.init_args.pretrained_model_name_or_path"
+
+
+class DiffusersTeacher(Teacher):
+    """Base of the families whose weights are a diffusers pipeline folder or hub id.
+
+    A family sets ``pretrained_model_name_or_path``, ``revision``, ``variant`` and ``torch_dtype``
+    before loading, and the class attributes below for its error messages.
+    """
+
+    #: how errors name the pipeline (e.g. ``"SD3"``)
+    pipeline_name: str = "diffusers"
+    #: the subfolders a pipeline folder of this family has (said when one is missing)
+    pipeline_layout: str = ""
+
+    pretrained_model_name_or_path: str
+    revision: str | None = None
+    variant: str | None = None
+    torch_dtype: torch.dtype | None = None
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._active_role: str | None = None  # the role of the forward in progress
+        self._applied_role: str | None = None  # the adapter state the network is in (lora mode)
+
+    # ------------------------------------------------------------------ loading
+    def load_component(self, cls, subfolder: str, model: bool = True, missing_hint: str = "",
+                       source: str | None = None, source_key: str = CONFIG_KEY,
+                       torch_dtype: torch.dtype | None = None):
+        """``cls.from_pretrained`` of one component, with an error that says what to do.
+
+        ``source`` defaults to the pipeline (``pretrained_model_name_or_path``); a component stored
+        on its own (e.g. a separate VAE) passes its own ``source`` and ``source_key`` (the config key
+        that names it) and ``subfolder=None``.
+        """
+        key, of_pipeline = source_key, source is None
+        if of_pipeline:
+            source = self.pretrained_model_name_or_path
+        # revision and variant describe the pipeline repository, not a separately named component
+        kwargs = {"revision": self.revision} if of_pipeline else {}
+        if subfolder:
+            kwargs["subfolder"] = subfolder
+        if model:
+            kwargs["torch_dtype"] = torch_dtype or self.torch_dtype
+            if self.variant and of_pipeline:
+                kwargs["variant"] = self.variant
+        local = Path(source).expanduser()
+        if local.is_dir():
+            if subfolder and not (local / subfolder).is_dir():
+                raise FileNotFoundError(
+                    f"{local} has no {subfolder}/ folder: {key} must name a diffusers {self.pipeline_name} pipeline "
+                    f"folder ({self.pipeline_layout}){missing_hint}")
+            source = str(local)
+        try:
+            return cls.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as e:
+            where = f"{subfolder}/ of " if subfolder else ""
+            raise OSError(
+                f"could not load {where}{self.pipeline_name} teacher component {source!r} (set by {key}): {e}\n"
+                f"Either download it first (accept the model's license on huggingface.co, `hf auth login`, then "
+                f"`hf download {source}`), or set {key} to a local diffusers pipeline folder."
+            ) from e
+
+    # ------------------------------------------------------------------ roles under checkpointing
+    @contextmanager
+    def as_role(self, role: str):
+        """The base's adapter switch, remembering the role (re-applied when checkpointed blocks are
+        recomputed) and restoring the enclosing role on exit.
+
+        The switch walks every module of the network, so it runs only when the applied role
+        changes: checkpointed blocks re-enter their role once per block during backward.
+        """
+        previous = self._active_role
+        try:
+            self._apply_role(role)
+            self._active_role = role
+            yield
+        finally:
+            self._active_role = previous
+            if previous is not None:
+                self._apply_role(previous)
+
+    def _apply_role(self, role: str) -> None:
+        if self.mode == "lora" and self._applied_role == role:
+            return
+        with super().as_role(role):
+            pass
+        self._applied_role = role
+
+    def enable_gradient_checkpointing(self, net: nn.Module) -> None:
+        """Checkpoint the network's blocks, recomputing each under the role it first ran in.
+
+        In lora mode all roles share one network, and backward runs after the forward's role was
+        left (e.g. the generator's loss goes through the fake score, then through the real
+        score's features): a plain recomputation would use whatever adapter is active then and
+        give wrong gradients (torch notices only when the saved-tensor count differs).
+        """
+        def checkpoint_in_role(block, *args):
+            role = self._active_role
+
+            def run(*inputs):
+                if role is None or self.mode != "lora":
+                    return block(*inputs)
+                with self.as_role(role):
+                    return block(*inputs)
+
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+        net.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_in_role)
+
+    @property
+    def stop_forward_early(self) -> bool:
+        # an FSDP unit whose forward is aborted never reshards; its next forward then overwrites
+        # parameters that autograd saved ("modified by an inplace operation")
+        return type(self.denoiser).__name__ != "FullyShardedDataParallel"
+
+    def identity(self) -> str:
+        """The hub id or local folder the teacher was loaded from."""
+        return self.pretrained_model_name_or_path
+
+    def merged_student(self) -> nn.Module:
+        """The student network of a teacher built for export (``build_roles=("student",)``), ready
+        for a pipeline folder, changed IN PLACE so no second copy of the network is made: in lora
+        mode diffusers' own merge (``W += (alpha / r) B A`` of the ``student`` adapter, then every
+        peft layer replaced by its base layer), then cast to the teacher's dtype (one dtype per
+        pipeline: the student joins the frozen components)."""
+        student = self.network("student")
+        if self.mode == "lora":
+            student.fuse_lora(adapter_names=["student"])
+            student.unload_lora()
+        return student.requires_grad_(False).eval().to(self.torch_dtype or torch.float32)
