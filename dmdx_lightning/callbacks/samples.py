@@ -9,6 +9,7 @@ import torch
 import torchvision
 from torch import Tensor
 
+from dmdx_lightning.methods.distributed import outside_training_step
 from dmdx_lightning.rng import fixed_noise
 
 
@@ -71,19 +72,21 @@ class SampleGrid(pl.Callback):
     def draw(self, trainer: pl.Trainer, module) -> Path:
         """Sample on EVERY rank, write on rank 0: under FSDP the weights are sharded, so each
         forward is a collective that all ranks must join (rank 0 alone would wait forever)."""
-        cond, noise = self._inputs(module)
         teacher = module.teacher
         was_training = module.training
         module.eval()
         try:
-            student = teacher.decode(module.sample(cond, noise, generator=torch.Generator(module.device).manual_seed(self.seed)))
-            self._emit(trainer, "student", to_grid(student, self.samples_per_prompt))
-            if self.log_teacher and not self._teacher_done:
-                steps = self.teacher_steps or teacher.sample_steps
-                cfg = self.teacher_cfg_scale or teacher.cfg_scale
-                images = teacher.decode(teacher.sample_ode(noise, cond, steps, cfg))
-                self._emit(trainer, "teacher", to_grid(images, self.samples_per_prompt))
-                self._teacher_done = True
+            with torch.no_grad(), outside_training_step(trainer.strategy):
+                cond, noise = self._inputs(module)
+                gen = torch.Generator(module.device).manual_seed(self.seed)
+                self._emit(trainer, "student", to_grid(teacher.decode(module.sample(cond, noise, generator=gen)),
+                                                       self.samples_per_prompt))
+                if self.log_teacher and not self._teacher_done:
+                    steps = self.teacher_steps or teacher.sample_steps
+                    cfg = self.teacher_cfg_scale or teacher.cfg_scale
+                    images = teacher.decode(teacher.sample_ode(noise, cond, steps, cfg))
+                    self._emit(trainer, "teacher", to_grid(images, self.samples_per_prompt))
+                    self._teacher_done = True
         finally:
             module.train(was_training)
         return self._png_path(trainer, "student")

@@ -102,3 +102,24 @@ def finish_fsdp_backward(root: torch.nn.Module) -> None:
                 handle._post_forward_index = None
                 handle._training_state = HandleTrainingState.IDLE
                 handle._prefetched = False
+
+
+def outside_training_step(strategy):
+    """A context for network passes outside Lightning's forward (sample grids, summaries).
+
+    Under FSDP the parameters that no nested FSDP unit owns (the VAE, the text encoders, anything
+    the auto-wrap policy left in the root unit) are flat shards, materialised only during the
+    root's own forward; called directly they are 1-D views ("weight should have at least three
+    dimensions"). This gathers the root unit's parameters alone (``recurse=False``: the wrapped
+    blocks gather themselves as usual), on every rank, so every rank must enter it. Elsewhere it
+    does nothing.
+    """
+    from contextlib import nullcontext
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(strategy, FSDPStrategy):
+        return nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(strategy.model, recurse=False, writeback=False)
