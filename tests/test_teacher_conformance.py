@@ -14,8 +14,9 @@ from typing import Callable
 import pytest
 import torch
 
+from dmdx_lightning.schedules import student_timesteps
 from dmdx_lightning.teachers.base import Teacher
-from tests.conftest import TINY_SD3
+from tests.conftest import TINY_COGVIDEOX, TINY_SD3
 
 
 def _digits(mode, request):
@@ -29,6 +30,13 @@ def _sd3(mode, request):
 
     return SD3Teacher(pretrained_model_name_or_path=str(request.getfixturevalue("tiny_sd3_dir")), mode=mode,
                       **TINY_SD3)
+
+
+def _cogvideox(mode, request):
+    from dmdx_lightning.teachers.cogvideox import CogVideoXTeacher
+
+    return CogVideoXTeacher(pretrained_model_name_or_path=str(request.getfixturevalue("tiny_cogvideox_dir")),
+                            mode=mode, **TINY_COGVIDEOX)
 
 
 def _mixture(mode, request):
@@ -51,6 +59,7 @@ FAMILIES = [
     Family("digits", _digits, round_trip_atol=0.0),
     Family("sd3", _sd3),
     Family("mixture", _mixture),
+    Family("cogvideox", _cogvideox),
 ]
 
 
@@ -213,7 +222,8 @@ def test_pipeline_export_round_trip(family, request, tmp_path):
         g = torch.Generator().manual_seed(1)
         for p in teacher.trainable_parameters("student"):
             p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    info = teacher.export_pipeline(tmp_path, [1.0, 0.5])
+    # a 2-step student's times as the methods set them (a discrete schedule replays only its own grid)
+    info = teacher.export_pipeline(tmp_path, student_timesteps(2, schedule=teacher.schedule))
     assert isinstance(info, dict)
     pipe = DiffusionPipeline.from_pretrained(tmp_path)
     denoisers = [c for c in pipe.components.values() if type(c) is type(teacher.denoiser)]

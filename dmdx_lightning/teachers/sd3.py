@@ -20,17 +20,15 @@ CLIP text encoders, T5, their tokenizers, ``scheduler/``). Only what differs fro
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from dmdx_lightning.schedules import FlowMatchSchedule
-from dmdx_lightning.teachers.base import Conditioning, Teacher
+from dmdx_lightning.teachers.base import Conditioning, RoleCheckpointing, Teacher
 
 #: the config key users set to point at the weights (named in every loading error)
 CONFIG_KEY = "model.init_args.teacher.init_args.pretrained_model_name_or_path"
@@ -79,7 +77,7 @@ def parse_dtype(value: str | torch.dtype | None, key: str) -> torch.dtype | None
     return _DTYPES[value]
 
 
-class SD3Teacher(Teacher):
+class SD3Teacher(RoleCheckpointing, Teacher):
     """SD3-Medium, SD3.5-Medium/Large (``StableDiffusion3Pipeline`` layout) as a distillation teacher.
 
     Args:
@@ -138,8 +136,6 @@ class SD3Teacher(Teacher):
         self.torch_dtype = parse_dtype(torch_dtype, "torch_dtype")
         self.trainable_dtype = parse_dtype(trainable_dtype, "trainable_dtype")
         self.drop_t5 = drop_t5
-        self._active_role: str | None = None  # the role of the forward in progress
-        self._applied_role: str | None = None  # the adapter state the network is in (lora mode)
         self.max_sequence_length = max_sequence_length
         self.sample_steps, self.cfg_scale = int(sample_steps), float(cfg_scale)
 
@@ -176,59 +172,6 @@ class SD3Teacher(Teacher):
         if self.mode == "full" and self.trainable_dtype is not None:
             for net in self.roles.values():
                 net.to(self.trainable_dtype)
-
-    # ------------------------------------------------------------------ roles under checkpointing
-    @contextmanager
-    def as_role(self, role: str):
-        """The base's adapter switch, remembering the role (re-applied when checkpointed blocks are
-        recomputed) and restoring the enclosing role on exit.
-
-        The switch walks every module of the network, so it runs only when the applied role
-        changes: checkpointed blocks re-enter their role once per block during backward.
-        """
-        previous = self._active_role
-        try:
-            self._apply_role(role)
-            self._active_role = role
-            yield
-        finally:
-            self._active_role = previous
-            if previous is not None:
-                self._apply_role(previous)
-
-    def _apply_role(self, role: str) -> None:
-        if self.mode == "lora" and self._applied_role == role:
-            return
-        with super().as_role(role):
-            pass
-        self._applied_role = role
-
-    def enable_gradient_checkpointing(self, net: nn.Module) -> None:
-        """Checkpoint every transformer block, recomputing it under the role it first ran in.
-
-        In lora mode all roles share one network, and backward runs after the forward's role was
-        left (e.g. the generator's loss goes through the fake score, then through the real
-        score's features): a plain recomputation would use whatever adapter is active then and
-        give wrong gradients (torch notices only when the saved-tensor count differs).
-        """
-        def checkpoint_in_role(block, *args):
-            role = self._active_role
-
-            def run(*inputs):
-                if role is None or self.mode != "lora":
-                    return block(*inputs)
-                with self.as_role(role):
-                    return block(*inputs)
-
-            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
-
-        net.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_in_role)
-
-    @property
-    def stop_forward_early(self) -> bool:
-        # an FSDP unit whose forward is aborted never reshards; its next forward then overwrites
-        # parameters that autograd saved ("modified by an inplace operation")
-        return type(self.denoiser).__name__ != "FullyShardedDataParallel"
 
     # ------------------------------------------------------------------ loading
     def _load(self, cls, subfolder: str, model: bool = True):
