@@ -183,3 +183,15 @@ def test_student_scheduler_replays_the_student_sampler(teacher):
     assert not exact3  # diffusers' LCM spacing differs from trailing for 3 steps: pass timesteps=
     with pytest.raises(ValueError, match="not an integer training index"):
         student_vp_scheduler(teacher.schedule, [0.5003])
+
+
+def test_frozen_parts_stay_in_eval_mode_so_prompts_are_deterministic(teacher):
+    """T5 ships with dropout 0.1: a teacher put in training mode must not train its text encoder."""
+    teacher.train()
+    try:
+        assert not teacher.text_encoder.training and not teacher.vae.training
+        assert teacher.denoiser.training  # lora mode: the adapters' host trains
+        first, second = teacher.encode_prompts(PROMPTS[:2]), teacher.encode_prompts(PROMPTS[:2])
+        torch.testing.assert_close(first.prompt_embeds, second.prompt_embeds, rtol=0, atol=0)
+    finally:
+        teacher.eval()

@@ -331,8 +331,14 @@ class Teacher(nn.Module):
 
     def train(self, mode: bool = True) -> "Teacher":
         super().train(mode)
+        # the frozen parts never train: no dropout / norm-statistics updates. The text encoders and
+        # the VAE too: T5 ships with dropout 0.1, which made the prompt embeddings random while the
+        # module was in training mode (and samples drawn then not reproducible)
+        for name, child in self.named_children():
+            if name not in ("denoiser", "roles"):
+                child.eval()
         if self.mode == "full":
-            self.denoiser.eval()  # the real score is frozen: no dropout / norm-statistics updates
+            self.denoiser.eval()  # the real score
         return self
 
     # ------------------------------------------------------------------ family hooks: MUST
