@@ -273,7 +273,13 @@ class CogVideoXTeacher(RoleCheckpointing, Teacher):
         """``(B, F, C, h, w)`` latents -> ``(B, 3, 4 (F - 1) + 1, H, W)`` video in ``[-1, 1]``
         (``CogVideoXPipeline.decode_latents``)."""
         z = latents.permute(0, 2, 1, 3, 4) / self.vae.config.scaling_factor
-        return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
+        video = self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
+        expected = ((z.shape[2] - 1) * self.vae_temporal_factor + 1, z.shape[3] * self.vae_scale_factor,
+                    z.shape[4] * self.vae_scale_factor)
+        if tuple(video.shape[2:]) != expected:
+            raise RuntimeError(f"the CogVideoX VAE decoded {tuple(video.shape[2:])} (frames, height, width) where "
+                               f"{expected} was expected; with vae_tiling, videos must be larger than the VAE's tiles")
+        return video
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
