@@ -157,6 +157,19 @@ class VPSchedule(NoiseSchedule):
             ``scaled_linear``).
         num_train_timesteps: ``N``.
         time_mapping: ``endpoints`` or ``trailing`` (above).
+        snr_shift_scale: CogVideoX's SNR shift (``CogVideoXDDIMScheduler.snr_shift_scale``):
+            ``acp -> acp / (s + (1 - s) acp)`` divides every SNR ``acp / (1 - acp)`` by ``s``
+            (1.0: no shift). Applied before the zero-terminal-SNR rescale, in diffusers' order.
+        rescale_betas_zero_snr: rescale ``sqrt(acp)`` so the last training index is pure noise
+            (Lin et al. 2023, Algorithm 1), keeping the first index's value; a v-prediction
+            network can then start from ``alpha(1) = 0``.
+        timestep_spacing: ``None`` (sampler times are used as given) or ``"trailing"``: the
+            diffusers spacing (Lin et al. 2023, Table 2) that starts every sampler at index
+            ``N - 1``; :meth:`shift_time` then snaps evenly spaced times ``u`` to the integer
+            index ``round(N u) - 1`` (read back through ``time_mapping``), so our samplers and a
+            stock diffusers scheduler with ``set_timesteps(n)`` visit the same training indices
+            (CogVideoX, on the ``endpoints`` mapping; under ``trailing`` the even grid is
+            already on those indices).
     """
 
     def __init__(
@@ -166,6 +179,9 @@ class VPSchedule(NoiseSchedule):
         beta_schedule: str = "scaled_linear",
         num_train_timesteps: int = 1000,
         time_mapping: Literal["endpoints", "trailing"] = "endpoints",
+        snr_shift_scale: float = 1.0,
+        rescale_betas_zero_snr: bool = False,
+        timestep_spacing: str | None = None,
     ) -> None:
         n = num_train_timesteps
         if beta_schedule == "linear":
@@ -176,16 +192,46 @@ class VPSchedule(NoiseSchedule):
             raise ValueError(f"beta_schedule must be 'linear' or 'scaled_linear', got {beta_schedule!r}")
         if time_mapping not in ("endpoints", "trailing"):
             raise ValueError(f"time_mapping must be 'endpoints' or 'trailing', got {time_mapping!r}")
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        if snr_shift_scale <= 0:
+            raise ValueError(f"snr_shift_scale must be positive, got {snr_shift_scale}")
+        if timestep_spacing not in (None, "trailing"):
+            raise ValueError(f"timestep_spacing must be None or 'trailing', got {timestep_spacing!r}")
+        acp = torch.cumprod(1.0 - betas, dim=0)
+        acp = acp / (snr_shift_scale + (1.0 - snr_shift_scale) * acp)
+        if rescale_betas_zero_snr:
+            root = acp.sqrt()
+            first, last = root[0].clone(), root[-1].clone()
+            acp = ((root - last) * first / (first - last)) ** 2
+        self.alphas_cumprod = acp
         self.beta_start, self.beta_end, self.beta_schedule = beta_start, beta_end, beta_schedule
         self.num_train_timesteps = n
         self.time_mapping = time_mapping
-        # the interpolation table and the index offset of t = 0 in it; "trailing" puts the clean
-        # data (alphas_cumprod = 1) at index -1, i.e. position 0 of the table
+        self.snr_shift_scale = snr_shift_scale
+        self.rescale_betas_zero_snr = rescale_betas_zero_snr
+        self.timestep_spacing = timestep_spacing
+        # the interpolation table; "trailing" puts the clean data (alphas_cumprod = 1) at index -1,
+        # i.e. position 0 of the table
         if time_mapping == "trailing":
             self._table = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
         else:
             self._table = self.alphas_cumprod
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict) -> "VPSchedule":
+        """The schedule of a diffusers DDIM-family scheduler config (``DDIMScheduler``,
+        ``CogVideoXDDIMScheduler``, ...) on the ``endpoints`` mapping; options this class does not
+        model are refused by name."""
+        if config.get("trained_betas") is not None:
+            raise ValueError("scheduler config with trained_betas is not supported by VPSchedule")
+        spacing = config.get("timestep_spacing", "leading")
+        if spacing != "trailing":
+            raise ValueError(f"scheduler timestep_spacing {spacing!r}: VPSchedule reproduces only 'trailing' spacing")
+        return cls(beta_start=float(config.get("beta_start", 0.0001)), beta_end=float(config.get("beta_end", 0.02)),
+                   beta_schedule=config.get("beta_schedule", "linear"),
+                   num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+                   snr_shift_scale=float(config.get("snr_shift_scale", 1.0)),
+                   rescale_betas_zero_snr=bool(config.get("rescale_betas_zero_snr", False)),
+                   timestep_spacing="trailing")
 
     def _position(self, t: Tensor) -> Tensor:
         """``t`` -> position in ``_table`` (float64)."""
@@ -219,8 +265,32 @@ class VPSchedule(NoiseSchedule):
             return (index + 1) / self.num_train_timesteps
         return index / (self.num_train_timesteps - 1)
 
+    def shift_time(self, u: Tensor | float) -> Tensor | float:
+        if self.timestep_spacing is None:
+            return u
+        n = self.num_train_timesteps
+        # trailing spacing: index round(N u) - 1, read back through the time mapping; u = 0 (the
+        # sampler's end) stays 0
+        uu = torch.as_tensor(u, dtype=torch.float64)
+        index = torch.clamp(torch.round(uu * n) - 1, min=0)
+        t = (index + 1) / n if self.time_mapping == "trailing" else index / (n - 1)
+        t = torch.where(uu == 0, torch.zeros_like(t), t)
+        return t.to(u.dtype) if isinstance(u, Tensor) else float(t)
+
+    def train_index(self, t: Tensor | float) -> int:
+        """The integer training index a sampler time ``t`` stands for (diffusers' ``timesteps``);
+        raises where ``t`` is not on the integer grid (a diffusers scheduler could not replay it)."""
+        pos = float(self.model_timestep(torch.as_tensor(float(t), dtype=torch.float64)))
+        index = round(pos)
+        if abs(pos - index) > 1e-3:
+            raise ValueError(f"time {float(t)} is index {pos:.4f}, not an integer training index of this "
+                             f"{self.num_train_timesteps}-step schedule: diffusers schedulers take integer timesteps")
+        return index
+
     def __repr__(self) -> str:
-        return f"VPSchedule(N={self.num_train_timesteps}, time_mapping={self.time_mapping!r})"
+        return (f"VPSchedule(N={self.num_train_timesteps}, time_mapping={self.time_mapping!r}, snr_shift_scale="
+                f"{self.snr_shift_scale}, rescale_betas_zero_snr={self.rescale_betas_zero_snr}, "
+                f"timestep_spacing={self.timestep_spacing!r})")
 
 
 # ----------------------------------------------------------------------------------------------

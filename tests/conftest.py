@@ -76,3 +76,16 @@ def tiny_sam_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("sam")
     SamVisionModel(config).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_cogvideox_dir(tmp_path_factory):
+    """A random CogVideoX pipeline folder (2 layers, 2 heads x 16, rotary 3D embeddings, 3-stage 3D VAE,
+    T5), built once per session: 9 frames of 32x32 px = 3 latent frames of 8x8."""
+    from dmdx_lightning.teachers.cogvideox_random import save_random_cogvideox
+
+    return save_random_cogvideox(tmp_path_factory.mktemp("cogvideox") / "tiny")
+
+
+#: CogVideoXTeacher options that make the tiny folder fast
+TINY_COGVIDEOX = {"lora_rank": 4}

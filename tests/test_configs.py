@@ -21,7 +21,15 @@ SDXL_TINY = [_TEACHER + "pretrained_model_name_or_path", "{tiny_sdxl}", _TEACHER
 TINY_SAM = ["--model.init_args.pixel_discriminator.init_args.backbone.init_args.pretrained", "{tiny_sam}",
             "--model.init_args.pixel_discriminator.init_args.backbone.init_args.dtype", "float32",
             "--model.init_args.pixel_discriminator.init_args.layers", "[1, 2]"]
+# "{tiny_cogvideox}": the session's random CogVideoX folder (9 frames of 32x32 px)
+COGVIDEOX_TINY = [_TEACHER + "pretrained_model_name_or_path", "{tiny_cogvideox}", _TEACHER + "num_frames", "9",
+                  _TEACHER + "height", "32", _TEACHER + "width", "32", _TEACHER + "max_sequence_length", "8",
+                  _TEACHER + "torch_dtype", "float32",
+                  # diffusers' tiled VAE assumes tiles smaller than the video: at 32 px it returns 36x34 frames
+                  _TEACHER + "vae_tiling", "false"]
 OVERRIDES: dict[str, list[str]] = {
+    "adm_cogvideox_2b.yaml": COGVIDEOX_TINY + TINY_HEADS,
+    "adm_cogvideox_5b.yaml": COGVIDEOX_TINY + TINY_HEADS,
     "adm_sd3.yaml": SD3_TINY + TINY_HEADS,
     "adm_sd35_large.yaml": SD3_TINY + TINY_HEADS,
     "adp_sd3.yaml": SD3_TINY + TINY_HEADS + [
@@ -75,6 +83,9 @@ def build_cli(config, tmp_path, request, drop=()):
     if "{tiny_sdxl}" in extra:
         tiny = str(request.getfixturevalue("tiny_sdxl_dir"))
         extra = [a.replace("{tiny_sdxl}", tiny) for a in extra]
+    if "{tiny_cogvideox}" in extra:
+        tiny = str(request.getfixturevalue("tiny_cogvideox_dir"))
+        extra = [a.replace("{tiny_cogvideox}", tiny) for a in extra]
     if "{tiny_sam}" in extra:
         extra = [a.replace("{tiny_sam}", request.getfixturevalue("tiny_sam_path")) for a in extra]
     if name in PAIR_CONFIGS:

@@ -171,3 +171,7 @@ def test_fsdp_full_shard_two_processes_saves_trainable_state_and_resumes(tiny_sd
                    "--trainer.callbacks.samples_per_prompt=1", "--trainer.callbacks.every_n_steps=3",
                    "--trainer.callbacks.log_teacher=false")
     assert len(list(grids.glob("**/samples/student_step*.png"))) >= 2  # at step 3 and at fit end
+    # and drawing them does not change training (own generators, no gradient, no writeback)
+    drawn = state(grids / "ckpt" / "step=6.ckpt")["state_dict"]
+    for key, value in weights.items():
+        torch.testing.assert_close(drawn[key], value, rtol=0, atol=0, msg=key)

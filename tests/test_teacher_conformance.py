@@ -14,8 +14,9 @@ from typing import Callable
 import pytest
 import torch
 
+from dmdx_lightning.schedules import student_timesteps
 from dmdx_lightning.teachers.base import Teacher
-from tests.conftest import TINY_SD3, TINY_SDXL
+from tests.conftest import TINY_COGVIDEOX, TINY_SD3, TINY_SDXL
 
 
 def _digits(mode, request, **kw):
@@ -36,6 +37,13 @@ def _sdxl(mode, request, **kw):
 
     return SDXLTeacher(pretrained_model_name_or_path=str(request.getfixturevalue("tiny_sdxl_dir")), mode=mode,
                        **TINY_SDXL, **kw)
+
+
+def _cogvideox(mode, request, **kw):
+    from dmdx_lightning.teachers.cogvideox import CogVideoXTeacher
+
+    return CogVideoXTeacher(pretrained_model_name_or_path=str(request.getfixturevalue("tiny_cogvideox_dir")),
+                            mode=mode, **TINY_COGVIDEOX, **kw)
 
 
 def _mixture(mode, request, **kw):
@@ -60,6 +68,7 @@ FAMILIES = [
     Family("sd3", _sd3),
     Family("sdxl", _sdxl),
     Family("mixture", _mixture),
+    Family("cogvideox", _cogvideox),
 ]
 
 
@@ -249,7 +258,8 @@ def test_pipeline_export_round_trip(family, request, tmp_path):
         g = torch.Generator().manual_seed(1)
         for p in teacher.trainable_parameters("student"):
             p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    info = teacher.export_pipeline(tmp_path, [1.0, 0.5])
+    # a 2-step student's times as the methods set them (a discrete schedule replays only its own grid)
+    info = teacher.export_pipeline(tmp_path, student_timesteps(2, schedule=teacher.schedule))
     assert isinstance(info, dict)
     pipe = DiffusionPipeline.from_pretrained(tmp_path)
     denoisers = [c for c in pipe.components.values() if type(c) is type(teacher.denoiser)]

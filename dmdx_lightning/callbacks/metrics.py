@@ -7,9 +7,9 @@ Callbacks, all computed at the end of a validation epoch on fixed prompts and se
 under ``val/...``:
 
 - :class:`CLIPScoreCallback`: torchmetrics ``CLIPScore`` on student samples (any transformers
-  version; hub id or local folder).
+  version; hub id or local folder); video: averaged over every frame.
 - :class:`LPIPSDiversityCallback`: per prompt, ``K`` samples from ``K`` seeds, mean pairwise LPIPS
-  (the paper's Table 6 diversity).
+  (the paper's Table 6 diversity); video: a pair's distance is the mean over its aligned frames.
 
 Nothing here knows a teacher family: metrics of one family (the digits teacher's
 ``DigitsMetricsCallback``) live next to it, in :mod:`dmdx_lightning.evaluation`, built on
@@ -181,19 +181,24 @@ def _load_lpips_backbone(pnet: nn.Module, path: str) -> None:
 
 
 # ============================================================================ callbacks
+def _frames(images: Tensor) -> Tensor:
+    """Video ``(B, C, F, H, W)`` -> its frames ``(B F, C, H, W)`` (sample-major); images pass through."""
+    return images.transpose(1, 2).flatten(0, 1) if images.ndim == 5 else images
+
+
 def _images_uint8(images: Tensor) -> Tensor:
-    """``[-1, 1]`` images (video: first frame; gray -> RGB) as ``uint8`` ``(B, 3, H, W)``."""
-    if images.ndim == 5:
-        images = images[:, :, 0]
+    """``[-1, 1]`` images (video: every frame, sample-major; gray -> RGB) as ``uint8`` ``(N, 3, H, W)``."""
+    images = _frames(images)
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     return (unit_range(images) * 255).round().to(torch.uint8)
 
 
 def _as_rgb(images: Tensor) -> Tensor:
-    if images.ndim == 5:
-        images = images[:, :, 0]
-    return images.float().clamp(-1, 1).expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float().clamp(-1, 1)
+    """``[-1, 1]`` images ``(B, 1 or 3, H, W)`` or videos ``(B, 1 or 3, F, H, W)`` as RGB, clamped."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, *images.shape[2:])
+    return images.float().clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -294,6 +299,8 @@ class CLIPScoreCallback(ValidationMetric):
             chunk = indexed[start:start + self.batch_size]
             prompts = [p for _, p in chunk]
             images = sample_images(module, prompts, [self.seed + i for i, _ in chunk], self.batch_size)
+            if images.ndim == 5:  # video: every frame against its prompt, so the score is the frame average
+                prompts = [p for p in prompts for _ in range(images.shape[2])]
             metric.update(list(_images_uint8(images)), prompts)
         value = metric.compute()  # sums score and count over ranks
         metric.reset()
@@ -337,10 +344,12 @@ class LPIPSDiversityCallback(ValidationMetric):
         model = self.lpips.to(device)
 
         def distance(x: Tensor, y: Tensor) -> Tensor:
+            n = x.shape[0]
+            x, y = _frames(x), _frames(y)  # video: frame f of one sample against frame f of the other
             if min(x.shape[-2:]) < self.min_size:
                 scale = self.min_size / min(x.shape[-2:])
                 x, y = (F.interpolate(v, scale_factor=scale, mode="bilinear", align_corners=False) for v in (x, y))
-            return model(x, y).flatten()
+            return model(x, y).reshape(n, -1).mean(dim=1)  # one distance per pair, averaged over frames
 
         return distance
 

@@ -1,4 +1,10 @@
-"""Sample grids: fixed prompts and seeds, student (and once, teacher) grids to TensorBoard and PNG."""
+"""Sample grids: fixed prompts and seeds, student (and once, teacher) samples to TensorBoard and disk.
+
+Images: one grid (rows = prompts, columns = seeds) to TensorBoard and a PNG. Video (decoded
+``(B, 3, F, H, W)``): one animated GIF per prompt (its seeds side by side; MP4 with PyAV, see
+``video_format``), a frame-grid PNG (rows = samples, columns = frames) as the still overview, and
+TensorBoard's ``add_video`` (it needs moviepy; without it the frame grid is logged as an image).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torchvision
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from dmdx_lightning.methods.distributed import outside_training_step
@@ -19,16 +26,58 @@ def unit_range(images: Tensor) -> Tensor:
 
 
 def to_grid(images: Tensor, nrow: int) -> Tensor:
-    """``[-1, 1]`` images (video: first frame) -> one ``(3, H, W)`` grid in ``[0, 1]``."""
-    if images.ndim == 5:  # (B, C, F, H, W)
-        images = images[:, :, 0]
+    """``[-1, 1]`` images -> one ``(3, H, W)`` grid in ``[0, 1]``; video ``(B, C, F, H, W)`` -> a
+    frame grid, one row of ``F`` frames per sample."""
+    if images.ndim == 5:  # (B, C, F, H, W) -> (B F, C, H, W), frame-major within each sample
+        nrow = images.shape[2]
+        images = images.transpose(1, 2).flatten(0, 1)
     return torchvision.utils.make_grid(unit_range(images).cpu(), nrow=nrow, padding=1)
+
+
+def video_frames(videos: Tensor) -> Tensor:
+    """``[-1, 1]`` videos ``(K, C, F, H, W)`` of one prompt -> ``uint8`` frames ``(F, H, K W, 3)``,
+    the ``K`` samples side by side (gray -> RGB)."""
+    if videos.shape[1] == 1:
+        videos = videos.expand(-1, 3, -1, -1, -1)
+    frames = ((videos.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    return frames.permute(2, 3, 0, 4, 1).flatten(2, 3)  # (F, H, K, W, C) -> (F, H, K W, C)
+
+
+def write_video(frames: Tensor, path: Path, fps: int) -> Path:
+    """Write ``uint8`` frames ``(F, H, W, 3)``: H.264 MP4 when ``path`` ends in ``.mp4`` and PyAV is
+    installed, else an animated GIF (Pillow, always installed with torchvision) next to it.
+    Returns the path written."""
+    if path.suffix == ".mp4":
+        try:
+            import av
+        except ImportError:  # torchvision >= 0.25 has no video writer of its own; GIF needs nothing extra
+            rank_zero_warn("SampleGrid: MP4 needs PyAV (`pip install av`); writing GIF videos instead",
+                           category=UserWarning)
+            path = path.with_suffix(".gif")
+        else:
+            # yuv420p (what players expect) needs even sizes: drop an odd last row / column
+            frames = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]
+            with av.open(str(path), mode="w") as container:
+                stream = container.add_stream("libx264", rate=fps)
+                stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+                for frame in frames:
+                    container.mux(stream.encode(av.VideoFrame.from_ndarray(frame.numpy(), format="rgb24")))
+                container.mux(stream.encode())
+            return path
+    from PIL import Image
+
+    # Pillow stores identical consecutive frames once (with their summed duration)
+    images = [Image.fromarray(f.numpy()) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)), loop=0)
+    return path
 
 
 class SampleGrid(pl.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end of fit) draw the student's samples
-    for fixed prompts and seeds; log them to TensorBoard (``samples/student``) and save a PNG under
-    ``<log_dir>/samples/``. The teacher's grid (``samples/teacher``) is drawn once.
+    for fixed prompts and seeds; log them to TensorBoard (``samples/student``) and save them under
+    ``<log_dir>/samples/``: a PNG grid for images; for video one GIF / MP4 per prompt
+    (``student_step<N>_p<i>.gif``) and a frame-grid PNG. The teacher's samples
+    (``samples/teacher``) are drawn once.
 
     Args:
         prompts: the grid's rows (default: the teacher's ``example_prompts``).
@@ -38,11 +87,18 @@ class SampleGrid(pl.Callback):
         teacher_steps, teacher_cfg_scale: the teacher's own sampler for its reference grid
             (default: the teacher's ``sample_steps`` / ``cfg_scale``).
         log_teacher: draw the teacher grid once.
+        fps: frames per second of the videos (video teachers only).
+        video_format: ``gif`` (no extra dependency) or ``mp4`` (needs PyAV; GIF when it is missing).
+        progress: show a progress bar while the teacher's many-step samples render.
     """
 
     def __init__(self, prompts: list[str] | None = None, samples_per_prompt: int = 8, seed: int = 0,
                  every_n_steps: int = 0, teacher_steps: int | None = None,
-                 teacher_cfg_scale: float | None = None, log_teacher: bool = True) -> None:
+                 teacher_cfg_scale: float | None = None, log_teacher: bool = True, fps: int = 8,
+                 video_format: str = "gif", progress: bool = True) -> None:
+        if video_format not in ("gif", "mp4"):
+            raise ValueError(f"video_format must be 'gif' or 'mp4', got {video_format!r}")
+        self.fps, self.video_format, self.progress = fps, video_format, progress
         self.prompts = prompts
         self.samples_per_prompt = samples_per_prompt
         self.seed = seed
@@ -79,13 +135,13 @@ class SampleGrid(pl.Callback):
             with torch.no_grad(), outside_training_step(trainer.strategy):
                 cond, noise = self._inputs(module)
                 gen = torch.Generator(module.device).manual_seed(self.seed)
-                self._emit(trainer, "student", to_grid(teacher.decode(module.sample(cond, noise, generator=gen)),
-                                                       self.samples_per_prompt))
+                self._emit(trainer, "student", teacher.decode(module.sample(cond, noise, generator=gen)))
                 if self.log_teacher and not self._teacher_done:
                     steps = self.teacher_steps or teacher.sample_steps
                     cfg = self.teacher_cfg_scale or teacher.cfg_scale
-                    images = teacher.decode(teacher.sample_ode(noise, cond, steps, cfg))
-                    self._emit(trainer, "teacher", to_grid(images, self.samples_per_prompt))
+                    progress = self.progress and trainer.is_global_zero
+                    images = teacher.decode(teacher.sample_ode(noise, cond, steps, cfg, progress=progress))
+                    self._emit(trainer, "teacher", images)
                     self._teacher_done = True
         finally:
             module.train(was_training)
@@ -96,16 +152,30 @@ class SampleGrid(pl.Callback):
             raise RuntimeError("SampleGrid draws only inside a Trainer run (its setup hook finds the log folder)")
         return self._dir / f"{name}_step{trainer.global_step:07d}.png"
 
-    def _emit(self, trainer, name: str, grid: Tensor) -> None:
+    def _emit(self, trainer, name: str, samples: Tensor) -> None:
         if not trainer.is_global_zero:
             return
+        grid = to_grid(samples, self.samples_per_prompt)
         path = self._png_path(trainer, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         torchvision.utils.save_image(grid, path)
+        videos = self._write_videos(path, samples) if samples.ndim == 5 else []
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_image"):
+            if videos and hasattr(experiment, "add_video") and _has_moviepy():
+                # (N, T, C, H, W) in [0, 1]: one clip per prompt, its seeds side by side
+                clips = torch.stack([v.permute(0, 3, 1, 2) for v in videos]).float() / 255
+                experiment.add_video(f"samples/{name}", clips, trainer.global_step, fps=self.fps)
+            elif hasattr(experiment, "add_image"):
                 experiment.add_image(f"samples/{name}", grid, trainer.global_step)
+
+    def _write_videos(self, png: Path, samples: Tensor) -> list[Tensor]:
+        """One video per prompt next to the frame-grid PNG; returns each prompt's frames."""
+        per_prompt = samples.split(self.samples_per_prompt)
+        frames = [video_frames(v) for v in per_prompt]
+        for i, f in enumerate(frames):
+            write_video(f, png.with_name(f"{png.stem}_p{i:02d}.{self.video_format}"), self.fps)
+        return frames
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -115,3 +185,11 @@ class SampleGrid(pl.Callback):
 
     def on_fit_end(self, trainer, module) -> None:
         self.draw(trainer, module)
+
+
+def _has_moviepy() -> bool:
+    """TensorBoard's ``add_video`` encodes with moviepy and logs nothing (only prints) without it."""
+    import importlib.util
+
+    return importlib.util.find_spec("moviepy") is not None
+

@@ -3,6 +3,12 @@
 A 2D head: ``num_down x [Conv 4x4 stride 2 -> GroupNorm -> SiLU]``, ``Conv 3x3 -> GroupNorm ->
 SiLU``, global average pool, then a projection-discriminator output
 ``logit = w . h + <h, embed(t, prompt)>`` so the head is conditioned on timestep and prompt.
+
+A 3D head (video, ``(B, C, F, H, W)`` maps) is the same with Conv3d blocks and pooling over time
+(the paper reports only "Conv3d 3x3x3 blocks with pooling over time"; the layout is ours): each
+stage is ``Conv3d (3, 4, 4) stride (1, 2, 2) -> GroupNorm -> SiLU -> AvgPool over time (2)``, the
+last block ``Conv3d 3x3x3 -> GroupNorm -> SiLU``, then the average over frames and positions.
+:func:`head_for` picks the head from the map's rank.
 """
 
 from __future__ import annotations
@@ -55,5 +61,57 @@ class Head2D(nn.Module):
 
     def forward(self, feature: Tensor, t: Tensor, pooled: Tensor) -> Tensor:
         h = self.body(feature.float()).mean(dim=(2, 3))
-        c = self.embed(torch.cat([sinusoidal(t, self.t_dim), pooled.float()], dim=-1))
-        return self.out(h).squeeze(-1) + (h * c).sum(-1) / math.sqrt(h.shape[-1])
+        return _projection_logit(self, h, t, pooled)
+
+
+def _projection_logit(head: nn.Module, h: Tensor, t: Tensor, pooled: Tensor) -> Tensor:
+    """``w . h + <h, embed(t, prompt)> / sqrt(dim)`` for pooled head features ``h`` ``(B, dim)``."""
+    c = head.embed(torch.cat([sinusoidal(t, head.t_dim), pooled.float()], dim=-1))
+    return head.out(h).squeeze(-1) + (h * c).sum(-1) / math.sqrt(h.shape[-1])
+
+
+class Head3D(nn.Module):
+    """One 3D head on a ``(B, C, F, H, W)`` video map (module docstring).
+
+    Args:
+        in_channels, cond_dim, channels, num_down: as :class:`Head2D`.
+        spatial: ``min(H, W)`` of the map; stride-2 stages stop once it is 2x2 or smaller.
+        frames: ``F`` of the map; the time pooling of a stage is skipped once one frame is left,
+            so the 13 latent frames of CogVideoX and the 3 of a tiny test model both fit.
+    """
+
+    def __init__(self, in_channels: int, cond_dim: int, spatial: int, frames: int, channels: int = 256,
+                 num_down: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c, size = in_channels, spatial
+        for _ in range(num_down):
+            if size <= 2:
+                break
+            layers += [nn.Conv3d(c, channels, (3, 4, 4), stride=(1, 2, 2), padding=1), _norm(channels), nn.SiLU()]
+            if frames > 1:
+                layers.append(nn.AvgPool3d((2, 1, 1), ceil_mode=True))
+                frames = (frames + 1) // 2
+            c, size = channels, size // 2
+        layers += [nn.Conv3d(c, channels, 3, padding=1), _norm(channels), nn.SiLU()]
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(channels, 1)
+        self.t_dim = 128
+        self.embed = nn.Sequential(nn.Linear(self.t_dim + cond_dim, channels), nn.SiLU(),
+                                   nn.Linear(channels, channels))
+
+    def forward(self, feature: Tensor, t: Tensor, pooled: Tensor) -> Tensor:
+        if feature.ndim != 5:
+            raise ValueError(f"Head3D reads (B, C, F, H, W) maps, got shape {tuple(feature.shape)}")
+        h = self.body(feature.float()).mean(dim=(2, 3, 4))
+        return _projection_logit(self, h, t, pooled)
+
+
+def head_for(feature: Tensor, cond_dim: int, channels: int = 256, num_down: int = 3) -> nn.Module:
+    """The head for a probed feature map: :class:`Head2D` for ``(B, C, H, W)``, :class:`Head3D` for
+    ``(B, C, F, H, W)``."""
+    if feature.ndim == 4:
+        return Head2D(feature.shape[1], cond_dim, min(feature.shape[2:]), channels, num_down)
+    if feature.ndim == 5:
+        return Head3D(feature.shape[1], cond_dim, min(feature.shape[3:]), feature.shape[2], channels, num_down)
+    raise ValueError(f"feature maps must be (B, C, H, W) or (B, C, F, H, W), got shape {tuple(feature.shape)}")

@@ -2,7 +2,8 @@
 
 The backbone is the teacher's own network in the ``"real"`` role (never a copy): features of
 the chosen blocks are read through forward hooks at ``(x, t, prompt)`` and each feeds a
-:class:`~dmdx_lightning.discriminators.heads.Head2D`. DMD2's GAN head reads the fake score's
+:class:`~dmdx_lightning.discriminators.heads.Head2D` (image maps) or
+:class:`~dmdx_lightning.discriminators.heads.Head3D` (video maps), chosen from the map's rank. DMD2's GAN head reads the fake score's
 features instead (``backbone_role="fake"``).
 """
 
@@ -13,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from dmdx_lightning.discriminators.heads import Head2D
+from dmdx_lightning.discriminators.heads import head_for
 from dmdx_lightning.teachers.base import Conditioning, Teacher
 
 
@@ -50,9 +51,8 @@ class LatentDiscriminator(nn.Module):
         t = torch.full((1,), 0.5, device=x.device)
         cond = teacher.encode_prompts([""])
         maps = teacher.feature_maps(self.backbone_role, x, t, cond, self.layers)
-        self.heads = nn.ModuleList(
-            Head2D(m.shape[1], cond.pooled.shape[-1], min(m.shape[2:]), self.head_channels, self.num_down)
-            for m in maps)
+        self.heads = nn.ModuleList(head_for(m, cond.pooled.shape[-1], self.head_channels, self.num_down)
+                                   for m in maps)
         return self
 
     def forward(self, teacher: Teacher, x: Tensor, t: Tensor, cond: Conditioning, start: Tensor | None = None,

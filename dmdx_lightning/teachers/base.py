@@ -33,7 +33,8 @@ MAY
       image encoder), :meth:`identity` (default: the family name), :meth:`unconditional` (CFG's
       unconditional branch; default: the empty prompt encoded),
       :meth:`enable_gradient_checkpointing`, ``default_lora_targets`` (for ``mode="lora"``),
-      ``stop_forward_early``;
+      ``stop_forward_early``; :class:`RoleCheckpointing` (mixed in first) for diffusers
+      transformers whose checkpointed blocks must be recomputed in the role they ran in;
     - the diffusers export: ``export_formats`` and :meth:`export_pipeline` / :meth:`export_lora`
       (default: a ``NotImplementedError`` naming the family).
 """
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from dmdx_lightning.schedules import PREDICTION_TYPES, NoiseSchedule, euler_grid
@@ -96,6 +98,73 @@ class Conditioning:
 
 class _StopForward(Exception):
     """Raised by a feature hook once the last needed block has run: the rest of the forward is skipped."""
+
+
+class RoleCheckpointing:
+    """Role switching for teachers on a diffusers transformer (``enable_gradient_checkpointing(
+    gradient_checkpointing_func=...)``) whose roles may run under gradient checkpointing.
+
+    Mixed in before :class:`Teacher` (``class SD3Teacher(RoleCheckpointing, Teacher)``): it
+    remembers the role of the forward in progress so a checkpointed block is recomputed in the role
+    it first ran in, and skips adapter switches that change nothing.
+    """
+
+    #: the role of the forward in progress
+    _active_role: str | None = None
+    #: the adapter state the network is in (lora mode)
+    _applied_role: str | None = None
+
+    @contextmanager
+    def as_role(self, role: str):
+        """The base's adapter switch, remembering the role (re-applied when checkpointed blocks are
+        recomputed) and restoring the enclosing role on exit.
+
+        The switch walks every module of the network, so it runs only when the applied role
+        changes: checkpointed blocks re-enter their role once per block during backward.
+        """
+        previous = self._active_role
+        try:
+            self._apply_role(role)
+            self._active_role = role
+            yield
+        finally:
+            self._active_role = previous
+            if previous is not None:
+                self._apply_role(previous)
+
+    def _apply_role(self, role: str) -> None:
+        if self.mode == "lora" and self._applied_role == role:
+            return
+        with super().as_role(role):
+            pass
+        self._applied_role = role
+
+    def enable_gradient_checkpointing(self, net: nn.Module) -> None:
+        """Checkpoint every transformer block, recomputing it under the role it first ran in.
+
+        In lora mode all roles share one network, and backward runs after the forward's role was
+        left (e.g. the generator's loss goes through the fake score, then through the real
+        score's features): a plain recomputation would use whatever adapter is active then and
+        give wrong gradients (torch notices only when the saved-tensor count differs).
+        """
+        def checkpoint_in_role(block, *args):
+            role = self._active_role
+
+            def run(*inputs):
+                if role is None or self.mode != "lora":
+                    return block(*inputs)
+                with self.as_role(role):
+                    return block(*inputs)
+
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+        net.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_in_role)
+
+    @property
+    def stop_forward_early(self) -> bool:
+        # an FSDP unit whose forward is aborted never reshards; its next forward then overwrites
+        # parameters that autograd saved ("modified by an inplace operation")
+        return type(self.denoiser).__name__ != "FullyShardedDataParallel"
 
 
 class Teacher(nn.Module):
@@ -292,8 +361,14 @@ class Teacher(nn.Module):
 
     def train(self, mode: bool = True) -> "Teacher":
         super().train(mode)
+        # the frozen parts never train: no dropout / norm-statistics updates. The text encoders and
+        # the VAE too: T5 ships with dropout 0.1, which made the prompt embeddings random while the
+        # module was in training mode (and samples drawn then not reproducible)
+        for name, child in self.named_children():
+            if name not in ("denoiser", "roles"):
+                child.eval()
         if self.mode == "full" and "real" in self.build_roles:
-            self.denoiser.eval()  # the real score is frozen: no dropout / norm-statistics updates
+            self.denoiser.eval()  # the real score (a student built alone for export is the denoiser)
         return self
 
     # ------------------------------------------------------------------ family hooks: MUST
@@ -312,7 +387,9 @@ class Teacher(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement feature_blocks")
 
     def latent_shape(self, batch_size: int) -> tuple[int, ...]:
-        """Shape of a batch of latents (the samplers' noise): ``(B, C, H, W)`` or ``(B, C, F, H, W)``."""
+        """Shape of a batch of latents (the samplers' noise), batch first: ``(B, C, H, W)`` for images;
+        video keeps its family's own layout (``(B, F, C, H, W)`` for CogVideoX, as its pipeline's
+        latents), since callers only draw noise of this shape and hand it back to the family."""
         raise NotImplementedError(f"{type(self).__name__} must implement latent_shape")
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -464,7 +541,9 @@ class Teacher(nn.Module):
         for t, s in steps:
             tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
             x0, eps = self.predict(role, x, tt, cond, cfg_scale)
-            x = self.schedule.ode_step(x0, eps, torch.full_like(tt, s))
+            # the move to s = 0 lands on x0 itself (DDIM's set_alpha_to_one): a discrete VP
+            # schedule's first index still holds noise (alpha(0) < 1); flow matching gives x0 anyway
+            x = x0 if s == 0 else self.schedule.ode_step(x0, eps, torch.full_like(tt, s))
         return x
 
     def sample_student(

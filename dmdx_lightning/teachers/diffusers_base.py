@@ -14,21 +14,19 @@ network is called.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from dmdx_lightning.dtypes import parse_dtype  # noqa: F401 (the families' dtype options)
-from dmdx_lightning.teachers.base import Teacher
+from dmdx_lightning.teachers.base import RoleCheckpointing, Teacher
 
 #: the config key users set to point at the weights (named in every loading error)
 CONFIG_KEY = "model.init_args.teacher.init_args.pretrained_model_name_or_path"
 
 
-class DiffusersTeacher(Teacher):
+class DiffusersTeacher(RoleCheckpointing, Teacher):
     """Base of the families whose weights are a diffusers pipeline folder or hub id.
 
     A family sets ``pretrained_model_name_or_path``, ``revision``, ``variant`` and ``torch_dtype``
@@ -87,59 +85,6 @@ class DiffusersTeacher(Teacher):
                 f"Either download it first (accept the model's license on huggingface.co, `hf auth login`, then "
                 f"`hf download {source}`), or set {key} to a local diffusers pipeline folder."
             ) from e
-
-    # ------------------------------------------------------------------ roles under checkpointing
-    @contextmanager
-    def as_role(self, role: str):
-        """The base's adapter switch, remembering the role (re-applied when checkpointed blocks are
-        recomputed) and restoring the enclosing role on exit.
-
-        The switch walks every module of the network, so it runs only when the applied role
-        changes: checkpointed blocks re-enter their role once per block during backward.
-        """
-        previous = self._active_role
-        try:
-            self._apply_role(role)
-            self._active_role = role
-            yield
-        finally:
-            self._active_role = previous
-            if previous is not None:
-                self._apply_role(previous)
-
-    def _apply_role(self, role: str) -> None:
-        if self.mode == "lora" and self._applied_role == role:
-            return
-        with super().as_role(role):
-            pass
-        self._applied_role = role
-
-    def enable_gradient_checkpointing(self, net: nn.Module) -> None:
-        """Checkpoint the network's blocks, recomputing each under the role it first ran in.
-
-        In lora mode all roles share one network, and backward runs after the forward's role was
-        left (e.g. the generator's loss goes through the fake score, then through the real
-        score's features): a plain recomputation would use whatever adapter is active then and
-        give wrong gradients (torch notices only when the saved-tensor count differs).
-        """
-        def checkpoint_in_role(block, *args):
-            role = self._active_role
-
-            def run(*inputs):
-                if role is None or self.mode != "lora":
-                    return block(*inputs)
-                with self.as_role(role):
-                    return block(*inputs)
-
-            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
-
-        net.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_in_role)
-
-    @property
-    def stop_forward_early(self) -> bool:
-        # an FSDP unit whose forward is aborted never reshards; its next forward then overwrites
-        # parameters that autograd saved ("modified by an inplace operation")
-        return type(self.denoiser).__name__ != "FullyShardedDataParallel"
 
     def identity(self) -> str:
         """The hub id or local folder the teacher was loaded from."""
