@@ -86,6 +86,11 @@ class DiffusersTeacher(RoleCheckpointing, Teacher):
                 f"`hf download {source}`), or set {key} to a local diffusers pipeline folder."
             ) from e
 
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        """Square image latents: ``resolution / vae_scale_factor`` a side (a family sets both)."""
+        size = self.resolution // self.vae_scale_factor
+        return (batch_size, self.denoiser.config.in_channels, size, size)
+
     def identity(self) -> str:
         """The hub id or local folder the teacher was loaded from."""
         return self.pretrained_model_name_or_path

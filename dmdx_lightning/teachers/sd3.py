@@ -223,10 +223,6 @@ class SD3Teacher(DiffusersTeacher):
             raise RuntimeError(f"SD3 block gave {n} image tokens for a {h}x{w} patch grid")
         return hidden.transpose(1, 2).reshape(b, c, h, w)
 
-    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
-        size = self.resolution // self.vae_scale_factor
-        return (batch_size, self.denoiser.config.in_channels, size, size)
-
     # ------------------------------------------------------------------ export
     @property
     def pipeline_class(self):

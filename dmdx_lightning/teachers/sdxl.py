@@ -300,10 +300,6 @@ class SDXLTeacher(DiffusersTeacher):
         # a down block returns (hidden_states, skip connections); mid and up blocks the map itself
         return output[0] if isinstance(output, tuple) else output
 
-    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
-        size = self.resolution // self.vae_scale_factor
-        return (batch_size, self.denoiser.config.in_channels, size, size)
-
     # ------------------------------------------------------------------ export
     @property
     def pipeline_class(self):
