@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
 from dmdx_lightning.data.prompts import PromptDataModule
-from dmdx_lightning.export import EXPORT_INFO, build_module, export
+from dmdx_lightning.export import EXPORT_INFO, build_module, export_checkpoint
 from tests.helpers import dmdx_fit, state_fingerprint
 from tests.test_configs import COGVIDEOX_TINY, TINY_HEADS
 from tests.test_resume import full_state
@@ -87,8 +87,9 @@ def load_export(fmt, out, tiny_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["lora", "pipeline"])
 def test_export_generates_the_students_frames_in_8_steps(trained, fmt, tmp_path, tiny_cogvideox_dir):
-    _, module, _ = trained
-    info = export(module, tmp_path, fmt)
+    run, module, _ = trained
+    # `dmdx export`'s path: only the student is built, from the run's config and final checkpoint
+    info = export_checkpoint(run / "ckpt" / "step=6.ckpt", tmp_path, fmt, config=run / "config.yaml")
     assert json.loads((tmp_path / EXPORT_INFO).read_text())["timesteps"] == [999, 874, 749, 624, 499, 374, 249, 124]
     assert info["default_call_exact"] and info["num_inference_steps"] == 8
     pipe = load_export(fmt, tmp_path, tiny_cogvideox_dir)

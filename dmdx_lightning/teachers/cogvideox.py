@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from dmdx_lightning.schedules import VPSchedule
 from dmdx_lightning.teachers.base import Conditioning, RoleCheckpointing, Teacher
-from dmdx_lightning.teachers.sd3 import parse_dtype
+from dmdx_lightning.dtypes import parse_dtype
+from dmdx_lightning.teachers.diffusers_base import merged_student
 
 #: the config key users set to point at the weights (named in every loading error)
 CONFIG_KEY = "model.init_args.teacher.init_args.pretrained_model_name_or_path"
@@ -311,11 +312,8 @@ class CogVideoXTeacher(RoleCheckpointing, Teacher):
         """A ``CogVideoXPipeline`` folder: the student transformer (adapter merged in lora mode) in
         the teacher's dtype, this teacher's VAE and T5, and the student's scheduler
         (:func:`student_vp_scheduler`)."""
-        from dmdx_lightning.export import merged_student
-
         scheduler, info = self._student_scheduler(timesteps)
-        student = merged_student(self).to(self.torch_dtype or torch.float32)
-        self.diffusers_pipeline(student, scheduler).save_pretrained(output, safe_serialization=True)
+        self.diffusers_pipeline(merged_student(self), scheduler).save_pretrained(output, safe_serialization=True)
         return info
 
     def export_lora(self, output: Path, timesteps: Sequence[float]) -> dict:

@@ -95,14 +95,15 @@ class DiffusersTeacher(RoleCheckpointing, Teacher):
         """The hub id or local folder the teacher was loaded from."""
         return self.pretrained_model_name_or_path
 
-    def merged_student(self) -> nn.Module:
-        """The student network of a teacher built for export (``build_roles=("student",)``), ready
-        for a pipeline folder, changed IN PLACE so no second copy of the network is made: in lora
-        mode diffusers' own merge (``W += (alpha / r) B A`` of the ``student`` adapter, then every
-        peft layer replaced by its base layer), then cast to the teacher's dtype (one dtype per
-        pipeline: the student joins the frozen components)."""
-        student = self.network("student")
-        if self.mode == "lora":
-            student.fuse_lora(adapter_names=["student"])
-            student.unload_lora()
-        return student.requires_grad_(False).eval().to(self.torch_dtype or torch.float32)
+
+def merged_student(teacher: Teacher) -> nn.Module:
+    """The student network of a teacher built for export (``build_roles=("student",)``), ready
+    for a pipeline folder, changed IN PLACE so no second copy of the network is made: in lora
+    mode diffusers' own merge (``W += (alpha / r) B A`` of the ``student`` adapter, then every
+    peft layer replaced by its base layer), then cast to the teacher's dtype (one dtype per
+    pipeline: the student joins the frozen components). Any family on a diffusers model."""
+    student = teacher.network("student")
+    if teacher.mode == "lora":
+        student.fuse_lora(adapter_names=["student"])
+        student.unload_lora()
+    return student.requires_grad_(False).eval().to(teacher.torch_dtype or torch.float32)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from dmdx_lightning.schedules import FlowMatchSchedule
 from dmdx_lightning.teachers.base import Conditioning
-from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, DiffusersTeacher, parse_dtype
+from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, DiffusersTeacher, merged_student, parse_dtype
 
 __all__ = ["CONFIG_KEY", "SD3Teacher", "parse_dtype", "student_flow_scheduler"]
 
@@ -255,7 +255,7 @@ class SD3Teacher(DiffusersTeacher):
         Consumes the student of a teacher built for export (``build_roles=("student",)``): the
         merge and the cast happen in place, so no second copy of the transformer is made."""
         scheduler, info = self._student_scheduler(timesteps)
-        self.diffusers_pipeline(self.merged_student(), scheduler).save_pretrained(output, safe_serialization=True)
+        self.diffusers_pipeline(merged_student(self), scheduler).save_pretrained(output, safe_serialization=True)
         return info
 
     def export_lora(self, output: Path, timesteps: Sequence[float]) -> dict:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from dmdx_lightning.schedules import VPSchedule
 from dmdx_lightning.teachers.base import Conditioning
-from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, DiffusersTeacher, parse_dtype
+from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, DiffusersTeacher, merged_student, parse_dtype
 
 #: the config key of the optional separate VAE
 VAE_KEY = "model.init_args.teacher.init_args.vae"
@@ -342,7 +342,7 @@ class SDXLTeacher(DiffusersTeacher):
         the teacher's dtype, this teacher's VAE and text encoders, and the student's scheduler
         (:func:`student_lcm_scheduler`). Consumes the student of a teacher built for export, as SD3's."""
         scheduler, info = self._student_scheduler(timesteps)
-        self.diffusers_pipeline(self.merged_student(), scheduler).save_pretrained(output, safe_serialization=True)
+        self.diffusers_pipeline(merged_student(self), scheduler).save_pretrained(output, safe_serialization=True)
         return info
 
     def export_lora(self, output: Path, timesteps: Sequence[float]) -> dict:
