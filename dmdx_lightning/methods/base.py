@@ -17,6 +17,7 @@ optimization): one per player that steps. ``train/iteration`` logs iterations (b
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,6 +34,12 @@ from dmdx_lightning.methods.distributed import (check_ddp_finds_unused_parameter
 from dmdx_lightning.rng import capture_rng, restore_rng
 from dmdx_lightning.schedules import student_timesteps
 from dmdx_lightning.teachers.base import ROLES, Conditioning, Teacher
+
+
+# The frozen parts of a teacher (real score, text encoders, VAE, discriminator backbones) stay in
+# eval mode on purpose (Teacher.train): no dropout, no norm statistics. Lightning warns about every
+# such module at the start of each fit; for these modules the warning is wrong, so it is not shown.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def _default_optimizer(params):
