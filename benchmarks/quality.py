@@ -83,6 +83,13 @@ def make_pairs(args: argparse.Namespace) -> None:
             raise RuntimeError(f"ODE pairs failed; see {pairs / 'log.txt'}")
 
 
+def reads_pairs(arms: dict[str, dict], arm: str) -> bool:
+    """Whether ``arm`` or a stage it starts from reads the ODE pairs (``{work}/pairs`` in its args)."""
+    spec = arms[arm]
+    return any("{work}" in str(a) for a in spec.get("args", [])) or \
+        bool(spec.get("init_from") and reads_pairs(arms, spec["init_from"]))
+
+
 def teacher_row(args: argparse.Namespace) -> tuple[dict, torch.Tensor]:
     """The teacher's own sampler (16 Euler steps, CFG 2), scored like the students."""
     from dmdx_lightning.evaluation.digits import evaluate_digits, teacher_sampler
@@ -106,8 +113,7 @@ def run(args: argparse.Namespace) -> dict:
         values, grids["teacher"] = teacher_row(args)
         results["teacher"]["runs"] = [dict(values, seed=0, seconds=0.0)]
     students = [a for a in selected if not arms[a].get("teacher")]
-    needs_pairs = [a for a in students if "{work}" in str(arms[a].get("args", ""))
-                   or "{work}" in str(arms.get(arms[a].get("init_from") or a, {}).get("args", ""))]
+    needs_pairs = [a for a in students if reads_pairs(arms, a)]
     if needs_pairs:
         try:
             make_pairs(args)

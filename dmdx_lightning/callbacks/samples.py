@@ -16,7 +16,7 @@ import torchvision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from dmdx_lightning.methods.distributed import outside_training_step
+from dmdx_lightning.methods.distributed import outside_training_step, shards_parameters
 from dmdx_lightning.rng import fixed_noise
 
 
@@ -126,8 +126,10 @@ class SampleGrid(pl.Callback):
         return cond, noise
 
     def draw(self, trainer: pl.Trainer, module) -> Path:
-        """Sample on EVERY rank, write on rank 0: under FSDP the weights are sharded, so each
-        forward is a collective that all ranks must join (rank 0 alone would wait forever)."""
+        """Sample on rank 0, write there. Under FSDP EVERY rank samples (the weights are sharded,
+        so each forward is a collective that all ranks must join; rank 0 alone would wait forever)."""
+        if not trainer.is_global_zero and not shards_parameters(trainer.strategy):
+            return self._png_path(trainer, "student")  # replicated weights: rank 0 draws alone
         teacher = module.teacher
         was_training = module.training
         module.eval()

@@ -31,7 +31,27 @@ def sinusoidal(t: Tensor, dim: int) -> Tensor:
     return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
-class Head2D(nn.Module):
+class _ProjectionHead(nn.Module):
+    """What every head shares: a conv ``body``, global average pooling over all positions, and a
+    projection-discriminator logit ``w . h + <h, embed(t, prompt)> / sqrt(dim)``."""
+
+    t_dim = 128
+
+    def __init__(self, body: list[nn.Module], channels: int, cond_dim: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*body)
+        self.out = nn.Linear(channels, 1)
+        self.embed = nn.Sequential(nn.Linear(self.t_dim + cond_dim, channels), nn.SiLU(),
+                                   nn.Linear(channels, channels))
+
+    def forward(self, feature: Tensor, t: Tensor, pooled: Tensor) -> Tensor:
+        h = self.body(feature.float())
+        h = h.mean(dim=tuple(range(2, h.ndim)))  # every position: (H, W) or (F, H, W)
+        c = self.embed(torch.cat([sinusoidal(t, self.t_dim), pooled.float()], dim=-1))
+        return self.out(h).squeeze(-1) + (h * c).sum(-1) / math.sqrt(h.shape[-1])
+
+
+class Head2D(_ProjectionHead):
     """One 2D head on a ``(B, C, H, W)`` map.
 
     Args:
@@ -44,7 +64,6 @@ class Head2D(nn.Module):
 
     def __init__(self, in_channels: int, cond_dim: int, spatial: int, channels: int = 256,
                  num_down: int = 3) -> None:
-        super().__init__()
         layers: list[nn.Module] = []
         c, size = in_channels, spatial
         for _ in range(num_down):
@@ -53,24 +72,10 @@ class Head2D(nn.Module):
             layers += [nn.Conv2d(c, channels, 4, stride=2, padding=1), _norm(channels), nn.SiLU()]
             c, size = channels, size // 2
         layers += [nn.Conv2d(c, channels, 3, padding=1), _norm(channels), nn.SiLU()]
-        self.body = nn.Sequential(*layers)
-        self.out = nn.Linear(channels, 1)
-        self.t_dim = 128
-        self.embed = nn.Sequential(nn.Linear(self.t_dim + cond_dim, channels), nn.SiLU(),
-                                   nn.Linear(channels, channels))
-
-    def forward(self, feature: Tensor, t: Tensor, pooled: Tensor) -> Tensor:
-        h = self.body(feature.float()).mean(dim=(2, 3))
-        return _projection_logit(self, h, t, pooled)
+        super().__init__(layers, channels, cond_dim)
 
 
-def _projection_logit(head: nn.Module, h: Tensor, t: Tensor, pooled: Tensor) -> Tensor:
-    """``w . h + <h, embed(t, prompt)> / sqrt(dim)`` for pooled head features ``h`` ``(B, dim)``."""
-    c = head.embed(torch.cat([sinusoidal(t, head.t_dim), pooled.float()], dim=-1))
-    return head.out(h).squeeze(-1) + (h * c).sum(-1) / math.sqrt(h.shape[-1])
-
-
-class Head3D(nn.Module):
+class Head3D(_ProjectionHead):
     """One 3D head on a ``(B, C, F, H, W)`` video map (module docstring).
 
     Args:
@@ -82,7 +87,6 @@ class Head3D(nn.Module):
 
     def __init__(self, in_channels: int, cond_dim: int, spatial: int, frames: int, channels: int = 256,
                  num_down: int = 3) -> None:
-        super().__init__()
         layers: list[nn.Module] = []
         c, size = in_channels, spatial
         for _ in range(num_down):
@@ -94,17 +98,12 @@ class Head3D(nn.Module):
                 frames = (frames + 1) // 2
             c, size = channels, size // 2
         layers += [nn.Conv3d(c, channels, 3, padding=1), _norm(channels), nn.SiLU()]
-        self.body = nn.Sequential(*layers)
-        self.out = nn.Linear(channels, 1)
-        self.t_dim = 128
-        self.embed = nn.Sequential(nn.Linear(self.t_dim + cond_dim, channels), nn.SiLU(),
-                                   nn.Linear(channels, channels))
+        super().__init__(layers, channels, cond_dim)
 
     def forward(self, feature: Tensor, t: Tensor, pooled: Tensor) -> Tensor:
         if feature.ndim != 5:
             raise ValueError(f"Head3D reads (B, C, F, H, W) maps, got shape {tuple(feature.shape)}")
-        h = self.body(feature.float()).mean(dim=(2, 3, 4))
-        return _projection_logit(self, h, t, pooled)
+        return super().forward(feature, t, pooled)
 
 
 def head_for(feature: Tensor, cond_dim: int, channels: int = 256, num_down: int = 3) -> nn.Module:

@@ -104,6 +104,14 @@ def finish_fsdp_backward(root: torch.nn.Module) -> None:
                 handle._prefetched = False
 
 
+def shards_parameters(strategy) -> bool:
+    """Whether every forward is a collective that all ranks must join (FSDP), so work outside a
+    training step (sample grids) must run on every rank, not on rank 0 alone."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
 def outside_training_step(strategy):
     """A context for network passes outside Lightning's forward (sample grids, summaries).
 
@@ -116,9 +124,7 @@ def outside_training_step(strategy):
     """
     from contextlib import nullcontext
 
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    if not isinstance(strategy, FSDPStrategy):
+    if not shards_parameters(strategy):
         return nullcontext()
     from torch.distributed.fsdp import FullyShardedDataParallel
 

@@ -31,12 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from dmdx_lightning.schedules import VPSchedule
-from dmdx_lightning.teachers.base import Conditioning, RoleCheckpointing, Teacher
-from dmdx_lightning.dtypes import parse_dtype
-from dmdx_lightning.teachers.diffusers_base import merged_student
+from dmdx_lightning.teachers.base import Conditioning
+from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, DiffusersTeacher, merged_student, parse_dtype
 
-#: the config key users set to point at the weights (named in every loading error)
-CONFIG_KEY = "model.init_args.teacher.init_args.pretrained_model_name_or_path"
+__all__ = ["CONFIG_KEY", "CogVideoXTeacher", "student_vp_scheduler"]
 
 #: LCMScheduler.timestep_scaling for the export: its boundary condition ``denoised = c_out x0 +
 #: c_skip x_t`` then has ``c_out = 1`` and ``c_skip < 1e-16`` at every timestep >= 1 (float32), so
@@ -75,7 +73,7 @@ def student_vp_scheduler(schedule: VPSchedule, timesteps: Sequence[float]):
     return scheduler, indices, probe.timesteps.tolist() == indices
 
 
-class CogVideoXTeacher(RoleCheckpointing, Teacher):
+class CogVideoXTeacher(DiffusersTeacher):
     """CogVideoX-2b / -5b (``CogVideoXPipeline`` layout) as a distillation teacher.
 
     Args:
@@ -107,6 +105,8 @@ class CogVideoXTeacher(RoleCheckpointing, Teacher):
 
     family = "cogvideox"
     prediction_type = "v"
+    pipeline_name = "CogVideoX"
+    pipeline_layout = "transformer/, vae/, text_encoder/, tokenizer/, scheduler/"
     export_formats = ("pipeline", "lora")
     # attention projections of every block: diffusers' CogVideoX LoRA training default, so the
     # exported adapter loads with CogVideoXPipeline.load_lora_weights
@@ -144,18 +144,18 @@ class CogVideoXTeacher(RoleCheckpointing, Teacher):
         from transformers import T5EncoderModel, T5TokenizerFast
 
         # any of CogVideoX's schedulers (2b: DDIM, 5b: DPM) shares these config keys
-        self.scheduler_config = dict(self._load(CogVideoXDDIMScheduler, "scheduler", model=False).config)
+        self.scheduler_config = dict(self.load_component(CogVideoXDDIMScheduler, "scheduler", model=False).config)
         if self.scheduler_config.get("prediction_type") != "v_prediction":
             raise ValueError(f"{self.pretrained_model_name_or_path}/scheduler has prediction_type "
                              f"{self.scheduler_config.get('prediction_type')!r}; CogVideoXTeacher expects "
                              "'v_prediction' (every CogVideoX release)")
         self.schedule = VPSchedule.from_diffusers_config(self.scheduler_config)
-        self.tokenizer = self._load(T5TokenizerFast, "tokenizer", model=False)
-        self.text_encoder = self._load(T5EncoderModel, "text_encoder").requires_grad_(False).eval()
-        self.vae = self._load(AutoencoderKLCogVideoX, "vae").requires_grad_(False).eval()
+        self.tokenizer = self.load_component(T5TokenizerFast, "tokenizer", model=False)
+        self.text_encoder = self.load_component(T5EncoderModel, "text_encoder").requires_grad_(False).eval()
+        self.vae = self.load_component(AutoencoderKLCogVideoX, "vae").requires_grad_(False).eval()
         if vae_tiling:
             self.vae.enable_tiling()
-        transformer = self._load(CogVideoXTransformer3DModel, "transformer")
+        transformer = self.load_component(CogVideoXTransformer3DModel, "transformer")
         cfg = transformer.config
         if cfg.patch_size_t is not None:
             raise NotImplementedError(f"{self.pretrained_model_name_or_path} is a CogVideoX 1.5 transformer "
@@ -176,33 +176,6 @@ class CogVideoXTeacher(RoleCheckpointing, Teacher):
                                  f"{self.vae_scale_factor * self.patch_size}")
         self._rotary_cache: dict = {}
         self.setup_roles(transformer)
-        if self.mode == "full" and self.trainable_dtype is not None:
-            for net in self.roles.values():
-                net.to(self.trainable_dtype)
-
-    # ------------------------------------------------------------------ loading
-    def _load(self, cls, subfolder: str, model: bool = True):
-        """``cls.from_pretrained`` of one component, with an error that says what to do."""
-        kwargs = {"subfolder": subfolder, "revision": self.revision}
-        if model:
-            kwargs["torch_dtype"] = self.torch_dtype
-            if self.variant:
-                kwargs["variant"] = self.variant
-        source = self.pretrained_model_name_or_path
-        local = Path(source).expanduser()
-        if local.is_dir():
-            if not (local / subfolder).is_dir():
-                raise FileNotFoundError(
-                    f"{local} has no {subfolder}/ folder: {CONFIG_KEY} must name a diffusers CogVideoX pipeline "
-                    "folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
-            source = str(local)
-        try:
-            return cls.from_pretrained(source, **kwargs)
-        except (OSError, ValueError) as e:
-            raise OSError(
-                f"could not load {subfolder}/ of CogVideoX teacher {source!r} (set by {CONFIG_KEY}): {e}\n"
-                f"Either download it first (`hf download {source}`), or set {CONFIG_KEY} to a local diffusers "
-                "CogVideoX pipeline folder.") from e
 
     # ------------------------------------------------------------------ prompts
     @torch.no_grad()
@@ -289,10 +262,6 @@ class CogVideoXTeacher(RoleCheckpointing, Teacher):
         return (z * self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).float()
 
     # ------------------------------------------------------------------ identity and export
-    def identity(self) -> str:
-        """The hub id or local folder the teacher was loaded from."""
-        return self.pretrained_model_name_or_path
-
     def diffusers_pipeline(self, transformer: nn.Module, scheduler):
         """A ``CogVideoXPipeline`` of this teacher's components around ``transformer``."""
         from diffusers import CogVideoXPipeline

@@ -26,6 +26,11 @@ from dmdx_lightning.teachers.base import RoleCheckpointing, Teacher
 CONFIG_KEY = "model.init_args.teacher.init_args.pretrained_model_name_or_path"
 
 
+#: the example prompts of the image families (sample grids without their own prompts)
+IMAGE_EXAMPLE_PROMPTS = ("a photo of a cat wearing a red scarf", "an astronaut riding a horse on the moon",
+                         "a bowl of ramen, studio lighting", "a watercolor painting of a lighthouse at dawn")
+
+
 class DiffusersTeacher(RoleCheckpointing, Teacher):
     """Base of the families whose weights are a diffusers pipeline folder or hub id.
 
@@ -85,6 +90,17 @@ class DiffusersTeacher(RoleCheckpointing, Teacher):
                 f"Either download it first (accept the model's license on huggingface.co, `hf auth login`, then "
                 f"`hf download {source}`), or set {key} to a local diffusers pipeline folder."
             ) from e
+
+    #: dtype of the trainable copies in ``full`` mode (``None``: ``torch_dtype``)
+    trainable_dtype: torch.dtype | None = None
+
+    def setup_roles(self, denoiser: nn.Module) -> None:
+        super().setup_roles(denoiser)
+        if self.mode == "full" and self.trainable_dtype is not None and "real" in self.build_roles:
+            # fp32 master weights serve an optimizer; a student built alone (dmdx export, no real
+            # score) is the loaded network itself and stays in torch_dtype, the dtype it is written in
+            for net in self.roles.values():
+                net.to(self.trainable_dtype)
 
     def latent_shape(self, batch_size: int) -> tuple[int, ...]:
         """Square image latents: ``resolution / vae_scale_factor`` a side (a family sets both)."""

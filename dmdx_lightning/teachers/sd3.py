@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from dmdx_lightning.schedules import FlowMatchSchedule
 from dmdx_lightning.teachers.base import Conditioning
-from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, DiffusersTeacher, merged_student, parse_dtype
+from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, IMAGE_EXAMPLE_PROMPTS, DiffusersTeacher,
+                                                    merged_student, parse_dtype)
 
 __all__ = ["CONFIG_KEY", "SD3Teacher", "parse_dtype", "student_flow_scheduler"]
 
@@ -105,8 +106,7 @@ class SD3Teacher(DiffusersTeacher):
     # exported adapter loads with StableDiffusion3Pipeline.load_lora_weights
     default_lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
-    example_prompts: tuple[str, ...] = ("a photo of a cat wearing a red scarf", "an astronaut riding a horse on the moon",
-                       "a bowl of ramen, studio lighting", "a watercolor painting of a lighthouse at dawn")
+    example_prompts: tuple[str, ...] = IMAGE_EXAMPLE_PROMPTS
 
     def __init__(
         self,
@@ -161,11 +161,6 @@ class SD3Teacher(DiffusersTeacher):
                              f"{self.vae_scale_factor * self.patch_size}")
         self.resolution = resolution
         self.setup_roles(transformer)
-        if self.mode == "full" and self.trainable_dtype is not None and "real" in self.build_roles:
-            # fp32 master weights serve an optimizer; a student built alone (dmdx export, no real
-            # score) is the loaded network itself and stays in torch_dtype, the dtype it is written in
-            for net in self.roles.values():
-                net.to(self.trainable_dtype)
 
     def _load(self, cls, subfolder: str, model: bool = True):
         hint = " or set drop_t5: true to run without T5" if subfolder.endswith("_3") else ""

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from dmdx_lightning.schedules import VPSchedule
 from dmdx_lightning.teachers.base import Conditioning
-from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, DiffusersTeacher, merged_student, parse_dtype
+from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, IMAGE_EXAMPLE_PROMPTS, DiffusersTeacher,
+                                                    merged_student, parse_dtype)
 
 #: the config key of the optional separate VAE
 VAE_KEY = "model.init_args.teacher.init_args.vae"
@@ -143,8 +144,7 @@ class SDXLTeacher(DiffusersTeacher):
     # every attention projection of the UNet's transformer blocks (self- and cross-attention):
     # diffusers' SDXL LoRA default, so the adapter loads with StableDiffusionXLPipeline.load_lora_weights
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
-    example_prompts: tuple[str, ...] = ("a photo of a cat wearing a red scarf", "an astronaut riding a horse on the moon",
-                                        "a bowl of ramen, studio lighting", "a watercolor painting of a lighthouse at dawn")
+    example_prompts: tuple[str, ...] = IMAGE_EXAMPLE_PROMPTS
 
     def __init__(
         self,
@@ -215,9 +215,6 @@ class SDXLTeacher(DiffusersTeacher):
             raise ValueError(f"the UNet expects an added embedding of {expected} values, but {len(self.add_time_ids)} "
                              f"micro-conditioning numbers and text_encoder_2's projection make {given}")
         self.setup_roles(unet)
-        if self.mode == "full" and self.trainable_dtype is not None:
-            for net in self.roles.values():
-                net.to(self.trainable_dtype)
 
     # ------------------------------------------------------------------ loading
     @staticmethod
