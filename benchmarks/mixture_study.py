@@ -130,7 +130,8 @@ def markdown(report: dict, study: runner.Study, args: argparse.Namespace, comman
     lines = [f"# Mixture study: {args.name}", "",
              f"`{command}` on {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{seconds / 60:.1f} min for this invocation (finished runs with unchanged configs are reused; each "
-             "run's own log is `<root>/<arm>/lr<lr>/seed<seed>/log.txt`). Every arm: one-step student, {args.updates} generator updates "
+             "run's own log is `<root>/<arm>/lr<lr>/seed<seed>/log.txt`). Every arm: one-step student unless its name "
+             f"says `4step`, {args.updates} generator updates unless the arm sets its own "
              f"(chained arms: that many per stage), batch 32, AdamW betas (0, 0.99); fake score and "
              f"discriminators at lr 1e-4; the generator lr as listed. {args.samples} samples per class on fixed "
              "noise; mean ± std over seeds.", ""]

@@ -66,7 +66,7 @@ def write_tiny_pairs(directory, num_pairs=64, latent_shape=(1, 8, 8), teacher_fa
 OVERLAY_BASES = {"quickstart/dmdx.yaml": "quickstart/adm.yaml", "digits/dmd.yaml": "quickstart/adm.yaml",
                  "digits/dmd2.yaml": "quickstart/adm.yaml", "digits/a1.yaml": "quickstart/adp.yaml", "mixture/regression.yaml": "mixture/adm.yaml", "mixture/dmd.yaml": "mixture/adm.yaml",
                  "mixture/dmd2.yaml": "mixture/adm.yaml", "mixture/dmdx.yaml": "mixture/adm.yaml",
-                 "mixture/a1.yaml": "mixture/adp.yaml"}
+                 "mixture/a1.yaml": "mixture/adp.yaml", "mixture/posterior_d.yaml": "mixture/adm.yaml"}
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "trainer" not in p.parts)
 
 

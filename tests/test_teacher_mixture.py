@@ -75,6 +75,35 @@ def test_roles_start_equal_to_the_exact_teacher_and_the_student_starts_collapsed
     assert maps[0].shape == (6, TINY["channels"], 4, 4)
 
 
+def test_posterior_features_expose_the_exact_responsibilities_and_change_no_prediction():
+    """``posterior_features``: one more feature block, the exact log r_k(x_t) of the prompted class's
+    modes, read by a vector head whose logit has an input gradient; predictions are unchanged."""
+    from dmdx_lightning.discriminators.heads import HeadVector
+    from dmdx_lightning.discriminators.latent import LatentDiscriminator
+
+    torch.manual_seed(0)
+    plain, viewed = MixtureTeacher(**TINY), MixtureTeacher(**TINY, posterior_features=True)
+    cond = viewed.encode_prompts([class_prompt(1), class_prompt(3), ""])
+    x, t = torch.randn(viewed.latent_shape(3)), torch.tensor([0.9, 0.5, 0.7])
+    for role in ("real", "fake", "student"):
+        assert torch.equal(plain.predict(role, x, t, cond)[0], viewed.predict(role, x, t, cond)[0])
+    assert len(viewed.feature_blocks(viewed.network("real"))) == TINY["num_blocks"] + 1
+    (log_r,) = viewed.feature_maps("real", x, t, cond, [TINY["num_blocks"]])
+    M = TINY["modes_per_class"]
+    assert log_r.shape == (3, TINY["num_classes"] * M)
+    # the prompted class's modes hold the whole posterior, the others sit on the floor
+    assert torch.allclose(log_r[0, M:2 * M].exp().sum(), torch.tensor(1.0), atol=1e-5)
+    assert (log_r[0, :M] == -viewed.denoiser.LOG_R_FLOOR).all()
+    assert (log_r[2] > -viewed.denoiser.LOG_R_FLOOR).any()  # the empty prompt: every class's modes
+    d = LatentDiscriminator(layers=[TINY["num_blocks"]], head_channels=16).build(viewed)
+    assert isinstance(d.heads[0], HeadVector)
+    x = x.requires_grad_()
+    d(viewed, x, t, cond).sum().backward()
+    assert x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="feature blocks"):
+        plain.feature_maps("real", x, t, cond, [TINY["num_blocks"]])
+
+
 def test_metrics_count_modes_precision_and_tv():
     mixture = GaussianMixture((4, 4, 4), num_classes=1, modes_per_class=4, std=0.05, weight_ratio=1.0, seed=0)
     labels = torch.zeros(400, dtype=torch.long)

@@ -4,6 +4,8 @@ A 2D head: ``num_down x [Conv 4x4 stride 2 -> GroupNorm -> SiLU]``, ``Conv 3x3 -
 SiLU``, global average pool, then a projection-discriminator output
 ``logit = w . h + <h, embed(t, prompt)>`` so the head is conditioned on timestep and prompt.
 
+A vector head (``(B, C)`` features, e.g. analytic ones) is an MLP with the same projection output.
+
 A 3D head (video, ``(B, C, F, H, W)`` maps) is the same with Conv3d blocks and pooling over time
 (the paper reports only "Conv3d 3x3x3 blocks with pooling over time"; the layout is ours): each
 stage is ``Conv3d (3, 4, 4) stride (1, 2, 2) -> GroupNorm -> SiLU -> AvgPool over time (2)``, the
@@ -46,7 +48,8 @@ class _ProjectionHead(nn.Module):
 
     def forward(self, feature: Tensor, t: Tensor, pooled: Tensor) -> Tensor:
         h = self.body(feature.float())
-        h = h.mean(dim=tuple(range(2, h.ndim)))  # every position: (H, W) or (F, H, W)
+        if h.ndim > 2:
+            h = h.mean(dim=tuple(range(2, h.ndim)))  # every position: (H, W) or (F, H, W)
         c = self.embed(torch.cat([sinusoidal(t, self.t_dim), pooled.float()], dim=-1))
         return self.out(h).squeeze(-1) + (h * c).sum(-1) / math.sqrt(h.shape[-1])
 
@@ -106,11 +109,27 @@ class Head3D(_ProjectionHead):
         return super().forward(feature, t, pooled)
 
 
+class HeadVector(_ProjectionHead):
+    """A head on a ``(B, C)`` feature vector (no positions to convolve or pool): ``Linear -> SiLU ->
+    Linear -> SiLU``, then the same projection logit. For analytic features such as the mixture
+    teacher's mode responsibilities, where each channel has its own meaning.
+
+    Args:
+        in_channels, cond_dim, channels: as :class:`Head2D`.
+    """
+
+    def __init__(self, in_channels: int, cond_dim: int, channels: int = 256) -> None:
+        super().__init__([nn.Linear(in_channels, channels), nn.SiLU(), nn.Linear(channels, channels), nn.SiLU()],
+                         channels, cond_dim)
+
+
 def head_for(feature: Tensor, cond_dim: int, channels: int = 256, num_down: int = 3) -> nn.Module:
-    """The head for a probed feature map: :class:`Head2D` for ``(B, C, H, W)``, :class:`Head3D` for
-    ``(B, C, F, H, W)``."""
+    """The head for a probed feature map: :class:`HeadVector` for ``(B, C)``, :class:`Head2D` for
+    ``(B, C, H, W)``, :class:`Head3D` for ``(B, C, F, H, W)``."""
+    if feature.ndim == 2:
+        return HeadVector(feature.shape[1], cond_dim, channels)
     if feature.ndim == 4:
         return Head2D(feature.shape[1], cond_dim, min(feature.shape[2:]), channels, num_down)
     if feature.ndim == 5:
         return Head3D(feature.shape[1], cond_dim, min(feature.shape[3:]), feature.shape[2], channels, num_down)
-    raise ValueError(f"feature maps must be (B, C, H, W) or (B, C, F, H, W), got shape {tuple(feature.shape)}")
+    raise ValueError(f"feature maps must be (B, C), (B, C, H, W) or (B, C, F, H, W), got shape {tuple(feature.shape)}")

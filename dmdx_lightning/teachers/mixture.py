@@ -116,23 +116,30 @@ class GaussianMixture(nn.Module):
             raise ValueError(f"labels must be in 0..{K} ({K} = the empty prompt), got {labels.tolist()}")
         return self.log_weight_table[labels]
 
-    def posterior_mean(self, x_t: Tensor, t: Tensor, labels: Tensor, logit_offsets: Tensor | None = None) -> Tensor:
-        """``E[x_0 | x_t]`` under the (re-weighted) mixture of ``labels``; ``x_t`` is ``(B, C, H, W)``.
+    def _flow_terms(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x_t`` flattened, ``alpha_t = 1 - t`` and the per-mode variance ``v_t``, each ``(B, .)``."""
+        a = (1.0 - t.float())[:, None]
+        return x_t.flatten(1).float(), a, a ** 2 * self.std ** 2 + t.float()[:, None] ** 2
 
-        ``logit_offsets`` (``(B, K * M)``) are added to the log weights (``None``: the exact teacher).
-        """
-        x = x_t.flatten(1).float()
-        a = (1.0 - t.float())[:, None]                                   # alpha_t = 1 - t
-        v = a ** 2 * self.std ** 2 + t.float()[:, None] ** 2             # (B, 1)
+    def mode_logits(self, x_t: Tensor, t: Tensor, labels: Tensor, logit_offsets: Tensor | None = None) -> Tensor:
+        """Unnormalised log posterior of every one of the ``K * M`` modes given ``x_t``, ``(B, K * M)``
+        (``-inf`` for the modes of other classes): its softmax is the responsibilities ``r_k``."""
+        x, a, v = self._flow_terms(x_t, t)
         means = self.means.reshape(-1, self.dim)                         # (K * M, d)
         logw = self.component_log_weights(labels)
         if logit_offsets is not None:
             logw = logw + logit_offsets.float()
         # ||x - a mu||^2 = ||x||^2 - 2a <x, mu> + a^2 ||mu||^2; ||x||^2 is the same for every mode
-        dots = x @ means.T
-        sq = (means ** 2).sum(-1)
-        resp = torch.softmax(logw - (a ** 2 * sq - 2 * a * dots) / (2 * v), dim=-1)
-        mean_mu = resp @ means
+        return logw - (a ** 2 * (means ** 2).sum(-1) - 2 * a * (x @ means.T)) / (2 * v)
+
+    def posterior_mean(self, x_t: Tensor, t: Tensor, labels: Tensor, logit_offsets: Tensor | None = None) -> Tensor:
+        """``E[x_0 | x_t]`` under the (re-weighted) mixture of ``labels``; ``x_t`` is ``(B, C, H, W)``.
+
+        ``logit_offsets`` (``(B, K * M)``) are added to the log weights (``None``: the exact teacher).
+        """
+        x, a, v = self._flow_terms(x_t, t)
+        resp = torch.softmax(self.mode_logits(x_t, t, labels, logit_offsets), dim=-1)
+        mean_mu = resp @ self.means.reshape(-1, self.dim)
         gain = a * self.std ** 2 / v                                     # (1 - t) std^2 / v_t
         x0 = mean_mu + gain * (x - a * mean_mu)
         return x0.reshape(x_t.shape).to(x_t.dtype)
@@ -158,13 +165,21 @@ class MixtureDenoiser(nn.Module):
             needs a confident choice (logit gaps of ~5 among tens of modes), and Adam moves each
             weight by about the learning rate per step, so the gain sets how many updates a
             student needs to commit to modes (the same for every role and method).
+        posterior_features: also expose the exact posterior's log mode responsibilities
+            ``log r_k(x_t)`` (floored at ``-LOG_R_FLOOR``) as a ``(B, K * M)`` vector through
+            :attr:`posterior_view`, a feature block for discriminator heads (see
+            :class:`MixtureTeacher`). It changes no prediction.
     """
 
+    LOG_R_FLOOR = 30.0
+
     def __init__(self, mixture: GaussianMixture, channels: int = 32, num_blocks: int = 2, emb_dim: int = 64,
-                 num_train_timesteps: int = 1000, offset_gain: float = 1.0) -> None:
+                 num_train_timesteps: int = 1000, offset_gain: float = 1.0, posterior_features: bool = False) -> None:
         super().__init__()
         self.mixture = mixture
         self.offset_gain = offset_gain
+        # a parameter-free block whose output a forward hook reads (Teacher.feature_maps)
+        self.posterior_view = nn.Identity() if posterior_features else None
         self.emb_dim, self.num_train_timesteps = emb_dim, num_train_timesteps
         C, H, W = mixture.shape
         K, M = mixture.num_classes, mixture.modes_per_class
@@ -184,6 +199,9 @@ class MixtureDenoiser(nn.Module):
         mixture = self.mixture
         t = timestep / self.num_train_timesteps
         x0_exact = mixture.posterior_mean(x_t, t, labels)
+        if self.posterior_view is not None:
+            log_r = torch.log_softmax(mixture.mode_logits(x_t, t, labels), dim=-1).clamp_min(-self.LOG_R_FLOOR)
+            self.posterior_view(log_r.to(x_t.dtype))
         emb = F.silu(self.time_mlp(timestep_embedding(timestep, self.emb_dim)) + self.label_emb(labels))
         h = self.conv_in(torch.cat([x_t, x0_exact], dim=1))
         for block in self.blocks:
@@ -212,6 +230,13 @@ class MixtureTeacher(Teacher):
             capacity, :class:`MixtureDenoiser`).
         sample_steps: Euler steps of the teacher's own ODE sampler (ODE pairs, evaluation).
         cfg_scale: the teacher's default guidance scale (1: the exact mixture; > 1 guided).
+        posterior_features: add one feature block after the trunk's ``num_blocks``: the exact
+            posterior's log mode responsibilities at the discriminator's input (a ``(B, K * M)`` vector,
+            read by a vector head; ``LatentDiscriminator(layers=[num_blocks])`` reads it alone). The trunk's conv maps
+            cannot tell the 64 random global mode means apart, while a large teacher's backbone
+            does recognise content; this view gives a discriminator the teacher's own knowledge of
+            which mode a point is near (what DMD's exact real score already uses). False: the
+            trunk's blocks only (as before).
         **kwargs: :class:`~dmdx_lightning.teachers.base.Teacher` options (``mode``, LoRA size, ...).
     """
 
@@ -222,7 +247,7 @@ class MixtureTeacher(Teacher):
     def __init__(self, shape: Sequence[int] = (16, 8, 8), num_classes: int = 4, modes_per_class: int = 16,
                  std: float = 0.1, weight_ratio: float = 10.0, mixture_seed: int = 0, channels: int = 32,
                  num_blocks: int = 2, offset_gain: float = 1.0, sample_steps: int = 32, cfg_scale: float = 1.0,
-                 **kwargs) -> None:
+                 posterior_features: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.schedule = FlowMatchSchedule(shift=1.0)
         self.sample_steps, self.cfg_scale = int(sample_steps), float(cfg_scale)
@@ -236,7 +261,7 @@ class MixtureTeacher(Teacher):
         with torch.random.fork_rng():
             torch.manual_seed(mixture_seed)
             denoiser = MixtureDenoiser(mixture, channels, num_blocks, num_train_timesteps=self.schedule.num_train_timesteps,
-                                       offset_gain=offset_gain)
+                                       offset_gain=offset_gain, posterior_features=posterior_features)
         self.setup_roles(denoiser)
 
     def identity(self) -> str:
@@ -256,7 +281,8 @@ class MixtureTeacher(Teacher):
         return net(x_t, self.schedule.model_timestep(t), cond.labels)
 
     def feature_blocks(self, net: nn.Module) -> Sequence[nn.Module]:
-        return net.blocks
+        view = [] if net.posterior_view is None else [net.posterior_view]
+        return [*net.blocks, *view]
 
     def latent_shape(self, batch_size: int) -> tuple[int, ...]:
         return (batch_size, *self.mixture.shape)
