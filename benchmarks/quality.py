@@ -196,7 +196,8 @@ def markdown(report: dict) -> str:
         "",
         f"`{s['command']}` on {m['cpu_count']} CPU cores "
         f"({m['torch_threads']} torch threads), {m['date_utc']} UTC, {report['wall_seconds'] / 60:.1f} min in all.",
-        f"Every student: one step from the teacher's weights, {s['budget_generator_updates']} generator updates "
+        "Every student: from the teacher's weights, one step unless its arm says `4step`, "
+        f"{s['budget_generator_updates']} generator updates "
         "(chained arms: half in ADP, half in the second stage), batch 32, the arm's configs "
         f"(`benchmarks/arms/digits.yaml`); {s['seeds']} seed(s) per arm; mean ± std over seeds.",
         *(["", "**Smoke run (`--quick`): a few updates and few samples; these numbers say nothing about "
