@@ -231,12 +231,12 @@ class MixtureTeacher(Teacher):
         sample_steps: Euler steps of the teacher's own ODE sampler (ODE pairs, evaluation).
         cfg_scale: the teacher's default guidance scale (1: the exact mixture; > 1 guided).
         posterior_features: add one feature block after the trunk's ``num_blocks``: the exact
-            posterior's log mode responsibilities at the discriminator's input (a ``(B, K * M)`` vector,
-            read by a vector head; ``LatentDiscriminator(layers=[num_blocks])`` reads it alone). The trunk's conv maps
-            cannot tell the 64 random global mode means apart, while a large teacher's backbone
-            does recognise content; this view gives a discriminator the teacher's own knowledge of
-            which mode a point is near (what DMD's exact real score already uses). False: the
-            trunk's blocks only (as before).
+            posterior's log mode responsibilities at the discriminator's input (a ``(B, K * M)``
+            vector, read by a vector head; ``LatentDiscriminator(layers=[num_blocks])`` reads it
+            alone). The trunk's conv maps cannot tell the 64 random global mode means apart, while a
+            large teacher's backbone does recognise content; this view gives a discriminator the
+            teacher's own knowledge of which mode a point is near (what DMD's exact real score
+            already uses). False: the trunk's blocks only (as before).
         **kwargs: :class:`~dmdx_lightning.teachers.base.Teacher` options (``mode``, LoRA size, ...).
     """
 
@@ -260,7 +260,8 @@ class MixtureTeacher(Teacher):
         # the trunk's random init is part of the teacher: every run of this config sees the same roles
         with torch.random.fork_rng():
             torch.manual_seed(mixture_seed)
-            denoiser = MixtureDenoiser(mixture, channels, num_blocks, num_train_timesteps=self.schedule.num_train_timesteps,
+            denoiser = MixtureDenoiser(mixture, channels, num_blocks,
+                                       num_train_timesteps=self.schedule.num_train_timesteps,
                                        offset_gain=offset_gain, posterior_features=posterior_features)
         self.setup_roles(denoiser)
 
