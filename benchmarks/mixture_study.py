@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     if "mixture" not in args.name:
         raise SystemExit(f"--name {args.name!r} must contain 'mixture' (results files are found by it)")
     command = "python benchmarks/mixture_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command.replace(f"{ROOT}/", "")  # a report names no machine's folders (quality.py passes absolute ones)
     study = make_study(args)
     if args.rescore:
         rescore(Path(args.root), args.samples)
