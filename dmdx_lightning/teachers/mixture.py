@@ -137,9 +137,13 @@ class GaussianMixture(nn.Module):
 
         ``logit_offsets`` (``(B, K * M)``) are added to the log weights (``None``: the exact teacher).
         """
+        return self.posterior_from_logits(x_t, t, self.mode_logits(x_t, t, labels, logit_offsets))
+
+    def posterior_from_logits(self, x_t: Tensor, t: Tensor, logits: Tensor) -> Tensor:
+        """:meth:`posterior_mean` from already computed :meth:`mode_logits` (a caller that also
+        reads the responsibilities computes them once)."""
         x, a, v = self._flow_terms(x_t, t)
-        resp = torch.softmax(self.mode_logits(x_t, t, labels, logit_offsets), dim=-1)
-        mean_mu = resp @ self.means.reshape(-1, self.dim)
+        mean_mu = torch.softmax(logits, dim=-1) @ self.means.reshape(-1, self.dim)
         gain = a * self.std ** 2 / v                                     # (1 - t) std^2 / v_t
         x0 = mean_mu + gain * (x - a * mean_mu)
         return x0.reshape(x_t.shape).to(x_t.dtype)
@@ -198,9 +202,10 @@ class MixtureDenoiser(nn.Module):
     def forward(self, x_t: Tensor, timestep: Tensor, labels: Tensor) -> Tensor:
         mixture = self.mixture
         t = timestep / self.num_train_timesteps
-        x0_exact = mixture.posterior_mean(x_t, t, labels)
+        logits = mixture.mode_logits(x_t, t, labels)
+        x0_exact = mixture.posterior_from_logits(x_t, t, logits)
         if self.posterior_view is not None:
-            log_r = torch.log_softmax(mixture.mode_logits(x_t, t, labels), dim=-1).clamp_min(-self.LOG_R_FLOOR)
+            log_r = torch.log_softmax(logits, dim=-1).clamp_min(-self.LOG_R_FLOOR)
             self.posterior_view(log_r.to(x_t.dtype))
         emb = F.silu(self.time_mlp(timestep_embedding(timestep, self.emb_dim)) + self.label_emb(labels))
         h = self.conv_in(torch.cat([x_t, x0_exact], dim=1))
