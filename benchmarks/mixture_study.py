@@ -31,7 +31,7 @@ from _common import RESULTS, machine, markdown_table, write_json  # noqa: E402
 ROOT = runner.ROOT
 ARMS_FILE = ROOT / "benchmarks/arms/mixture.yaml"
 METRICS = ("coverage", "modes_covered", "precision", "tv", "min_weight_covered", "modes_covered_2r", "tv_2r",
-           "logit_gap")
+           "logit_gap", "dmd_alignment")
 
 
 def load_arms(path: Path = ARMS_FILE) -> dict[str, dict]:
@@ -147,23 +147,26 @@ def markdown(report: dict, study: runner.Study, args: argparse.Namespace, comman
                 continue
             best = " (best)" if by_lr.get("best_lr") == lr else ""
             if "final" not in e:
-                rows.append([arm, lr, "failed: " + "; ".join(e["errors"])[:120], "", "", "", "", "", "", "", ""])
+                rows.append([arm, lr, "failed: " + "; ".join(e["errors"])[:120], *[""] * 9])
                 continue
             f, i = e["final"], e.get("init")
             start = f"{i['modes_covered'][0]:.1f} / {i['precision'][0]:.2f} / {i['tv'][0]:.2f}" if i else ""
             rows.append([arm + best, lr, fmt(f["modes_covered"], 1), fmt(f["precision"]), fmt(f["tv"]),
                          fmt(f["min_weight_covered"], 2), fmt(f["modes_covered_2r"], 1), fmt(f["tv_2r"]),
-                         "" if f["logit_gap"][0] != f["logit_gap"][0] else fmt(f["logit_gap"]), start, len(e["runs"])])
+                         *("" if f[k][0] != f[k][0] else fmt(f[k]) for k in ("logit_gap", "dmd_alignment")),
+                         start, len(e["runs"])])
     lines.append(markdown_table(["arm", "generator lr", "modes covered (of 64)", "precision", "TV",
                                  "lightest third covered", "modes within 2r", "TV within 2r", "D logit gap",
-                                 "start: modes / precision / TV", "seeds"], rows))
+                                 "ADM-DMD cosine", "start: modes / precision / TV", "seeds"], rows))
     lines += ["", "Arms: " + "; ".join(f"`{a}`: {study.arms[a]['title']}" for a in report["arms"]), "",
               "Metrics (exact, `dmdx_lightning.teachers.mixture.mixture_metrics`): a sample is precise within "
               "`std (sqrt(d) + 3)` of its nearest mode mean of the prompted class; a mode is covered when its "
               "share of precise samples is at least 1/4 of its true weight; TV between the student's mode "
               "weights (plus an 'off every mode' bin) and the true ones, averaged over classes. The `2r` columns "
               "count a sample within twice that radius (near a mode, off its typical set). D logit gap: ADM's "
-              "E[D(real move)] - E[D(fake move)] over the last 50 iterations. Best lr: lowest mean TV."]
+              "E[D(real move)] - E[D(fake move)] over the last 50 iterations; ADM-DMD cosine: between the directions "
+              "ADM and DMD move each student sample (`train/generator/dmd_alignment`), same window. Best lr: "
+              "lowest mean TV."]
     return "\n".join(lines) + "\n"
 
 

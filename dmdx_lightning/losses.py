@@ -64,11 +64,24 @@ def dmd_gradient(x0_hat: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
     return torch.nan_to_num((x0_fake - x0_real) / weight)
 
 
+def gradient_surrogate(x: Tensor, grad: Tensor) -> Tensor:
+    """``0.5 ||x - sg(x - grad)||^2`` (mean): a loss whose gradient w.r.t. ``x`` is ``grad / numel``."""
+    return 0.5 * F.mse_loss(x, (x - grad).detach())
+
+
 def dmd_loss(x0_hat: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
-    """``0.5 ||x0_hat - sg(x0_hat - grad)||^2`` (mean): its gradient w.r.t. ``x0_hat`` is
-    ``grad / numel``, so the generator receives exactly the DMD gradient."""
-    grad = dmd_gradient(x0_hat.detach(), x0_real.detach(), x0_fake.detach())
-    return 0.5 * F.mse_loss(x0_hat, (x0_hat - grad).detach())
+    """:func:`gradient_surrogate` of :func:`dmd_gradient`: the generator receives exactly the DMD gradient."""
+    return gradient_surrogate(x0_hat, dmd_gradient(x0_hat.detach(), x0_real.detach(), x0_fake.detach()))
+
+
+def normalised_per_sample(grad: Tensor) -> Tensor:
+    """``grad`` rescaled so that each sample's mean absolute entry is ``1 / numel``: the gradient
+    :func:`gradient_surrogate` gives for a step of mean size one latent unit, DMD's scale when its
+    real and fake predictions disagree by as much as the sample is off the real one. Keeps the
+    direction a loss asks each sample to move in and drops how loudly it asks."""
+    dims = tuple(range(1, grad.ndim))
+    scale = grad.abs().mean(dim=dims, keepdim=True).clamp_min(1e-12) * grad.numel()
+    return torch.nan_to_num(grad / scale)
 
 
 def denoising_loss(prediction: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from dmdx_lightning.callbacks.budget import GeneratorBudget
 from dmdx_lightning.discriminators.latent import LatentDiscriminator
-from dmdx_lightning.losses import gradient_penalty
+from dmdx_lightning.losses import dmd_gradient, gradient_penalty, normalised_per_sample
 from dmdx_lightning.methods.adm import ADMModule
 from dmdx_lightning.methods.adp import ADPModule
 from dmdx_lightning.teachers.digits import DIGIT_PROMPTS
@@ -27,6 +27,7 @@ def adm(teacher, **kw):
 def test_paper_setting_is_the_default(digits_teacher):
     m = adm(digits_teacher)
     assert (m.adm_steps, m.dt_scaling, m.r1_gamma, m.r2_gamma, m.fake_score_warmup) == (1, "absolute", 0.0, 0.0, 0)
+    assert (m.adm_gradient, m.dmd_weight) == ("raw", 0.0)
 
 
 def test_end_time_absolute_and_relative(digits_teacher):
@@ -162,3 +163,71 @@ def test_first_trained_step_skips_the_early_steps_of_the_backward_simulation(dig
     for bad in (-1, 4):
         with pytest.raises(ValueError, match="first_trained_step"):
             adm(digits_teacher, student_steps=4, first_trained_step=bad)
+
+
+def test_normalised_per_sample_keeps_direction_and_sets_one_latent_unit():
+    grad = torch.tensor([[[3.0, -1.0]], [[0.0, 0.02]], [[0.0, 0.0]]])
+    out = normalised_per_sample(grad)
+    assert torch.allclose(out.abs().flatten(1).mean(1) * grad.numel(), torch.tensor([1.0, 1.0, 0.0]))
+    assert torch.allclose(out[0] / out[0, 0, 0], grad[0] / 3.0)  # same direction, per sample
+    assert torch.equal(out[2], grad[2])  # a sample the loss does not move stays put
+
+
+def _x0_hat_gradient(m, cond, seed=0):
+    """The generator loss's gradient at a leaf student sample (same draws for every call)."""
+    x0_hat = torch.randn(len(cond), 1, 8, 8, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    torch.manual_seed(seed)
+    out = m.players["generator"].step({}, cond, {"x0_hat": x0_hat})
+    out["loss"].backward()
+    return x0_hat.grad, out
+
+
+@pytest.mark.parametrize("pairing", ["independent", "paired"])
+def test_normalised_adm_gradient_rescales_each_sample_and_keeps_its_direction(digits_teacher, pairing):
+    cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:4]))
+    grads = {}
+    for option in ("raw", "normalised"):
+        torch.manual_seed(5)  # the same discriminator heads
+        grads[option], _ = _x0_hat_gradient(adm(digits_teacher, adm_pairing=pairing, adm_gradient=option), cond)
+    raw, normalised = grads["raw"], grads["normalised"]
+    assert torch.allclose(normalised.abs().flatten(1).mean(1) * normalised.numel(), torch.ones(4), atol=1e-4)
+    cosine = torch.nn.functional.cosine_similarity(raw.flatten(1), normalised.flatten(1))
+    assert torch.allclose(cosine, torch.ones(4), atol=1e-4)
+    with pytest.raises(ValueError, match="adm_gradient"):
+        adm(digits_teacher, adm_gradient="clipped")
+
+
+def test_dmd_weight_adds_dmds_gradient_at_the_same_x_t(digits_teacher):
+    cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:4]))
+    m = adm(digits_teacher, adm_gradient="normalised")
+    alone, _ = _x0_hat_gradient(m, cond)
+    m.dmd_weight = 3.0
+    both, out = _x0_hat_gradient(m, cond)
+    assert out["loss"].item() == pytest.approx((out["adm"] + 3.0 * out["dmd"]).item(), rel=1e-5)
+    assert "dmd_diagnostic" not in out  # the DMD term is optimised now: logged as "dmd"
+    # the same x_t as ADM's: recompute DMD's gradient there from the same draws
+    x0_hat = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    x_t, t, _ = m._noised(x0_hat)
+    with torch.no_grad():
+        x0_real, _ = digits_teacher.predict("real", x_t, t, cond, m.real_cfg_scale)
+        x0_fake, _ = digits_teacher.predict("fake", x_t, t, cond)
+    expected = 3.0 * dmd_gradient(x0_hat, x0_real, x0_fake) / x0_hat.numel()
+    assert torch.allclose(both - alone, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="dmd_weight"):
+        adm(digits_teacher, dmd_weight=-1.0)
+
+
+def test_dmd_alignment_is_the_cosine_of_adms_and_dmds_gradients(digits_teacher):
+    cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:4]))
+    m = adm(digits_teacher, dmd_diagnostic_every=1)
+    grad, out = _x0_hat_gradient(m, cond)
+    x0_hat = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    x_t, t, _ = m._noised(x0_hat)
+    with torch.no_grad():
+        x0_real, _ = digits_teacher.predict("real", x_t, t, cond, m.real_cfg_scale)
+        x0_fake, _ = digits_teacher.predict("fake", x_t, t, cond)
+    expected = torch.nn.functional.cosine_similarity(grad.flatten(1), dmd_gradient(x0_hat, x0_real, x0_fake).flatten(1))
+    assert out["dmd_alignment"].item() == pytest.approx(expected.mean().item(), abs=1e-5)
+    assert -1.0 <= out["dmd_alignment"].item() <= 1.0

@@ -148,6 +148,8 @@ def test_dmdx_fit_runs_adm_dmd_dmd2_on_the_mixture(overlay, tmp_path):
     assert {"teacher", arm, f"{arm}@init"} <= set(summary)
     assert summary["teacher"]["modes_covered"] == 16
     assert summary[f"{arm}@init"]["precision"] == 0.0  # the one-step student starts collapsed
+    if overlay is None:  # ADM's diagnostics reach the summary row
+        assert -1.0 <= summary[arm]["dmd_alignment"] <= 1.0 and "logit_gap" in summary[arm]
 
 
 @pytest.mark.slow

@@ -24,6 +24,8 @@ computed on one generator step in ``dmd_diagnostic_every`` iterations (every gen
 ``adm_pairing="paired"`` (an option, not the paper) scores each real/fake pair by its logit gap
 (:func:`~dmdx_lightning.losses.paired_hinge_d`), and the generator's loss takes its gradient
 through both moves, so the discriminator's opinion of ``x_t`` itself cancels.
+``adm_gradient="normalised"`` rescales ADM's gradient at each student sample to DMD's scale, and
+``dmd_weight`` adds DMD's loss at the same ``x_t`` (options of the ADM study, not the paper).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from dmdx_lightning.discriminators.latent import LatentDiscriminator
-from dmdx_lightning.losses import (denoising_loss, dmd_loss, gradient_penalty, hinge_d, hinge_g,
-                                   nonsaturating_d, nonsaturating_g, paired_hinge_d, paired_hinge_g)
+from dmdx_lightning.losses import (denoising_loss, dmd_gradient, dmd_loss, gradient_penalty, hinge_d, hinge_g,
+                                   nonsaturating_d, nonsaturating_g, normalised_per_sample, paired_hinge_d,
+                                   paired_hinge_g)
 from dmdx_lightning.methods.base import DistillationModule, Player, _default_optimizer
 from dmdx_lightning.schedules import noised
 from dmdx_lightning.teachers.base import Conditioning, Teacher
@@ -77,6 +80,15 @@ class ADMModule(DistillationModule):
             ``t - dt * t``, i.e. ``dt`` is ``kappa`` of a move proportional to ``t``).
         r1_gamma, r2_gamma: ADM only: gradient penalties ``gamma / 2 * E||grad_x D(x)||^2`` on the
             real (R1) and fake (R2) moves (R3GAN, Huang et al. 2024); 0 = off (the paper: none).
+        adm_gradient: ADM only: ``raw`` (the paper: the generator follows the discriminator's
+            gradient as it comes) or ``normalised`` (the ADM gradient at each student sample is
+            rescaled to one latent unit per sample, as DMD's is, see
+            :func:`~dmdx_lightning.losses.normalised_per_sample`): the direction stays the
+            discriminator's, its size no longer tracks the discriminator's scale or curvature (what
+            made the paired loss diverge in long runs), and ``dmd_weight`` becomes a ratio of step sizes.
+        dmd_weight: ADM only: add DMD's loss, at the generator's ``x_t`` and with the real score's CFG
+            prediction, times this weight to ADM's (0 = off, the paper). ADM then acts on DMD the way
+            DMD2's GAN term does.
         fake_score_warmup: iterations at the start in which only the fake score (and the
             discriminator) step, so the fake score fits the starting student before the generator
             moves (0 = off, the paper).
@@ -89,7 +101,9 @@ class ADMModule(DistillationModule):
         gan_generator_weight, gan_discriminator_weight: DMD2's GAN weights (5e-3, 1e-2).
         log_dmd_diagnostic: ``adm``: compute and log the (unoptimised) DMD loss
             (``train/generator/dmd_diagnostic``), at the generator's ``x_t`` before the fake score's
-            update of the iteration.
+            update of the iteration, and ``train/generator/dmd_alignment``: the cosine between the
+            directions ADM and DMD move each student sample (does the discriminator point where DMD
+            does?). With ``dmd_weight > 0`` both come every generator step (DMD's term is ``dmd``).
         dmd_diagnostic_every: ``adm``, unpaired: compute the DMD diagnostic on the first generator
             step of each block of this many iterations (it costs one real-score prediction with CFG
             the ADM loss does not need); Lightning logs the latest value at each logging step.
@@ -119,6 +133,8 @@ class ADMModule(DistillationModule):
         dt_scaling: Literal["absolute", "relative"] = "absolute",
         r1_gamma: float = 0.0,
         r2_gamma: float = 0.0,
+        adm_gradient: Literal["raw", "normalised"] = "raw",
+        dmd_weight: float = 0.0,
         fake_score_warmup: int = 0,
         regression_weight: float = 0.0,
         gan_generator_weight: float = 5e-3,
@@ -154,6 +170,11 @@ class ADMModule(DistillationModule):
         if r1_gamma < 0 or r2_gamma < 0 or fake_score_warmup < 0:
             raise ValueError(f"r1_gamma, r2_gamma and fake_score_warmup must be >= 0, got "
                              f"{r1_gamma}, {r2_gamma}, {fake_score_warmup}")
+        if adm_gradient not in ("raw", "normalised"):
+            raise ValueError(f"adm_gradient must be 'raw' or 'normalised', got {adm_gradient!r}")
+        if dmd_weight < 0:
+            raise ValueError(f"dmd_weight must be >= 0, got {dmd_weight}")
+        self.adm_gradient, self.dmd_weight = adm_gradient, dmd_weight
         if regression_weight < 0:
             raise ValueError(f"regression_weight must be >= 0, got {regression_weight}")
         self.regression_weight = regression_weight
@@ -240,7 +261,14 @@ class ADMModule(DistillationModule):
     # ------------------------------------------------------------------ players
     def adm_generator_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
         x0_hat = ctx["x0_hat"]
-        x_t, t, _ = self._noised(x0_hat)
+        dmd_due = self.dmd_weight > 0 or (self.log_dmd_diagnostic and (
+            self.adm_pairing == "paired" or self._dmd_diagnostic_due(int(self.iteration))))
+        # ADM's own share of the gradient at the student sample passes through a view of its own:
+        # a hook there sees it (and rescales it, for adm_gradient="normalised") inside the one
+        # backward pass every strategy expects, apart from DMD's or the regression anchor's share
+        hooked = x0_hat.requires_grad and (self.adm_gradient == "normalised" or dmd_due)
+        x0_adm = x0_hat.view_as(x0_hat) if hooked else x0_hat
+        x_t, t, _ = self._noised(x0_adm)
         x_fake, x0_fake = self._ode_step("fake", x_t, t, cond, 1.0)
         if not self.fake_jacobian:
             # straight-through: d x_fake / d x_t = I, the fake score's prediction is a constant
@@ -255,12 +283,40 @@ class ADMModule(DistillationModule):
         else:
             adm = hinge_g(self.discriminator(self.teacher, x_fake, s, cond, x_t, t))
         out = {"loss": adm, "adm": adm}
-        if self.log_dmd_diagnostic and (x0_real is not None or self._dmd_diagnostic_due(int(self.iteration))):
-            with torch.no_grad():
-                if x0_real is None:
+        dmd_direction = None
+        if dmd_due:
+            if x0_real is None:
+                with torch.no_grad():
                     x0_real, _ = self.teacher.predict("real", x_t.detach(), t, cond, self.real_cfg_scale)
+            dmd_direction = dmd_gradient(x0_hat.detach(), x0_real.detach(), x0_fake.detach())
+            if self.dmd_weight > 0:
+                dmd = dmd_loss(x0_hat, x0_real, x0_fake)
+                out.update(loss=adm + self.dmd_weight * dmd, dmd=dmd)
+            else:
                 out["dmd_diagnostic"] = dmd_loss(x0_hat.detach(), x0_real.detach(), x0_fake.detach())
+        if hooked:
+            out.update(self._hook_adm_gradient(x0_adm, dmd_direction))
         return out
+
+    def _hook_adm_gradient(self, x0_adm: Tensor, dmd_direction: Tensor | None) -> dict[str, Tensor]:
+        """Hook ADM's gradient at the student sample: rescale it (``adm_gradient="normalised"``) and,
+        where DMD's direction is known, measure how far ADM moves each sample the way DMD would.
+
+        ``dmd_alignment`` is the batch mean of the per-sample cosine between the two gradients (1:
+        ADM's discriminator has learned DMD's log-density-ratio direction, which its optimum
+        approximates at small ``dt``; 0: it pushes the samples along something else). The hook fills
+        the returned tensor during the generator's backward, before the module logs it.
+        """
+        alignment = torch.full((), float("nan"), device=x0_adm.device)
+
+        def on_gradient(grad: Tensor) -> Tensor:
+            if dmd_direction is not None:
+                cosine = F.cosine_similarity(grad.detach().flatten(1).float(), dmd_direction.flatten(1).float(), dim=1)
+                alignment.copy_(cosine.mean())
+            return normalised_per_sample(grad) if self.adm_gradient == "normalised" else grad
+
+        x0_adm.register_hook(on_gradient)
+        return {"dmd_alignment": alignment} if dmd_direction is not None else {}
 
     def dmd_generator_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
         x0_hat = ctx["x0_hat"]
