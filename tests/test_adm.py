@@ -136,7 +136,7 @@ def test_paired_adm_generator_gradient_ignores_a_content_only_discriminator(digi
     assert norms["paired"] < 1e-3 * norms["independent"]
 
 
-@pytest.mark.parametrize("pairing", ["independent", "paired"])
+@pytest.mark.parametrize("pairing", ["independent", "paired", "paired_discriminator"])
 def test_adm_discriminator_loss_follows_pairing(digits_teacher, pairing):
     m = make_module(digits_teacher, adm_pairing=pairing)
     m.discriminator.forward = lambda teacher, x, t, c, *start: torch.full((x.shape[0],), 3.0)
@@ -144,6 +144,9 @@ def test_adm_discriminator_loss_follows_pairing(digits_teacher, pairing):
     loss = m.players["discriminator"].step({}, cond, m.prepare({}, cond, ["discriminator"]))["loss"]
     # equal logits 3: unpaired hinge relu(1 - 3) + relu(1 + 3) = 4; paired relu(1 - 0) = 1
     assert loss.item() == pytest.approx(4.0 if pairing == "independent" else 1.0)
+    # the generator climbs D(x_fake) alone unless the generator's loss is paired too: -3 vs 3 - 3
+    out = m.players["generator"].step({}, cond, m.prepare({}, cond, ["generator"]))
+    assert out["adm"].item() == pytest.approx(0.0 if pairing == "paired" else -3.0)
 
 
 def test_multistep_backward_simulation(digits_teacher):

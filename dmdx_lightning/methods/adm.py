@@ -72,6 +72,10 @@ class ADMModule(DistillationModule):
             through both moves). At ``dt = 1/64`` the two moves differ by
             ``(dt / t)(x0_real - x0_fake)`` only; an unpaired discriminator's gradient is then
             dominated by what it says about ``x_t``'s content, which pairing cancels.
+            ``paired_discriminator``: the discriminator learns on the logit gap (so it is trained only
+            on how the moves differ: ``D(x_real) - D(x_fake) ~ grad D . (x_real - x_fake)``, and the
+            move difference is DMD's direction) while the generator climbs ``D(x_fake)`` as in the
+            paper, i.e. follows ``grad D``, the direction that training aligns with DMD's.
         adm_steps: ADM only: Euler steps of each score's PF-ODE move from ``t`` to its end time (1 =
             the paper's one step). With ``dt = 1`` and ``adm_steps > 1`` both moves run to ``t = 0``:
             the discriminator compares the teacher's own CFG ODE endpoint with the fake score's
@@ -128,7 +132,7 @@ class ADMModule(DistillationModule):
         t_sampler: str = "uniform",
         t_shift: float = 1.0,
         fake_jacobian: bool = True,
-        adm_pairing: Literal["independent", "paired"] = "independent",
+        adm_pairing: Literal["independent", "paired", "paired_discriminator"] = "independent",
         adm_steps: int = 1,
         dt_scaling: Literal["absolute", "relative"] = "absolute",
         r1_gamma: float = 0.0,
@@ -158,8 +162,9 @@ class ADMModule(DistillationModule):
         if t_sampler not in ("uniform", "shifted", "cubic", "logit_normal") or t_shift <= 0 or not 0 <= t_min <= t_max <= 1:
             raise ValueError(f"t_sampler must be uniform | shifted | cubic | logit_normal with t_shift > 0 and "
                              f"0 <= t_min <= t_max <= 1; got {t_sampler!r}, t_shift={t_shift}, t_min={t_min}, t_max={t_max}")
-        if adm_pairing not in ("independent", "paired"):
-            raise ValueError(f"adm_pairing must be 'independent' or 'paired', got {adm_pairing!r}")
+        if adm_pairing not in ("independent", "paired", "paired_discriminator"):
+            raise ValueError(f"adm_pairing must be 'independent', 'paired' or 'paired_discriminator', "
+                             f"got {adm_pairing!r}")
         self.fake_jacobian, self.adm_pairing = fake_jacobian, adm_pairing
         if adm_steps < 1:
             raise ValueError(f"adm_steps must be >= 1, got {adm_steps}")
@@ -354,7 +359,7 @@ class ADMModule(DistillationModule):
             x_fake, _ = self._ode_step("fake", x_t, t, cond, 1.0)
         s = self._end_time(t)
         logits_real, logits_fake, r1, r2 = self._logits_and_penalties(x_real, x_fake, s, cond, x_t, t)
-        pair_loss = paired_hinge_d if self.adm_pairing == "paired" else hinge_d
+        pair_loss = hinge_d if self.adm_pairing == "independent" else paired_hinge_d
         hinge = pair_loss(logits_real, logits_fake)
         out = {"loss": hinge, "hinge": hinge, "logit_gap": (logits_real - logits_fake).mean().detach()}
         if r1 is not None:
