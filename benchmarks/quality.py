@@ -55,7 +55,7 @@ PAIRS_CONFIG = ROOT / "configs/quickstart/ode_pairs.yaml"
 #: the arms of a plain run, in table order (``adp_half`` is the stage the chained arms start from)
 DEFAULT_ARMS = ("teacher", "dmd", "dmd2", "adm", "a1_mse", "adp", "dmd_adp", "dmdx")
 METRICS = ("fd", "precision", "recall", "class_accuracy", "class_coverage", "diversity", "nfe",
-           "seconds_per_sample")
+           "seconds_per_sample", "dmd_alignment")
 
 
 def summary_callback(args: argparse.Namespace) -> runner.SummaryCallback:
@@ -179,15 +179,16 @@ def verdict(results: dict[str, dict]) -> str:
 def markdown(report: dict) -> str:
     s = report["settings"]
     fmt = {"fd": ".2f", "precision": ".3f", "recall": ".3f", "class_accuracy": ".3f", "class_coverage": ".2f",
-           "diversity": ".4f", "nfe": ".0f", "seconds_per_sample": ".2e", "seconds": ".0f"}
+           "diversity": ".4f", "nfe": ".0f", "seconds_per_sample": ".2e", "dmd_alignment": ".3f", "seconds": ".0f"}
     header = ["arm", "FD (lower better)", "precision", "recall", "class accuracy", "coverage", "diversity",
-              "NFE", "s / sample", "run s", "runs"]
+              "NFE", "s / sample", "ADM-DMD cosine", "run s", "runs"]
     rows = []
     for name, r in report["arms"].items():
         if r["status"] != "ok":
             rows.append([f"{name}: {r['title']}", r["status"], *[""] * (len(header) - 2)])
             continue
-        cells = [f"{r['mean'][m]:{fmt[m]}} ± {r['std'][m]:{fmt[m]}}" if m not in ("nfe",) else f"{r['mean'][m]:.0f}"
+        cells = ["" if r["mean"][m] != r["mean"][m] else  # not reported (ADM's diagnostic: ADM arms only)
+                 f"{r['mean'][m]:.0f}" if m == "nfe" else f"{r['mean'][m]:{fmt[m]}} ± {r['std'][m]:{fmt[m]}}"
                  for m in METRICS + ("seconds",)]
         rows.append([f"{name}: {r['title']}", *cells, len(r["runs"])])
     m = report["machine"]
@@ -213,7 +214,9 @@ def markdown(report: dict) -> str:
         f"distance on the classifier's feature maps (unweighted LPIPS, classifier backbone) over "
         f"{s['diversity_k']} seeds per digit prompt; NFE counts CFG as 2 per step; s / sample: batched "
         f"sampling on this CPU, with up to {s.get('jobs', 1)} runs side by side; run s: wall time of the arm's "
-        "own `dmdx fit` process (start-up, training and scoring; 0 for the teacher).",
+        "own `dmdx fit` process (start-up, training and scoring; 0 for the teacher); ADM-DMD cosine: "
+        "between the directions ADM and DMD move each student sample (`train/generator/dmd_alignment`, "
+        "ADM arms only), the mean over the last 50 iterations.",
         "",
     ])
 

@@ -67,6 +67,7 @@ def test_quality_quick_writes_results(tmp_path):
         assert r["status"] == "ok" and len(r["runs"]) == 1, (name, r["status"])
         assert r["mean"]["fd"] > 0 and 0 <= r["mean"]["recall"] <= 1 and r["mean"]["diversity"] > 0
     assert saved["arms"]["teacher"]["mean"]["nfe"] == 32 and saved["arms"]["dmd"]["mean"]["nfe"] == 1
+    assert -1 <= saved["arms"]["adm"]["mean"]["dmd_alignment"] <= 1  # ADM's diagnostic reaches the table
     assert saved["verdict"].startswith("DMDX ")
     table = (tmp_path / "quality.md").read_text()
     assert "| dmd2: DMD2 without ADP (TTUR 1) |" in table and "Verdict" in table

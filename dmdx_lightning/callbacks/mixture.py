@@ -7,21 +7,14 @@ and the same numbers logged as ``mixture/*`` so TensorBoard shows them next to t
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from dmdx_lightning.rng import fixed_noise
-from dmdx_lightning.callbacks.summary import arm_name, update_summary
+from dmdx_lightning.callbacks.summary import TrainingDiagnostics, arm_name, update_summary
 from dmdx_lightning.teachers.mixture import MixtureTeacher, class_prompt, mixture_metrics
-
-# ADM's diagnostics kept in the summary row: the discriminator's logit gap E[D(real move)] -
-# E[D(fake move)] (how well it separates the moves; the ADM issue expects it to grow with d) and the
-# cosine between the directions ADM and DMD move the student's samples
-_TRACKED = {"logit_gap": "train/discriminator/logit_gap", "dmd_alignment": "train/generator/dmd_alignment"}
 
 
 @torch.no_grad()
@@ -56,7 +49,7 @@ def evaluate_mixture(module, samples_per_class: int = 1000, teacher: bool = Fals
     return {"nfe": nfe, **mixture_metrics(x, cond.labels, mixture_teacher.mixture)}
 
 
-class MixtureSummary(pl.Callback):
+class MixtureSummary(TrainingDiagnostics):
     """Score the student at the start (``initial``) and end of fit; the teacher once per file.
 
     Args:
@@ -73,14 +66,7 @@ class MixtureSummary(pl.Callback):
         self.path, self.arm = path, arm
         self.samples_per_class, self.score_initial = samples_per_class, score_initial
         self.score_teacher = score_teacher
-        self._recent: dict[str, list[float]] = {name: [] for name in _TRACKED}
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        # ADM's diagnostics (see _TRACKED), the latest logged value at each of the last 50 iterations
-        for name, key in _TRACKED.items():
-            value = trainer.callback_metrics.get(key)
-            if value is not None and math.isfinite(float(value)):
-                self._recent[name] = (self._recent[name] + [float(value)])[-50:]
+        super().__init__()
 
     def _arm(self, module) -> str:
         return self.arm or arm_name(module)
@@ -95,9 +81,7 @@ class MixtureSummary(pl.Callback):
         if self.score_teacher and not _has_row(self.path, "teacher"):
             update_summary(self.path, "teacher", evaluate_mixture(module, self.samples_per_class, teacher=True))
         row = evaluate_mixture(module, self.samples_per_class)
-        for name, values in self._recent.items():
-            if values:
-                row[name] = sum(values) / len(values)
+        row.update(self.diagnostics())
         update_summary(self.path, self._arm(module), row)
         if module.logger is not None:
             module.logger.log_metrics({f"mixture/{k}": row[k] for k in ("coverage", "precision", "tv")},

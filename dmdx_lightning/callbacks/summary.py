@@ -7,6 +7,7 @@ The reports themselves belong to a teacher family: ``DigitsSummary`` in
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -30,6 +31,31 @@ def arm_name(module: pl.LightningModule) -> str:
     else:
         name = type(module).__name__.removesuffix("Module").lower()
     return f"{name}_{len(module.student_timesteps)}step"
+
+
+class TrainingDiagnostics(pl.Callback):
+    """Base of the end-of-fit reports: keeps ADM's training diagnostics for the summary row.
+
+    ``logit_gap`` (``E[D(real move)] - E[D(fake move)]``: how well the discriminator separates the
+    moves; the ADM issue expects it to grow with d) and ``dmd_alignment`` (the cosine between the
+    directions ADM and DMD move the student's samples), each the mean of the latest logged value
+    at the last ``window`` iterations; :meth:`diagnostics` gives those present (ADM runs only).
+    """
+
+    TRACKED = {"logit_gap": "train/discriminator/logit_gap", "dmd_alignment": "train/generator/dmd_alignment"}
+
+    def __init__(self, window: int = 50) -> None:
+        self.window = window
+        self._recent: dict[str, list[float]] = {name: [] for name in self.TRACKED}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        for name, key in self.TRACKED.items():
+            value = trainer.callback_metrics.get(key)
+            if value is not None and math.isfinite(float(value)):
+                self._recent[name] = (self._recent[name] + [float(value)])[-self.window:]
+
+    def diagnostics(self) -> dict[str, float]:
+        return {name: sum(v) / len(v) for name, v in self._recent.items() if v}
 
 
 def update_summary(path: str | Path, arm: str, row: dict) -> None:

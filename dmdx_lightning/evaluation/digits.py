@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
@@ -32,7 +31,7 @@ from dmdx_lightning.callbacks.metrics import (ValidationMetric, feature_lpips, k
 from dmdx_lightning.callbacks.samples import unit_range
 from dmdx_lightning.rng import fixed_noise
 from dmdx_lightning.atomic import write_json_atomic
-from dmdx_lightning.callbacks.summary import arm_name, format_table
+from dmdx_lightning.callbacks.summary import TrainingDiagnostics, arm_name, format_table
 from dmdx_lightning.discriminators.pixel import PixelBackbone
 from dmdx_lightning.teachers.base import Conditioning
 from dmdx_lightning.teachers.digits import (DIGIT_PROMPTS, NUM_CLASSES, DigitsClassifier, load_classifier,
@@ -207,11 +206,12 @@ def save_digit_grid(samples: Tensor, path: Path, scale: int = 4) -> None:
     torchvision.utils.save_image(grid, path)
 
 
-class DigitsSummary(pl.Callback):
+class DigitsSummary(TrainingDiagnostics):
     """After fit, score the student (and the teacher, if the file lacks it) on fixed seeds
     (:func:`evaluate_digits`).
 
     Writes ``{arm: {nfe, fd, precision, recall, class_accuracy, class_coverage, seconds_per_sample}}``
+    (plus ADM's ``logit_gap`` and ``dmd_alignment``, :class:`TrainingDiagnostics`)
     into ``path``, keeping the other arms already there (so several runs fill one table).
 
     Args:
@@ -233,6 +233,7 @@ class DigitsSummary(pl.Callback):
         self.path, self.arm, self.grid = Path(path), arm, Path(grid) if grid else None
         self.samples_per_digit, self.diversity_k, self.score_teacher = samples_per_digit, diversity_k, score_teacher
         self.teacher_steps, self.teacher_cfg_scale = teacher_steps, teacher_cfg_scale
+        super().__init__()
 
     @rank_zero_only
     def on_fit_end(self, trainer, module) -> None:
@@ -245,8 +246,8 @@ class DigitsSummary(pl.Callback):
                                                     classifier=classifier)
             summary["teacher"]["cfg_scale"] = self.teacher_cfg_scale or module.teacher.cfg_scale
         sample, nfe = student_sampler(module)
-        summary[self.arm or arm_name(module)], grid = evaluate_digits(
-            module.teacher, sample, nfe, self.samples_per_digit, self.diversity_k, classifier)
+        row, grid = evaluate_digits(module.teacher, sample, nfe, self.samples_per_digit, self.diversity_k, classifier)
+        summary[self.arm or arm_name(module)] = {**row, **self.diagnostics()}
         if self.grid is not None:
             save_digit_grid(grid.cpu(), self.grid)
         write_json_atomic(self.path, summary)
