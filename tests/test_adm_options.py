@@ -197,6 +197,17 @@ def test_normalised_adm_gradient_rescales_each_sample_and_keeps_its_direction(di
         adm(digits_teacher, adm_gradient="clipped")
 
 
+def _dmd_direction_at_the_same_x_t(m, cond):
+    """:func:`_x0_hat_gradient`'s student sample and DMD's gradient at ADM's ``x_t`` (same draws)."""
+    x0_hat = torch.randn(len(cond), 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    x_t, t, _ = m._noised(x0_hat)
+    with torch.no_grad():
+        x0_real, _ = m.teacher.predict("real", x_t, t, cond, m.real_cfg_scale)
+        x0_fake, _ = m.teacher.predict("fake", x_t, t, cond)
+    return x0_hat, dmd_gradient(x0_hat, x0_real, x0_fake)
+
+
 def test_dmd_weight_adds_dmds_gradient_at_the_same_x_t(digits_teacher):
     cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:4]))
     m = adm(digits_teacher, adm_gradient="normalised")
@@ -205,14 +216,8 @@ def test_dmd_weight_adds_dmds_gradient_at_the_same_x_t(digits_teacher):
     both, out = _x0_hat_gradient(m, cond)
     assert out["loss"].item() == pytest.approx((out["adm"] + 3.0 * out["dmd"]).item(), rel=1e-5)
     assert "dmd_diagnostic" not in out  # the DMD term is optimised now: logged as "dmd"
-    # the same x_t as ADM's: recompute DMD's gradient there from the same draws
-    x0_hat = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(0)
-    x_t, t, _ = m._noised(x0_hat)
-    with torch.no_grad():
-        x0_real, _ = digits_teacher.predict("real", x_t, t, cond, m.real_cfg_scale)
-        x0_fake, _ = digits_teacher.predict("fake", x_t, t, cond)
-    expected = 3.0 * dmd_gradient(x0_hat, x0_real, x0_fake) / x0_hat.numel()
+    x0_hat, direction = _dmd_direction_at_the_same_x_t(m, cond)
+    expected = 3.0 * direction / x0_hat.numel()
     assert torch.allclose(both - alone, expected, atol=1e-6)
     with pytest.raises(ValueError, match="dmd_weight"):
         adm(digits_teacher, dmd_weight=-1.0)
@@ -222,12 +227,7 @@ def test_dmd_alignment_is_the_cosine_of_adms_and_dmds_gradients(digits_teacher):
     cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:4]))
     m = adm(digits_teacher, dmd_diagnostic_every=1)
     grad, out = _x0_hat_gradient(m, cond)
-    x0_hat = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(0)
-    x_t, t, _ = m._noised(x0_hat)
-    with torch.no_grad():
-        x0_real, _ = digits_teacher.predict("real", x_t, t, cond, m.real_cfg_scale)
-        x0_fake, _ = digits_teacher.predict("fake", x_t, t, cond)
-    expected = torch.nn.functional.cosine_similarity(grad.flatten(1), dmd_gradient(x0_hat, x0_real, x0_fake).flatten(1))
+    _, direction = _dmd_direction_at_the_same_x_t(m, cond)
+    expected = torch.nn.functional.cosine_similarity(grad.flatten(1), direction.flatten(1))
     assert out["dmd_alignment"].item() == pytest.approx(expected.mean().item(), abs=1e-5)
     assert -1.0 <= out["dmd_alignment"].item() <= 1.0
