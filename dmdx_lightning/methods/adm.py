@@ -75,7 +75,8 @@ class ADMModule(DistillationModule):
             ``paired_discriminator``: the discriminator learns on the logit gap (so it is trained only
             on how the moves differ: ``D(x_real) - D(x_fake) ~ grad D . (x_real - x_fake)``, and the
             move difference is DMD's direction) while the generator climbs ``D(x_fake)`` as in the
-            paper, i.e. follows ``grad D``, the direction that training aligns with DMD's.
+            paper, i.e. follows ``grad D``, which that training should align with DMD's direction
+            (measured: it does not; README, "Where ADM's gradient points").
         adm_steps: ADM only: Euler steps of each score's PF-ODE move from ``t`` to its end time (1 =
             the paper's one step). With ``dt = 1`` and ``adm_steps > 1`` both moves run to ``t = 0``:
             the discriminator compares the teacher's own CFG ODE endpoint with the fake score's
@@ -88,8 +89,9 @@ class ADMModule(DistillationModule):
             gradient as it comes) or ``normalised`` (the ADM gradient at each student sample is
             rescaled to one latent unit per sample, as DMD's is, see
             :func:`~dmdx_lightning.losses.normalised_per_sample`): the direction stays the
-            discriminator's, its size no longer tracks the discriminator's scale or curvature (what
-            made the paired loss diverge in long runs), and ``dmd_weight`` becomes a ratio of step sizes.
+            discriminator's, its size no longer tracks the discriminator's scale or curvature, and
+            ``dmd_weight`` becomes a ratio of step sizes. (Measured: it does not keep the paired loss
+            from diverging, whose gradient needs to vanish with the move difference.)
         dmd_weight: ADM only: add DMD's loss, at the generator's ``x_t`` and with the real score's CFG
             prediction, times this weight to ADM's (0 = off, the paper). ADM then acts on DMD the way
             DMD2's GAN term does.
