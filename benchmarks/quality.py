@@ -182,15 +182,18 @@ def markdown(report: dict) -> str:
            "diversity": ".4f", "nfe": ".0f", "seconds_per_sample": ".2e", "dmd_alignment": ".3f", "seconds": ".0f"}
     header = ["arm", "FD (lower better)", "precision", "recall", "class accuracy", "coverage", "diversity",
               "NFE", "s / sample", "ADM-DMD cosine", "run s", "runs"]
+
+    def cell(r: dict, m: str) -> str:
+        if r["mean"][m] != r["mean"][m]:
+            return ""  # not reported (ADM's diagnostic: ADM arms only)
+        return f"{r['mean'][m]:.0f}" if m == "nfe" else f"{r['mean'][m]:{fmt[m]}} ± {r['std'][m]:{fmt[m]}}"
+
     rows = []
     for name, r in report["arms"].items():
         if r["status"] != "ok":
             rows.append([f"{name}: {r['title']}", r["status"], *[""] * (len(header) - 2)])
             continue
-        cells = ["" if r["mean"][m] != r["mean"][m] else  # not reported (ADM's diagnostic: ADM arms only)
-                 f"{r['mean'][m]:.0f}" if m == "nfe" else f"{r['mean'][m]:{fmt[m]}} ± {r['std'][m]:{fmt[m]}}"
-                 for m in METRICS + ("seconds",)]
-        rows.append([f"{name}: {r['title']}", *cells, len(r["runs"])])
+        rows.append([f"{name}: {r['title']}", *(cell(r, m) for m in METRICS + ("seconds",)), len(r["runs"])])
     m = report["machine"]
     return "\n".join([
         "# Quality benchmark (digits teacher)",

@@ -38,9 +38,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from dmdx_lightning.discriminators.latent import LatentDiscriminator
-from dmdx_lightning.losses import (denoising_loss, dmd_gradient, dmd_loss, gradient_penalty, hinge_d, hinge_g,
-                                   nonsaturating_d, nonsaturating_g, normalised_per_sample, paired_hinge_d,
-                                   paired_hinge_g)
+from dmdx_lightning.losses import (denoising_loss, dmd_gradient, dmd_loss, gradient_penalty, gradient_surrogate,
+                                   hinge_d, hinge_g, nonsaturating_d, nonsaturating_g, normalised_per_sample,
+                                   paired_hinge_d, paired_hinge_g)
 from dmdx_lightning.methods.base import DistillationModule, Player, _default_optimizer
 from dmdx_lightning.schedules import noised
 from dmdx_lightning.teachers.base import Conditioning, Teacher
@@ -296,11 +296,12 @@ class ADMModule(DistillationModule):
                 with torch.no_grad():
                     x0_real, _ = self.teacher.predict("real", x_t.detach(), t, cond, self.real_cfg_scale)
             dmd_direction = dmd_gradient(x0_hat.detach(), x0_real.detach(), x0_fake.detach())
+            # DMD's loss (dmd_loss) from the direction computed once for the term, the diagnostic and the hook
             if self.dmd_weight > 0:
-                dmd = dmd_loss(x0_hat, x0_real, x0_fake)
+                dmd = gradient_surrogate(x0_hat, dmd_direction)
                 out.update(loss=adm + self.dmd_weight * dmd, dmd=dmd)
             else:
-                out["dmd_diagnostic"] = dmd_loss(x0_hat.detach(), x0_real.detach(), x0_fake.detach())
+                out["dmd_diagnostic"] = gradient_surrogate(x0_hat.detach(), dmd_direction)
         if hooked:
             out.update(self._hook_adm_gradient(x0_adm, dmd_direction))
         return out
@@ -309,10 +310,10 @@ class ADMModule(DistillationModule):
         """Hook ADM's gradient at the student sample: rescale it (``adm_gradient="normalised"``) and,
         where DMD's direction is known, measure how far ADM moves each sample the way DMD would.
 
-        ``dmd_alignment`` is the batch mean of the per-sample cosine between the two gradients (1:
-        ADM's discriminator has learned DMD's log-density-ratio direction, which its optimum
-        approximates at small ``dt``; 0: it pushes the samples along something else). The hook fills
-        the returned tensor during the generator's backward, before the module logs it.
+        ``dmd_alignment`` is the batch mean of the per-sample cosine between the two gradients (1: ADM
+        moves the samples where DMD would; 0: along something else; README, "Where ADM's gradient
+        points"). The hook fills the returned tensor during the generator's backward, before the
+        module logs it.
         """
         alignment = torch.full((), float("nan"), device=x0_adm.device)
 
