@@ -1,7 +1,8 @@
-"""The ``dmdx`` command: LightningCLI in subclass mode (``dmdx fit --config configs/adm_sd3.yaml``).
+"""The ``dmdx`` command (``dmdx fit --config configs/adm_sd3.yaml``, ``dmdx export ...``).
 
-Any LightningModule / LightningDataModule subclass can be named by ``class_path`` in a config,
-so a new teacher or method needs a YAML file, not a change here.
+This module imports nothing heavy: the verbs that need no Trainer (:data:`LIGHT_VERBS`) and
+``dmdx --help`` answer without importing Lightning (which costs seconds); the Trainer verbs
+(``fit``, ``validate``, ``predict``) are LightningCLI's, in :mod:`dmdx_lightning.training_cli`.
 """
 
 from __future__ import annotations
@@ -9,98 +10,46 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any
 
-import lightning.pytorch as pl
-from jsonargparse import ArgumentParser, Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.plugins.environments import SLURMEnvironment
+DESCRIPTION = "DMDX diffusion distillation: dmdx fit|validate|predict --config <yaml>, dmdx export|sample ..."
 
-from dmdx_lightning.callbacks.preemption import RequeueOnSignal
-
-DESCRIPTION = "DMDX diffusion distillation: dmdx fit|validate|predict --config <yaml>, dmdx export ..."
-EXPORT_HELP = "Export a trained student to diffusers: LoRA weights or a pipeline folder (dmdx export --help)."
-
-
-class DMDXCLI(LightningCLI):
-    """LightningCLI with model and data in subclass mode and configs that may omit ``data``.
-
-    Verbs: ``fit``, ``validate``, ``predict`` (Lightning's) and ``export`` (``main`` dispatches it to
-    :mod:`dmdx_lightning.export`; it is listed here only so that ``dmdx --help`` shows it).
-
-    A run's outputs follow ``trainer.default_root_dir`` (see :func:`place_run_outputs`), so that
-    ``--trainer.default_root_dir DIR`` alone moves a whole run.
-    """
-
-    def before_instantiate_classes(self) -> None:
-        place_run_outputs(self.config[self.subcommand] if self.subcommand else self.config)
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("subclass_mode_model", True)
-        kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("datamodule_class", None)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"default_env": False, "description": DESCRIPTION})
-        # the modules build one optimizer per player from their own *_optimizer arguments; a
-        # top-level --optimizer / --lr_scheduler would replace configure_optimizers with a single one
-        kwargs.setdefault("auto_configure_optimizers", False)
-        # always on; does nothing outside SLURM (see RequeueOnSignal for why it replaces Lightning's handler)
-        kwargs.setdefault("trainer_defaults", {"callbacks": [RequeueOnSignal()]})
-        super().__init__(pl.LightningModule, *args, **kwargs)
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        # no `test`: the distillation modules have no test set (no test_step); `dmdx validate`
-        # runs the metric callbacks on a checkpoint
-        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "test"}
-
-    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any],
-                     subparser_kwargs: dict[str, Any]) -> None:
-        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
-        if add_subcommands:  # `dmdx export` never reaches this parser (see main); list it in --help
-            # jsonargparse keeps the one subcommands action of a parser here (add_subcommands runs once)
-            self.parser._subcommands_action.add_subcommand("export", ArgumentParser(description=EXPORT_HELP),
-                                                           help=EXPORT_HELP)
-
-
-def place_run_outputs(config: Namespace) -> None:
-    """Put what a config leaves unplaced under ``trainer.default_root_dir`` (default: the cwd).
-
-    - ``trainer.logger`` left at its default: TensorBoard logs to ``<root>/version_<n>/`` (events,
-      the resolved ``config.yaml``, ``samples/``), as the quickstart's explicit loggers do;
-      Lightning's own default adds a ``lightning_logs/`` level that ``dmdx export`` would not search.
-      Under SLURM the version is the job id (Lightning's choice), so a requeued job keeps its folder.
-    - a ``ModelCheckpoint`` without ``dirpath``: ``<root>/checkpoints/``, one fixed folder for
-      ``--ckpt_path``, ``init_from`` and ``dmdx export`` (Lightning's default would be inside the
-      version folder, which changes with every run).
-
-    A config that pins a logger's ``save_dir`` or a ``dirpath`` keeps it (the quickstart chains its
-    stages through such fixed paths). Edits ``config`` in place, so the saved ``config.yaml`` records
-    the resolved paths.
-    """
-    trainer = config.trainer
-    root = os.fspath(trainer.default_root_dir or os.getcwd())
-    if trainer.logger is None or trainer.logger is True:
-        trainer.logger = Namespace(class_path=f"{TensorBoardLogger.__module__}.{TensorBoardLogger.__name__}",
-                                   init_args=Namespace(save_dir=root, name="", version=SLURMEnvironment.job_id()))
-    for callback in trainer.callbacks or []:
-        if not isinstance(callback, Namespace) or "class_path" not in callback:
-            continue  # an already built object (passed from Python): nothing to place
-        module, _, name = callback.class_path.rpartition(".")  # fully qualified once parsed
-        is_checkpoint = issubclass(getattr(importlib.import_module(module), name), ModelCheckpoint)
-        if is_checkpoint and callback.init_args.get("dirpath") is None:
-            callback.init_args.dirpath = os.path.join(root, "checkpoints")
+#: verbs served without a Trainer: name -> (module with ``main(argv)``, one line of help)
+LIGHT_VERBS: dict[str, tuple[str, str]] = {
+    "export": ("dmdx_lightning.export",
+               "Export a trained student to diffusers: LoRA weights or a pipeline folder (dmdx export --help)."),
+}
+#: the Trainer verbs (LightningCLI's), with their help line
+TRAINER_VERBS: dict[str, str] = {
+    "fit": "Train a student: dmdx fit --config CONFIG.yaml (dmdx fit --model ADMModule --help lists its options).",
+    "validate": "Run the validation metrics on a checkpoint: dmdx validate --config CONFIG.yaml --ckpt_path CKPT.",
+    "predict": "Run a predict stage, e.g. write ODE pairs: dmdx predict --config configs/ode_pairs_sd3.yaml.",
+}
 
 
 def main(args: list[str] | None = None) -> None:
     argv = list(args if args is not None else sys.argv[1:])
-    if argv[:1] == ["export"]:  # `dmdx export ...`: student -> diffusers (not a Trainer subcommand)
-        from dmdx_lightning.export import main as export_main
-
-        export_main(argv[1:])
+    if argv[:1] and argv[0] in LIGHT_VERBS:
+        importlib.import_module(LIGHT_VERBS[argv[0]][0]).main(argv[1:])
         return
+    if not argv or argv[0] in ("-h", "--help"):
+        print(top_level_help())
+        return
+    if argv[0] in TRAINER_VERBS:
+        from dmdx_lightning.options import help_request
+
+        try:
+            page = help_request(argv[0], argv[1:])
+        except ValueError as e:
+            print(f"dmdx: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if page is not None:
+            print(page)
+            return
+        if "trainer" in argv and any(a in ("-h", "--help") for a in argv):
+            argv.remove("trainer")  # `dmdx fit --help trainer`: LightningCLI's own page
+            args = argv
+    from dmdx_lightning.training_cli import DMDXCLI
+
     # from the command line LightningCLI reads sys.argv itself: passing args too would warn
     # ("args parameter is intended to run from within Python") on every call
     try:
@@ -111,6 +60,16 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"dmdx: error: {reason}\n(set DMDX_DEBUG=1 for the full traceback)", file=sys.stderr)
         sys.exit(2)
+
+
+def top_level_help() -> str:
+    """``dmdx --help``: the verbs, one line each (no Lightning import)."""
+    verbs = {**TRAINER_VERBS, **{name: text for name, (_, text) in LIGHT_VERBS.items()}}
+    width = max(map(len, verbs))
+    lines = [f"usage: dmdx VERB [options]   ({DESCRIPTION})", "", "verbs:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in verbs.items()]
+    lines += ["", "`dmdx VERB --help` shows a verb's options."]
+    return "\n".join(lines)
 
 
 #: words our own errors use when a config value is at fault (they name the key to change)

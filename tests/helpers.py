@@ -102,3 +102,16 @@ def dmdx_fit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
             proc.communicate()
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def with_variants(kw: dict) -> dict:
+    """ADMModule keyword arguments with the ADM study's variants (``ADMVariants`` fields) moved into
+    its ``variants`` group, so a test can name them as flat keywords."""
+    from dataclasses import fields
+
+    from dmdx_lightning.methods.adm_variants import ADMVariants
+
+    names = {f.name for f in fields(ADMVariants)}
+    variants = {k: kw.pop(k) for k in list(kw) if k in names}
+    return {**kw, "variants": ADMVariants(**variants)} if variants else kw
+

@@ -10,6 +10,7 @@ from dmdx_lightning.discriminators.latent import LatentDiscriminator
 from dmdx_lightning.methods.adm import ADMModule
 from dmdx_lightning.teachers.digits import DIGIT_PROMPTS
 from tests.conftest import prompt_loader
+from tests.helpers import with_variants
 
 OPT = partial(torch.optim.AdamW, lr=1e-3, betas=(0.0, 0.99))
 
@@ -18,7 +19,7 @@ def make_module(teacher, loss="adm", **kw):
     disc = LatentDiscriminator(layers=[1, -1], head_channels=32,
                                backbone_role="fake" if loss == "dmd2" else "real")
     return ADMModule(teacher, disc, loss=loss, generator_optimizer=OPT, fake_score_optimizer=OPT,
-                     discriminator_optimizer=OPT, **kw)
+                     discriminator_optimizer=OPT, **with_variants(kw))
 
 
 def snapshot(module):

@@ -2,6 +2,7 @@
 warm-up; ADP's student_t_min and renoise; the GeneratorBudget callback. Each is a config value
 away from the paper's setting, which stays the default."""
 
+from dataclasses import replace
 from functools import partial
 
 import lightning.pytorch as pl
@@ -12,22 +13,26 @@ from dmdx_lightning.callbacks.budget import GeneratorBudget
 from dmdx_lightning.discriminators.latent import LatentDiscriminator
 from dmdx_lightning.losses import dmd_gradient, gradient_penalty, normalised_per_sample
 from dmdx_lightning.methods.adm import ADMModule
+from dmdx_lightning.methods.adm_variants import ADMVariants
 from dmdx_lightning.methods.adp import ADPModule
 from dmdx_lightning.teachers.digits import DIGIT_PROMPTS
 from tests.conftest import prompt_loader
+from tests.helpers import with_variants
 
 OPT = partial(torch.optim.AdamW, lr=1e-3, betas=(0.0, 0.99))
 
 
 def adm(teacher, **kw):
     return ADMModule(teacher, LatentDiscriminator(layers=[1, -1], head_channels=32), generator_optimizer=OPT,
-                     fake_score_optimizer=OPT, discriminator_optimizer=OPT, **kw)
+                     fake_score_optimizer=OPT, discriminator_optimizer=OPT, **with_variants(kw))
 
 
 def test_paper_setting_is_the_default(digits_teacher):
     m = adm(digits_teacher)
-    assert (m.adm_steps, m.dt_scaling, m.r1_gamma, m.r2_gamma, m.fake_score_warmup) == (1, "absolute", 0.0, 0.0, 0)
-    assert (m.adm_gradient, m.dmd_weight) == ("raw", 0.0)
+    assert m.variants == ADMVariants() and m.variants.is_paper
+    v = m.variants
+    assert (v.adm_steps, v.dt_scaling, v.r1_gamma, v.r2_gamma, v.fake_score_warmup) == (1, "absolute", 0.0, 0.0, 0)
+    assert (v.adm_gradient, v.dmd_weight, v.regression_weight, v.adm_pairing) == ("raw", 0.0, 0.0, "independent")
 
 
 def test_end_time_absolute_and_relative(digits_teacher):
@@ -126,7 +131,8 @@ def test_transition_discriminator_scores_the_move_not_its_start(digits_teacher):
     with pytest.raises(ValueError, match="transition"):
         disc(digits_teacher, a, t, cond)
     m = ADMModule(digits_teacher, LatentDiscriminator(layers=[1, -1], head_channels=32, transition=True),
-                  generator_optimizer=OPT, fake_score_optimizer=OPT, discriminator_optimizer=OPT, r1_gamma=1.0)
+                  generator_optimizer=OPT, fake_score_optimizer=OPT, discriminator_optimizer=OPT,
+                  variants=ADMVariants(r1_gamma=1.0))
     ctx = m.prepare({"prompt": list(DIGIT_PROMPTS[:3])}, cond, ["generator"])
     out = m.players["generator"].step({}, cond, ctx)
     out["loss"].backward()
@@ -212,7 +218,7 @@ def test_dmd_weight_adds_dmds_gradient_at_the_same_x_t(digits_teacher):
     cond = digits_teacher.encode_prompts(list(DIGIT_PROMPTS[:4]))
     m = adm(digits_teacher, adm_gradient="normalised")
     alone, _ = _x0_hat_gradient(m, cond)
-    m.dmd_weight = 3.0
+    m.variants = replace(m.variants, dmd_weight=3.0)
     both, out = _x0_hat_gradient(m, cond)
     assert out["loss"].item() == pytest.approx((out["adm"] + 3.0 * out["dmd"]).item(), rel=1e-5)
     assert "dmd_diagnostic" not in out  # the DMD term is optimised now: logged as "dmd"

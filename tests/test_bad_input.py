@@ -17,7 +17,7 @@ from lightning.pytorch.trainer.connectors.checkpoint_connector import _Checkpoin
 
 from dmdx_lightning.atomic import partial_name
 from dmdx_lightning.checkpoint_io import AtomicCheckpointIO
-from dmdx_lightning.cli import DMDXCLI
+from dmdx_lightning.training_cli import DMDXCLI
 from dmdx_lightning.discriminators.latent import LatentDiscriminator
 from dmdx_lightning.methods.adm import ADMModule
 from dmdx_lightning.methods.base import NonFiniteLossError

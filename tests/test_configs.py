@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from dmdx_lightning.cli import DMDXCLI
+from dmdx_lightning.training_cli import DMDXCLI
 
 ROOT = Path(__file__).resolve().parent.parent
 _TEACHER = "--model.init_args.teacher.init_args."

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmdx_lightning.cli import DMDXCLI
+from dmdx_lightning.training_cli import DMDXCLI
 from dmdx_lightning.methods.distributed import clean_name
 from tests.helpers import CPUFSDPStrategy
 

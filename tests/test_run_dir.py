@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from dmdx_lightning.cli import DMDXCLI
+from dmdx_lightning.training_cli import DMDXCLI
 from dmdx_lightning.export import find_run_config
 from tests.test_configs import SD3_TINY, TINY_HEADS
 

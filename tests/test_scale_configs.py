@@ -10,7 +10,7 @@ import yaml
 
 from dmdx_lightning.callbacks.preemption import RequeueOnSignal
 from dmdx_lightning.checkpoint_io import AtomicCheckpointIO
-from dmdx_lightning.cli import DMDXCLI
+from dmdx_lightning.training_cli import DMDXCLI
 
 ROOT = Path(__file__).resolve().parent.parent
 

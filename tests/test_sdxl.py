@@ -292,7 +292,7 @@ SMALL_HEADS = ["--model.init_args.discriminator.init_args.head_channels", "16"]
 
 def cli(config: str, tiny: Path, root: Path, *extra: str, verb: str = "fit"):
     """Run a shipped config with the tiny folder in place of the hub id (in this process)."""
-    from dmdx_lightning.cli import DMDXCLI
+    from dmdx_lightning.training_cli import DMDXCLI
 
     torch.manual_seed(0)
     args = [verb, "--config", str(ROOT / "configs" / config), TEACHER + "pretrained_model_name_or_path", str(tiny),

@@ -19,13 +19,12 @@ No network pass is run twice in an iteration: the discriminator scores its real 
 one batched backbone pass (:meth:`LatentDiscriminator.pair`), and ADM's DMD diagnostic, which
 needs a real-score prediction (with CFG) that ADM's generator step does not otherwise make, is
 computed on one generator step in ``dmd_diagnostic_every`` iterations (every generator step with
-``adm_pairing="paired"``, whose generator step makes that prediction anyway).
+the ``paired`` variant, whose generator step makes that prediction anyway).
 
-``adm_pairing="paired"`` (an option, not the paper) scores each real/fake pair by its logit gap
-(:func:`~dmdx_lightning.losses.paired_hinge_d`), and the generator's loss takes its gradient
-through both moves, so the discriminator's opinion of ``x_t`` itself cancels.
-``adm_gradient="normalised"`` rescales ADM's gradient at each student sample to DMD's scale, and
-``dmd_weight`` adds DMD's loss at the same ``x_t`` (options of the ADM study, not the paper).
+The ADM study's variants of the loss (paired discriminators, R1/R2, normalised gradient, ADM + DMD,
+regression anchor) are one option group, ``variants``
+(:class:`~dmdx_lightning.methods.adm_variants.ADMVariants`), apart from what a user sets; its
+defaults are the paper's.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from dmdx_lightning.discriminators.latent import LatentDiscriminator
 from dmdx_lightning.losses import (denoising_loss, dmd_gradient, dmd_loss, gradient_penalty, gradient_surrogate,
                                    hinge_d, hinge_g, nonsaturating_d, nonsaturating_g, normalised_per_sample,
                                    paired_hinge_d, paired_hinge_g)
+from dmdx_lightning.methods.adm_variants import ADMVariants
 from dmdx_lightning.methods.base import DistillationModule, Player, _default_optimizer
 from dmdx_lightning.schedules import noised
 from dmdx_lightning.teachers.base import Conditioning, Teacher
@@ -66,44 +66,9 @@ class ADMModule(DistillationModule):
         fake_jacobian: ADM only: let the generator gradient flow through the fake score's Jacobian
             (``True``) or only through ``x_t`` (``False``: straight-through ODE step). An open
             question of the paper, kept as an option.
-        adm_pairing: ADM only: ``independent`` (the paper: hinge on each logit,
-            ``L_G = -E[D(x_fake)]``) or ``paired`` (hinge on the logit gap of the real and fake
-            moves from the same ``x_t``; ``L_G = E[D(x_real) - D(x_fake)]`` with the gradient
-            through both moves). At ``dt = 1/64`` the two moves differ by
-            ``(dt / t)(x0_real - x0_fake)`` only; an unpaired discriminator's gradient is then
-            dominated by what it says about ``x_t``'s content, which pairing cancels.
-            ``paired_discriminator``: the discriminator learns on the logit gap (so it is trained only
-            on how the moves differ: ``D(x_real) - D(x_fake) ~ grad D . (x_real - x_fake)``, and the
-            move difference is DMD's direction) while the generator climbs ``D(x_fake)`` as in the
-            paper, i.e. follows ``grad D``, which that training should align with DMD's direction
-            (measured: it does not; README, "Where ADM's gradient points").
-        adm_steps: ADM only: Euler steps of each score's PF-ODE move from ``t`` to its end time (1 =
-            the paper's one step). With ``dt = 1`` and ``adm_steps > 1`` both moves run to ``t = 0``:
-            the discriminator compares the teacher's own CFG ODE endpoint with the fake score's
-            from the same ``x_t`` (ADM issue, hypothesis 1).
-        dt_scaling: ``absolute`` (end time ``t - dt``, the paper) or ``relative`` (end time
-            ``t - dt * t``, i.e. ``dt`` is ``kappa`` of a move proportional to ``t``).
-        r1_gamma, r2_gamma: ADM only: gradient penalties ``gamma / 2 * E||grad_x D(x)||^2`` on the
-            real (R1) and fake (R2) moves (R3GAN, Huang et al. 2024); 0 = off (the paper: none).
-        adm_gradient: ADM only: ``raw`` (the paper: the generator follows the discriminator's
-            gradient as it comes) or ``normalised`` (the ADM gradient at each student sample is
-            rescaled to one latent unit per sample, as DMD's is, see
-            :func:`~dmdx_lightning.losses.normalised_per_sample`): the direction stays the
-            discriminator's, its size no longer tracks the discriminator's scale or curvature, and
-            ``dmd_weight`` becomes a ratio of step sizes. (Measured: it does not keep the paired loss
-            from diverging, whose gradient needs to vanish with the move difference.)
-        dmd_weight: ADM only: add DMD's loss, at the generator's ``x_t`` and with the real score's CFG
-            prediction, times this weight to ADM's (0 = off, the paper). ADM then acts on DMD the way
-            DMD2's GAN term does.
-        fake_score_warmup: iterations at the start in which only the fake score (and the
-            discriminator) step, so the fake score fits the starting student before the generator
-            moves (0 = off, the paper).
-        regression_weight: weight of an ODE-pair regression term ``||G(x_T) - x_0||^2`` added to the
-            generator's loss (0 = off, the paper). The student then samples from the pair's noise
-            ``x_T`` for this term (batch keys ``x_T`` / ``x0``: train on an ODEPairDataModule) and
-            fresh noise for the distribution loss, as without it. DMD's first
-            version (Yin et al. 2024) used such a term against mode collapse; here it anchors
-            each noise to the teacher's answer while the distribution loss sharpens it.
+        variants: the ADM study's variants of the loss (paired discriminators, R1/R2, normalised
+            gradient, ADM + DMD, regression anchor, ...), one group whose defaults are the paper's;
+            each option says its measured outcome (:class:`~dmdx_lightning.methods.adm_variants.ADMVariants`).
         gan_generator_weight, gan_discriminator_weight: DMD2's GAN weights (5e-3, 1e-2).
         log_dmd_diagnostic: ``adm``: compute and log the (unoptimised) DMD loss
             (``train/generator/dmd_diagnostic``), at the generator's ``x_t`` before the fake score's
@@ -134,19 +99,11 @@ class ADMModule(DistillationModule):
         t_sampler: str = "uniform",
         t_shift: float = 1.0,
         fake_jacobian: bool = True,
-        adm_pairing: Literal["independent", "paired", "paired_discriminator"] = "independent",
-        adm_steps: int = 1,
-        dt_scaling: Literal["absolute", "relative"] = "absolute",
-        r1_gamma: float = 0.0,
-        r2_gamma: float = 0.0,
-        adm_gradient: Literal["raw", "normalised"] = "raw",
-        dmd_weight: float = 0.0,
-        fake_score_warmup: int = 0,
-        regression_weight: float = 0.0,
         gan_generator_weight: float = 5e-3,
         gan_discriminator_weight: float = 1e-2,
         log_dmd_diagnostic: bool = True,
         dmd_diagnostic_every: int = 10,
+        variants: ADMVariants = ADMVariants(),
         fake_score_optimizer: OptimizerCallable = _default_optimizer,
         discriminator_optimizer: OptimizerCallable = _default_optimizer,
         **kwargs: Any,
@@ -164,35 +121,16 @@ class ADMModule(DistillationModule):
         if t_sampler not in ("uniform", "shifted", "cubic", "logit_normal") or t_shift <= 0 or not 0 <= t_min <= t_max <= 1:
             raise ValueError(f"t_sampler must be uniform | shifted | cubic | logit_normal with t_shift > 0 and "
                              f"0 <= t_min <= t_max <= 1; got {t_sampler!r}, t_shift={t_shift}, t_min={t_min}, t_max={t_max}")
-        if adm_pairing not in ("independent", "paired", "paired_discriminator"):
-            raise ValueError(f"adm_pairing must be 'independent', 'paired' or 'paired_discriminator', "
-                             f"got {adm_pairing!r}")
-        self.fake_jacobian, self.adm_pairing = fake_jacobian, adm_pairing
-        if adm_steps < 1:
-            raise ValueError(f"adm_steps must be >= 1, got {adm_steps}")
-        if dt_scaling not in ("absolute", "relative"):
-            raise ValueError(f"dt_scaling must be 'absolute' or 'relative', got {dt_scaling!r}")
+        self.fake_jacobian = fake_jacobian
         if dmd_diagnostic_every < 1:
             raise ValueError(f"dmd_diagnostic_every must be >= 1, got {dmd_diagnostic_every}")
-        if r1_gamma < 0 or r2_gamma < 0 or fake_score_warmup < 0:
-            raise ValueError(f"r1_gamma, r2_gamma and fake_score_warmup must be >= 0, got "
-                             f"{r1_gamma}, {r2_gamma}, {fake_score_warmup}")
-        if adm_gradient not in ("raw", "normalised"):
-            raise ValueError(f"adm_gradient must be 'raw' or 'normalised', got {adm_gradient!r}")
-        if dmd_weight < 0:
-            raise ValueError(f"dmd_weight must be >= 0, got {dmd_weight}")
-        self.adm_gradient, self.dmd_weight = adm_gradient, dmd_weight
-        if regression_weight < 0:
-            raise ValueError(f"regression_weight must be >= 0, got {regression_weight}")
-        self.regression_weight = regression_weight
-        self.adm_steps, self.dt_scaling = adm_steps, dt_scaling
-        self.r1_gamma, self.r2_gamma, self.fake_score_warmup = r1_gamma, r2_gamma, fake_score_warmup
+        self.variants = variants
         self.gan_generator_weight, self.gan_discriminator_weight = gan_generator_weight, gan_discriminator_weight
         self.log_dmd_diagnostic, self.dmd_diagnostic_every = log_dmd_diagnostic, dmd_diagnostic_every
         self.fake_score_optimizer, self.discriminator_optimizer = fake_score_optimizer, discriminator_optimizer
         generator_step = {"adm": self.adm_generator_step, "dmd": self.dmd_generator_step,
                           "dmd2": self.dmd2_generator_step}[loss]
-        if regression_weight > 0:
+        if variants.regression_weight > 0:
             generator_step = self._with_regression(generator_step)
         self.players = {
             "generator": Player(generator_step, lambda: teacher.trainable_parameters("student"),
@@ -214,7 +152,7 @@ class ADMModule(DistillationModule):
         """Generator every ``update_ratio``-th iteration after the fake-score warm-up; fake score (and
         discriminator) every one."""
         players = [p for p in self.players if p != "generator"]
-        if iteration >= self.fake_score_warmup and (iteration - self.fake_score_warmup) % self.update_ratio == 0:
+        if iteration >= self.variants.fake_score_warmup and (iteration - self.variants.fake_score_warmup) % self.update_ratio == 0:
             players.insert(0, "generator")
         return players
 
@@ -223,7 +161,7 @@ class ADMModule(DistillationModule):
         # one student sample per iteration, with gradient only when the generator steps; the
         # other players reuse it detached (DMD2 does the same)
         ctx = {"x0_hat": self.generate(cond, grad="generator" in players)}
-        if self.regression_weight > 0 and "generator" in players:
+        if self.variants.regression_weight > 0 and "generator" in players:
             if "x_T" not in batch or "x0" not in batch:
                 raise KeyError("regression_weight > 0 needs ODE pairs in the batch (keys 'x_T', 'x0'): train on an "
                                "ODEPairDataModule (configs/mixture/regression.yaml shows how)")
@@ -237,7 +175,7 @@ class ADMModule(DistillationModule):
         def generator_step(batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
             out = step(batch, cond, ctx)
             regression = F.mse_loss(ctx["x0_pair"].float(), batch["x0"].float())
-            out["loss"] = out["loss"] + self.regression_weight * regression
+            out["loss"] = out["loss"] + self.variants.regression_weight * regression
             out["regression"] = regression.detach()
             return out
         return generator_step
@@ -248,7 +186,7 @@ class ADMModule(DistillationModule):
 
     def _end_time(self, t: Tensor) -> Tensor:
         """Where the real and fake moves end: ``t - dt`` (absolute) or ``t - dt * t`` (relative), >= 0."""
-        return (t - (self.dt * t if self.dt_scaling == "relative" else self.dt)).clamp_min(0.0)
+        return (t - (self.dt * t if self.variants.dt_scaling == "relative" else self.dt)).clamp_min(0.0)
 
     def _ode_step(self, role: str, x_t: Tensor, t: Tensor, cond: Conditioning, cfg: float) -> tuple[Tensor, Tensor]:
         """The PF-ODE move of ``role`` from ``t`` to :meth:`_end_time` in ``adm_steps`` Euler steps.
@@ -257,9 +195,9 @@ class ADMModule(DistillationModule):
         """
         s_end = self._end_time(t)
         x, x0_first = x_t, None
-        for i in range(self.adm_steps):
-            t_i = t + (s_end - t) * (i / self.adm_steps)
-            s_i = t + (s_end - t) * ((i + 1) / self.adm_steps)
+        for i in range(self.variants.adm_steps):
+            t_i = t + (s_end - t) * (i / self.variants.adm_steps)
+            s_i = t + (s_end - t) * ((i + 1) / self.variants.adm_steps)
             x0, eps = self.teacher.predict(role, x, t_i, cond, cfg)
             x0_first = x0 if x0_first is None else x0_first
             x = self.teacher.schedule.ode_step(x0, eps, s_i)
@@ -268,12 +206,12 @@ class ADMModule(DistillationModule):
     # ------------------------------------------------------------------ players
     def adm_generator_step(self, batch: dict, cond: Conditioning, ctx: dict) -> dict[str, Tensor]:
         x0_hat = ctx["x0_hat"]
-        dmd_due = self.dmd_weight > 0 or (self.log_dmd_diagnostic and (
-            self.adm_pairing == "paired" or self._dmd_diagnostic_due(int(self.iteration))))
+        dmd_due = self.variants.dmd_weight > 0 or (self.log_dmd_diagnostic and (
+            self.variants.adm_pairing == "paired" or self._dmd_diagnostic_due(int(self.iteration))))
         # ADM's own share of the gradient at the student sample passes through a view of its own:
         # a hook there sees it (and rescales it, for adm_gradient="normalised") inside the one
         # backward pass every strategy expects, apart from DMD's or the regression anchor's share
-        hooked = x0_hat.requires_grad and (self.adm_gradient == "normalised" or dmd_due)
+        hooked = x0_hat.requires_grad and (self.variants.adm_gradient == "normalised" or dmd_due)
         x0_adm = x0_hat.view_as(x0_hat) if hooked else x0_hat
         x_t, t, _ = self._noised(x0_adm)
         x_fake, x0_fake = self._ode_step("fake", x_t, t, cond, 1.0)
@@ -282,7 +220,7 @@ class ADMModule(DistillationModule):
             x_fake = x_t + (x_fake - x_t).detach()
         s = self._end_time(t)
         x0_real = None
-        if self.adm_pairing == "paired":
+        if self.variants.adm_pairing == "paired":
             # the frozen real score passes the gradient on to x_t (its weights get none)
             x_real, x0_real = self._ode_step("real", x_t, t, cond, self.real_cfg_scale)
             logits_real, logits_fake = self.discriminator.pair(self.teacher, x_real, s, x_fake, s, cond, x_t, t)
@@ -297,9 +235,9 @@ class ADMModule(DistillationModule):
                     x0_real, _ = self.teacher.predict("real", x_t.detach(), t, cond, self.real_cfg_scale)
             dmd_direction = dmd_gradient(x0_hat.detach(), x0_real.detach(), x0_fake.detach())
             # DMD's loss (dmd_loss) from the direction computed once for the term, the diagnostic and the hook
-            if self.dmd_weight > 0:
+            if self.variants.dmd_weight > 0:
                 dmd = gradient_surrogate(x0_hat, dmd_direction)
-                out.update(loss=adm + self.dmd_weight * dmd, dmd=dmd)
+                out.update(loss=adm + self.variants.dmd_weight * dmd, dmd=dmd)
             else:
                 out["dmd_diagnostic"] = gradient_surrogate(x0_hat.detach(), dmd_direction)
         if hooked:
@@ -321,7 +259,7 @@ class ADMModule(DistillationModule):
             if dmd_direction is not None:
                 cosine = F.cosine_similarity(grad.detach().flatten(1).float(), dmd_direction.flatten(1).float(), dim=1)
                 alignment.copy_(cosine.mean())
-            return normalised_per_sample(grad) if self.adm_gradient == "normalised" else grad
+            return normalised_per_sample(grad) if self.variants.adm_gradient == "normalised" else grad
 
         x0_adm.register_hook(on_gradient)
         return {"dmd_alignment": alignment} if dmd_direction is not None else {}
@@ -362,14 +300,14 @@ class ADMModule(DistillationModule):
             x_fake, _ = self._ode_step("fake", x_t, t, cond, 1.0)
         s = self._end_time(t)
         logits_real, logits_fake, r1, r2 = self._logits_and_penalties(x_real, x_fake, s, cond, x_t, t)
-        pair_loss = hinge_d if self.adm_pairing == "independent" else paired_hinge_d
+        pair_loss = hinge_d if self.variants.adm_pairing == "independent" else paired_hinge_d
         hinge = pair_loss(logits_real, logits_fake)
         out = {"loss": hinge, "hinge": hinge, "logit_gap": (logits_real - logits_fake).mean().detach()}
         if r1 is not None:
-            out["loss"] = out["loss"] + 0.5 * self.r1_gamma * r1
+            out["loss"] = out["loss"] + 0.5 * self.variants.r1_gamma * r1
             out["r1"] = r1.detach()
         if r2 is not None:
-            out["loss"] = out["loss"] + 0.5 * self.r2_gamma * r2
+            out["loss"] = out["loss"] + 0.5 * self.variants.r2_gamma * r2
             out["r2"] = r2.detach()
         return out
 
@@ -393,7 +331,7 @@ class ADMModule(DistillationModule):
         on its own input only (backbone and heads act per sample), so each half's gradient is that
         of its own logits.
         """
-        penalties = self.r1_gamma > 0 or self.r2_gamma > 0
+        penalties = self.variants.r1_gamma > 0 or self.variants.r2_gamma > 0
         x_real, x_fake = x_real.detach().requires_grad_(penalties), x_fake.detach().requires_grad_(penalties)
         # x_t: the moves' shared start, read only by a transition discriminator
         logits_real, logits_fake = self.discriminator.pair(self.teacher, x_real, s, x_fake, s, cond, x_t, t)
@@ -401,5 +339,5 @@ class ADMModule(DistillationModule):
             return logits_real, logits_fake, None, None
         grad_real, grad_fake = torch.autograd.grad(logits_real.sum() + logits_fake.sum(), (x_real, x_fake),
                                                    create_graph=True)
-        return (logits_real, logits_fake, gradient_penalty(grad_real) if self.r1_gamma > 0 else None,
-                gradient_penalty(grad_fake) if self.r2_gamma > 0 else None)
+        return (logits_real, logits_fake, gradient_penalty(grad_real) if self.variants.r1_gamma > 0 else None,
+                gradient_penalty(grad_fake) if self.variants.r2_gamma > 0 else None)

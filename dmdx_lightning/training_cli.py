@@ -1,0 +1,99 @@
+"""The Trainer verbs of ``dmdx`` (``fit``, ``validate``, ``predict``): LightningCLI in subclass mode.
+
+Any LightningModule / LightningDataModule subclass can be named by ``class_path`` in a config,
+so a new teacher or method needs a YAML file, not a change here. :mod:`dmdx_lightning.cli` imports
+this module only when a Trainer verb runs (importing Lightning costs seconds).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+from jsonargparse import ArgumentParser, Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+from dmdx_lightning.callbacks.preemption import RequeueOnSignal
+
+from dmdx_lightning.cli import DESCRIPTION, LIGHT_VERBS
+from dmdx_lightning.options import known_classes
+
+# a config or command line may name any class of the package by its short name (ADMModule,
+# DigitsTeacher): jsonargparse resolves short names among the subclasses already imported
+known_classes()
+
+
+class DMDXCLI(LightningCLI):
+    """LightningCLI with model and data in subclass mode and configs that may omit ``data``.
+
+    Verbs: ``fit``, ``validate``, ``predict`` (Lightning's); the verbs that need no Trainer
+    (:data:`~dmdx_lightning.cli.LIGHT_VERBS`, e.g. ``export``) are dispatched by
+    :func:`dmdx_lightning.cli.main` before this parser exists and are listed here only for ``--help``.
+
+    A run's outputs follow ``trainer.default_root_dir`` (see :func:`place_run_outputs`), so that
+    ``--trainer.default_root_dir DIR`` alone moves a whole run.
+    """
+
+    def before_instantiate_classes(self) -> None:
+        place_run_outputs(self.config[self.subcommand] if self.subcommand else self.config)
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("datamodule_class", None)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"default_env": False, "description": DESCRIPTION})
+        # the modules build one optimizer per player from their own *_optimizer arguments; a
+        # top-level --optimizer / --lr_scheduler would replace configure_optimizers with a single one
+        kwargs.setdefault("auto_configure_optimizers", False)
+        # always on; does nothing outside SLURM (see RequeueOnSignal for why it replaces Lightning's handler)
+        kwargs.setdefault("trainer_defaults", {"callbacks": [RequeueOnSignal()]})
+        super().__init__(pl.LightningModule, *args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # no `test`: the distillation modules have no test set (no test_step); `dmdx validate`
+        # runs the metric callbacks on a checkpoint
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "test"}
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any],
+                     subparser_kwargs: dict[str, Any]) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:  # the light verbs never reach this parser (see cli.main); list them in --help
+            # jsonargparse keeps the one subcommands action of a parser here (add_subcommands runs once)
+            for verb, (_, text) in LIGHT_VERBS.items():
+                self.parser._subcommands_action.add_subcommand(verb, ArgumentParser(description=text), help=text)
+
+
+def place_run_outputs(config: Namespace) -> None:
+    """Put what a config leaves unplaced under ``trainer.default_root_dir`` (default: the cwd).
+
+    - ``trainer.logger`` left at its default: TensorBoard logs to ``<root>/version_<n>/`` (events,
+      the resolved ``config.yaml``, ``samples/``), as the quickstart's explicit loggers do;
+      Lightning's own default adds a ``lightning_logs/`` level that ``dmdx export`` would not search.
+      Under SLURM the version is the job id (Lightning's choice), so a requeued job keeps its folder.
+    - a ``ModelCheckpoint`` without ``dirpath``: ``<root>/checkpoints/``, one fixed folder for
+      ``--ckpt_path``, ``init_from`` and ``dmdx export`` (Lightning's default would be inside the
+      version folder, which changes with every run).
+
+    A config that pins a logger's ``save_dir`` or a ``dirpath`` keeps it (the quickstart chains its
+    stages through such fixed paths). Edits ``config`` in place, so the saved ``config.yaml`` records
+    the resolved paths.
+    """
+    trainer = config.trainer
+    root = os.fspath(trainer.default_root_dir or os.getcwd())
+    if trainer.logger is None or trainer.logger is True:
+        trainer.logger = Namespace(class_path=f"{TensorBoardLogger.__module__}.{TensorBoardLogger.__name__}",
+                                   init_args=Namespace(save_dir=root, name="", version=SLURMEnvironment.job_id()))
+    for callback in trainer.callbacks or []:
+        if not isinstance(callback, Namespace) or "class_path" not in callback:
+            continue  # an already built object (passed from Python): nothing to place
+        module, _, name = callback.class_path.rpartition(".")  # fully qualified once parsed
+        is_checkpoint = issubclass(getattr(importlib.import_module(module), name), ModelCheckpoint)
+        if is_checkpoint and callback.init_args.get("dirpath") is None:
+            callback.init_args.dirpath = os.path.join(root, "checkpoints")
