@@ -87,7 +87,7 @@ def train_checkpoint(folder: Path, mode: str, run: Path) -> Path:
     prompts = ["a photo of a cat", "a red bus"]
     loader = torch.utils.data.DataLoader([{"prompt": p} for p in prompts], batch_size=2,
                                          collate_fn=lambda b: {"prompt": [x["prompt"] for x in b]})
-    trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=run)
     trainer.fit(module, loader)
     ckpt = run / "checkpoints" / "last.ckpt"

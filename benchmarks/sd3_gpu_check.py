@@ -66,9 +66,9 @@ def fsdp_cli():
             "--config", "configs/trainer/fsdp.yaml", t + "pretrained_model_name_or_path", str(tiny),
             t + "resolution", "16", t + "max_sequence_length", "16",
             "--model.init_args.discriminator.init_args.layers", "[0, 1]", "--trainer.devices", "1",
-            "--trainer.max_steps", "9", "--trainer.logger", "false", "--trainer.default_root_dir", str(RUN),
+            "--trainer.max_steps", "3", "--trainer.logger", "false", "--trainer.default_root_dir", str(RUN),
             "--trainer.callbacks", json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
-                "dirpath": str(RUN / "checkpoints"), "save_last": True, "every_n_train_steps": 3}}])] + EXTRA
+                "dirpath": str(RUN / "checkpoints"), "save_last": True, "every_n_train_steps": 1}}])] + EXTRA
     fit = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     print(fit.stdout[-3000:], fit.stderr[-6000:])
     out = {"fit_rc": fit.returncode}
@@ -156,7 +156,7 @@ def train_and_time(mode, iterations, **teacher_kw):
             torch.cuda.synchronize()
             times.append(time.perf_counter())
 
-    trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=3 * iterations,
+    trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=iterations,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[Timer()])
     trainer.fit(module, prompt_loader(64, 1))

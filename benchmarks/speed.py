@@ -161,8 +161,7 @@ class BatchClock(pl.Callback):
 
 def lightning_iteration(module, loader, iterations: int, warmup: int) -> float:
     clock = BatchClock()
-    players = len(module.players_for_step(0))
-    trainer = pl.Trainer(accelerator="auto", devices=1, max_steps=(warmup + iterations + 1) * players, logger=False,
+    trainer = pl.Trainer(accelerator="auto", devices=1, max_steps=warmup + iterations + 1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clock])
     trainer.fit(module, loader)

@@ -11,12 +11,19 @@ import importlib
 import os
 import sys
 
+from dmdx_lightning import quiet
+from dmdx_lightning.errors import ConfigError, SetupError, check_config_files, explain_parse_error
+
 DESCRIPTION = "DMDX diffusion distillation: dmdx fit|validate|predict --config <yaml>, dmdx export|sample ..."
 
 #: verbs served without a Trainer: name -> (module with ``main(argv)``, one line of help)
 LIGHT_VERBS: dict[str, tuple[str, str]] = {
     "export": ("dmdx_lightning.export",
-               "Export a trained student to diffusers: LoRA weights or a pipeline folder (dmdx export --help)."),
+               "Export a trained student: a diffusers pipeline folder, LoRA weights, or a safetensors "
+               "student (digits, mixture) (dmdx export --help)."),
+    "sample": ("dmdx_lightning.sample",
+               "Draw images / videos and a labelled grid from a checkpoint, an export or the teacher "
+               "(dmdx sample --help)."),
 }
 #: the Trainer verbs (LightningCLI's), with their help line
 TRAINER_VERBS: dict[str, str] = {
@@ -28,6 +35,7 @@ TRAINER_VERBS: dict[str, str] = {
 
 def main(args: list[str] | None = None) -> None:
     argv = list(args if args is not None else sys.argv[1:])
+    quiet.install()  # first: library messages no dmdx user can act on (the table in quiet.py)
     if argv[:1] and argv[0] in LIGHT_VERBS:
         importlib.import_module(LIGHT_VERBS[argv[0]][0]).main(argv[1:])
         return
@@ -47,19 +55,37 @@ def main(args: list[str] | None = None) -> None:
             return
         if "trainer" in argv and any(a in ("-h", "--help") for a in argv):
             argv.remove("trainer")  # `dmdx fit --help trainer`: LightningCLI's own page
-            args = argv
-    from dmdx_lightning.training_cli import DMDXCLI
-
-    # from the command line LightningCLI reads sys.argv itself: passing args too would warn
-    # ("args parameter is intended to run from within Python") on every call
+            if args is None:  # from the command line LightningCLI reads sys.argv
+                sys.argv[1:] = argv
+            else:
+                args = argv
     try:
+        check_config_files(argv)  # a YAML error names the file and line (the parser would not)
+        from jsonargparse import ArgumentError
+
+        from dmdx_lightning.training_cli import DMDXCLI
+
+        # from the command line LightningCLI reads sys.argv itself: passing args too would warn
+        # ("args parameter is intended to run from within Python") on every call
         DMDXCLI(args=args)
+    except (ConfigError, SetupError) as e:  # preflight: key, value, problem and fix in one paragraph
+        fail(str(e), e)
+    except ArgumentError as e:  # the parser's: a misspelt key, a value of the wrong type
+        fail(explain_parse_error(str(e), argv[0]), e)
     except (OSError, ValueError, KeyError, TypeError) as e:
         reason = config_error(e)
-        if reason is None or os.environ.get("DMDX_DEBUG"):
+        if reason is None:
             raise
-        print(f"dmdx: error: {reason}\n(set DMDX_DEBUG=1 for the full traceback)", file=sys.stderr)
-        sys.exit(2)
+        fail(reason, e)
+
+
+def fail(reason: str, error: BaseException) -> None:
+    """Print ``reason`` as dmdx's one-paragraph error and exit with status 2 (``DMDX_DEBUG=1``:
+    raise ``error`` with its traceback instead)."""
+    if os.environ.get("DMDX_DEBUG"):
+        raise error
+    print(f"dmdx: error: {reason}\n(set DMDX_DEBUG=1 for the full traceback)", file=sys.stderr)
+    sys.exit(2)
 
 
 def top_level_help() -> str:

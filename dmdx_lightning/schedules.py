@@ -10,6 +10,8 @@ is exactly the Euler step ``x_s = x_t + (s - t) * v``.
 
 from __future__ import annotations
 
+import typing
+
 from typing import Literal, Sequence
 
 import torch
@@ -298,6 +300,7 @@ class VPSchedule(NoiseSchedule):
 # ----------------------------------------------------------------------------------------------
 
 TimeSampler = Literal["uniform", "shifted", "cubic", "logit_normal"]
+T_SAMPLERS: tuple[str, ...] = typing.get_args(TimeSampler)
 
 
 def sample_t(

@@ -12,16 +12,19 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
+from omegaconf import OmegaConf
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from dmdx_lightning.callbacks.preemption import RequeueOnSignal
+from dmdx_lightning.callbacks.progress import add_progress_bar
 
 from dmdx_lightning.cli import DESCRIPTION, LIGHT_VERBS
 from dmdx_lightning.options import known_classes
+from dmdx_lightning.preflight import check_config
 
 # a config or command line may name any class of the package by its short name (ADMModule,
 # DigitsTeacher): jsonargparse resolves short names among the subclasses already imported
@@ -39,6 +42,13 @@ class DMDXCLI(LightningCLI):
     ``--trainer.default_root_dir DIR`` alone moves a whole run.
     """
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # every value and combination is checked as soon as the config is parsed: before the seed
+        # is set, any class is built (the teacher's weights load then) or any file is written
+        verb = self.config.get("subcommand")
+        check_config((self.config[verb] if verb else self.config).as_dict(), verb)
+
     def before_instantiate_classes(self) -> None:
         place_run_outputs(self.config[self.subcommand] if self.subcommand else self.config)
 
@@ -47,7 +57,18 @@ class DMDXCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("datamodule_class", None)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"default_env": False, "description": DESCRIPTION})
+        # omegaconf+: a config may derive a path from another value (``${trainer.default_root_dir}/summary.json``),
+        # resolved over the whole merged config, so a later --config or the command line moves it too
+        kwargs.setdefault("parser_kwargs", {"default_env": False, "description": DESCRIPTION,
+                                            "parser_mode": "omegaconf+",
+                                            # a parse error is raised, and cli.main explains it in one paragraph
+                                            "exit_on_error": False})
+        # ... with the interpolation paths of a config file taken from where it is loaded (under the
+        # subcommand: `${trainer.x}` in `dmdx fit --config` means fit.trainer.x)
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+        # ``${dmdx.parent:${trainer.default_root_dir}}/adp``: an earlier stage's folder beside this run's
+        # root, as a plain path (``root/../adp`` would not resolve before the root exists)
+        OmegaConf.register_resolver("dmdx.parent", parent_folder, replace=True)
         # the modules build one optimizer per player from their own *_optimizer arguments; a
         # top-level --optimizer / --lr_scheduler would replace configure_optimizers with a single one
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -70,20 +91,27 @@ class DMDXCLI(LightningCLI):
                 self.parser._subcommands_action.add_subcommand(verb, ArgumentParser(description=text), help=text)
 
 
+def parent_folder(path: str) -> str:
+    """The folder that holds ``path`` (``.`` for a bare name): the config resolver ``dmdx.parent``."""
+    return os.path.dirname(os.path.normpath(path)) or "."
+
+
 def place_run_outputs(config: Namespace) -> None:
     """Put what a config leaves unplaced under ``trainer.default_root_dir`` (default: the cwd).
 
     - ``trainer.logger`` left at its default: TensorBoard logs to ``<root>/version_<n>/`` (events,
-      the resolved ``config.yaml``, ``samples/``), as the quickstart's explicit loggers do;
+      the resolved ``config.yaml``, ``samples/``), for every shipped config (none names a logger);
       Lightning's own default adds a ``lightning_logs/`` level that ``dmdx export`` would not search.
       Under SLURM the version is the job id (Lightning's choice), so a requeued job keeps its folder.
     - a ``ModelCheckpoint`` without ``dirpath``: ``<root>/checkpoints/``, one fixed folder for
       ``--ckpt_path``, ``init_from`` and ``dmdx export`` (Lightning's default would be inside the
       version folder, which changes with every run).
 
-    A config that pins a logger's ``save_dir`` or a ``dirpath`` keeps it (the quickstart chains its
-    stages through such fixed paths). Edits ``config`` in place, so the saved ``config.yaml`` records
-    the resolved paths.
+    Every other output path of a shipped config is derived from the root by interpolation
+    (``${trainer.default_root_dir}/summary.json``), so it moves with it too; a config that pins a
+    logger's ``save_dir`` or a ``dirpath`` keeps it. Also adds the iteration progress bar
+    (:func:`~dmdx_lightning.callbacks.progress.add_progress_bar`). Edits ``config`` in place, so the
+    saved ``config.yaml`` records the resolved paths and callbacks.
     """
     trainer = config.trainer
     root = os.fspath(trainer.default_root_dir or os.getcwd())
@@ -97,3 +125,4 @@ def place_run_outputs(config: Namespace) -> None:
         is_checkpoint = issubclass(getattr(importlib.import_module(module), name), ModelCheckpoint)
         if is_checkpoint and callback.init_args.get("dirpath") is None:
             callback.init_args.dirpath = os.path.join(root, "checkpoints")
+    add_progress_bar(trainer)

@@ -85,7 +85,7 @@ def test_generator_step_changes_only_generator(digits_teacher, loss):
 def test_teacher_never_changes(digits_teacher):
     m = make_module(digits_teacher)
     before = {n: p.clone() for n, p in m.teacher.denoiser.named_parameters()}
-    fit(m, 6)
+    fit(m, 2)
     assert all(torch.equal(before[n], p) for n, p in m.teacher.denoiser.named_parameters())
     assert not any(p.requires_grad for p in m.teacher.denoiser.parameters())
 
@@ -180,7 +180,7 @@ def test_bad_options_are_refused(digits_teacher):
 
 def test_ema_tracks_generator_only(digits_teacher):
     m = make_module(digits_teacher, ema_decay=0.5)
-    fit(m, 6)
+    fit(m, 2)
     student = digits_teacher.trainable_parameters("student")
     shadows = m.ema.shadows()
     assert len(shadows) == len(student)

@@ -105,11 +105,17 @@ def test_config_instantiates(config, monkeypatch, tmp_path, request):
     assert cli.model is not None and cli.trainer is not None
     if cli.datamodule is not None:
         cli.datamodule.setup("fit")
+    # what the run writes lies under its root (tests/test_output_root.py checks every printed config)
+    for callback in cli.trainer.callbacks:
+        for attr in ("dirpath", "path"):
+            value = getattr(callback, attr, None)
+            assert value is None or Path(value).resolve().is_relative_to(tmp_path.resolve()), (callback, value)
     if name == "quickstart/dmdx.yaml":  # the overlay's own values win over its base's
         overlay = yaml.safe_load(config.read_text())
         assert cli.trainer.max_steps == overlay["trainer"]["max_steps"]
-        assert cli.model.init_from == overlay["model"]["init_args"]["init_from"]
-        assert cli.trainer.checkpoint_callback.dirpath.endswith("runs/quickstart/dmdx/checkpoints")
+        # derived from the run's root (the command line's): the ADP stage beside it
+        assert cli.model.init_from == str(tmp_path.parent / "adp" / "checkpoints" / "last.ckpt")
+        assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
 
 
 def _teacher_args(config):

@@ -33,7 +33,7 @@ def trained(request, tiny_sd3_dir, tmp_path_factory):
     (run / "config.yaml").write_text(yaml.safe_dump(run_config(tiny_sd3_dir, request.param)))
     torch.manual_seed(0)
     module = build_module(run / "config.yaml")
-    trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=run)
     trainer.fit(module, prompt_loader(PROMPTS, batch_size=2))
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -63,12 +63,13 @@ def generate(pipe, noise, info, seed, **kw):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["lora", "pipeline"])
-def test_export_round_trip_matches_our_sampler(trained, fmt, tmp_path, tiny_sd3_dir):
+def test_export_round_trip_matches_our_sampler(trained, fmt, tmp_path, tiny_sd3_dir, capsys):
     mode, module, ckpt = trained
     out = tmp_path / fmt
     if fmt == "lora" and mode == "full":
-        with pytest.raises(ValueError, match="--format pipeline"):
+        with pytest.raises(SystemExit) as stop:
             dmdx(["export", "--ckpt_path", str(ckpt), "--output", str(out), "--format", fmt])
+        assert stop.value.code == 2 and "--format pipeline" in capsys.readouterr().err
         return
     dmdx(["export", "--ckpt_path", str(ckpt), "--output", str(out), "--format", fmt])  # config found near ckpt
     info = json.loads((out / EXPORT_INFO).read_text())
@@ -152,12 +153,19 @@ def test_student_scheduler_replays_student_times():
         torch.testing.assert_close(step, (1 - s) * (x - ts[0] * v) + s * torch.randn(x.shape))
 
 
-def test_export_without_config_is_a_clear_error(tmp_path):
+def test_export_without_config_is_a_clear_error(tmp_path, capsys):
     ckpt = tmp_path / "a" / "b.ckpt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="--config"):
+    with pytest.raises(SystemExit) as stop:
         dmdx(["export", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "no config.yaml found" in err and "--config" in err and "Traceback" not in err
+    # the checkpoint itself missing is said as such (not as a missing config.yaml)
+    with pytest.raises(SystemExit):
+        dmdx(["export", "--ckpt_path", str(tmp_path / "a" / "gone.ckpt"), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'a' / 'gone.ckpt'} does not exist" in err and "config.yaml" not in err
 
 
 def test_training_refuses_a_teacher_built_for_export():

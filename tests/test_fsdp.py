@@ -40,10 +40,10 @@ def fsdp_cli(tiny_sd3_dir, tmp_path, max_steps, *extra):
 def test_fsdp_full_mode_sd3_adm_saves_trainable_state_and_restarts(tiny_sd3_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     try:
-        # 6 optimizer steps = 2 iterations of generator, fake score and discriminator: backward
-        # runs through the frozen real score, whose FSDP units used to stay unsharded (the full
-        # state dict then asserted "FSDP assumes ...transformer_blocks.0... is in the state_dict")
-        cli = fsdp_cli(tiny_sd3_dir, tmp_path, 6)
+        # 2 iterations of generator, fake score and discriminator: backward runs through the frozen
+        # real score, whose FSDP units used to stay unsharded (the full state dict then asserted
+        # "FSDP assumes ...transformer_blocks.0... is in the state_dict")
+        cli = fsdp_cli(tiny_sd3_dir, tmp_path, 2)
         assert type(cli.trainer.strategy) is CPUFSDPStrategy and cli.trainer.strategy._state_dict_type == "full"
         before = {n: p.detach().clone() for n, p in cli.model.teacher.named_trainable_parameters("student")}
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -63,11 +63,11 @@ def test_fsdp_full_mode_sd3_adm_saves_trainable_state_and_restarts(tiny_sd3_dir,
         assert changed, "the student did not train under FSDP"
 
         # restart: a resumed FSDP run continues from the checkpoint's iteration ...
-        resumed = fsdp_cli(tiny_sd3_dir, tmp_path / "resume", 9)
+        resumed = fsdp_cli(tiny_sd3_dir, tmp_path / "resume", 3)
         resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path=str(ckpt_path))
         assert int(resumed.model.iteration) == 3
         # ... and a later stage starts its student from it (init_from, read before wrapping)
-        staged = fsdp_cli(tiny_sd3_dir, tmp_path / "stage", 3, "--model.init_args.init_from", str(ckpt_path))
+        staged = fsdp_cli(tiny_sd3_dir, tmp_path / "stage", 1, "--model.init_args.init_from", str(ckpt_path))
         staged.model.setup("fit")
         for n, p in staged.model.teacher.named_trainable_parameters("student"):
             torch.testing.assert_close(p.detach(), state[f"teacher.{n}"])

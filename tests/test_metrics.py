@@ -196,7 +196,7 @@ def test_metrics_run_in_fit_validation_loop_not_in_sanity_check(digits_teacher, 
     module = ADMModule(digits_teacher, loss="dmd")
     callbacks = [DigitsMetricsCallback(samples_per_digit=5, diversity_samples=0),
                  CLIPScoreCallback(model_name_or_path=tiny_clip, prompts=list(DIGIT_PROMPTS[:2]))]
-    trainer = pl.Trainer(accelerator="cpu", max_steps=4, val_check_interval=1, logger=False,
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, val_check_interval=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=callbacks, num_sanity_val_steps=1)
     calls = []

@@ -1,5 +1,5 @@
-"""Exact resume: stopping at step k and resuming with ``ckpt_path`` to step N gives bitwise the
-same state and logged losses as an uninterrupted run to N (CPU), data order included.
+"""Exact resume: stopping at iteration k and resuming with ``ckpt_path`` to iteration N gives bitwise
+the same state and logged losses as an uninterrupted run to N (CPU), data order included.
 
 The modules under test are listed in ``MODULES`` (name -> factory); ADP joins it after the ``adp``
 branch lands, with no other change to these tests.
@@ -63,7 +63,7 @@ def pair_data(tmp_path: Path):
     return ODEPairDataModule(str(directory), batch_size=4)
 
 
-#: name -> (factory, optimizer steps per iteration, data module factory)
+#: name -> (factory, players (= optimizers), data module factory)
 MODULES = {"adm": (make_adm, 3, prompt_data), "adp": (make_adp, 2, pair_data)}
 
 
@@ -86,7 +86,7 @@ def prompt_file(tmp_path: Path) -> Path:
     return path
 
 
-def run(module_name, tmp_path, max_steps, ckpt_path=None, save_every=None):
+def run(module_name, tmp_path, iterations, ckpt_path=None, save_every=None):
     make, _, make_data = MODULES[module_name]
     pl.seed_everything(0)
     module = make()
@@ -96,7 +96,7 @@ def run(module_name, tmp_path, max_steps, ckpt_path=None, save_every=None):
     if save_every:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=save_every,
                                          save_top_k=-1, filename="{step}"))
-    trainer = pl.Trainer(max_steps=max_steps, accelerator=ACCELERATOR, devices=1, deterministic=DETERMINISTIC,
+    trainer = pl.Trainer(max_steps=iterations, accelerator=ACCELERATOR, devices=1, deterministic=DETERMINISTIC,
                          logger=False, callbacks=callbacks,
                          enable_checkpointing=bool(save_every), enable_progress_bar=False,
                          enable_model_summary=False, log_every_n_steps=1)
@@ -121,8 +121,7 @@ def reference(request, tmp_path_factory):
     """An uninterrupted run of N_ITERATIONS that saves a checkpoint after every iteration."""
     name = request.param
     tmp_path = tmp_path_factory.mktemp(f"reference_{name}")
-    per_iter = MODULES[name][1]
-    module, trainer, rec = run(name, tmp_path, N_ITERATIONS * per_iter, save_every=per_iter)
+    module, trainer, rec = run(name, tmp_path, N_ITERATIONS, save_every=1)
     return name, tmp_path, module, trainer, rec
 
 
@@ -130,8 +129,7 @@ def reference(request, tmp_path_factory):
 @pytest.mark.parametrize("stop_iteration", [3, 4], ids=["mid_epoch", "epoch_end"])
 def test_resume_is_bitwise_exact(reference, stop_iteration, tmp_path):
     module_name, ref_dir, ref_module, ref_trainer, ref_rec = reference
-    per_iter = MODULES[module_name][1]
-    k, n = stop_iteration * per_iter, N_ITERATIONS * per_iter
+    k, n = stop_iteration, N_ITERATIONS
     ckpt = ref_dir / "ckpt" / f"step={k}.ckpt"
     assert ckpt.is_file(), sorted(p.name for p in (ref_dir / "ckpt").iterdir())
 
@@ -148,7 +146,7 @@ def test_resume_is_bitwise_exact(reference, stop_iteration, tmp_path):
     assert not different, different[:10]
     # the comparison covers every player, the EMA and every optimizer
     for prefix in ("module.teacher.roles.student.", "module.teacher.roles.fake.", "module.discriminator.heads.",
-                   "module.ema.shadow_", *(f"opt{i}." for i in range(per_iter))):
+                   "module.ema.shadow_", *(f"opt{i}." for i in range(MODULES[module_name][1]))):
         assert any(key.startswith(prefix) for key in state), prefix
 
 
@@ -156,19 +154,18 @@ def test_resume_is_bitwise_exact(reference, stop_iteration, tmp_path):
 def test_resume_would_differ_without_the_saved_position(reference, tmp_path):
     """The exactness test can fail: a checkpoint without the loader position replays prompts."""
     module_name, ref_dir, _, _, ref_rec = reference
-    per_iter = MODULES[module_name][1]
-    k = 3 * per_iter  # mid-epoch
+    k = 3  # mid-epoch
     ckpt = torch.load(ref_dir / "ckpt" / f"step={k}.ckpt", weights_only=True)
     del ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     torch.save(ckpt, tmp_path / "no_position.ckpt")
-    _, _, rec = run(module_name, tmp_path, k + per_iter, ckpt_path=str(tmp_path / "no_position.ckpt"))
-    assert rec.rows[k + per_iter]["index"] != ref_rec.rows[k + per_iter]["index"]
+    _, _, rec = run(module_name, tmp_path, k + 1, ckpt_path=str(tmp_path / "no_position.ckpt"))
+    assert rec.rows[k + 1]["index"] != ref_rec.rows[k + 1]["index"]
 
 
 @pytest.mark.parametrize("module_name", list(MODULES))
 def test_checkpoint_holds_no_frozen_teacher_and_loads_weights_only(module_name, tmp_path):
-    run(module_name, tmp_path, MODULES[module_name][1] * 2, save_every=MODULES[module_name][1])
-    path = tmp_path / "ckpt" / f"step={MODULES[module_name][1]}.ckpt"
+    run(module_name, tmp_path, 2, save_every=1)
+    path = tmp_path / "ckpt" / "step=1.ckpt"
     ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no pickled objects anywhere
     keys = ckpt["state_dict"].keys()
     assert not [k for k in keys if k.startswith("teacher.denoiser.")]

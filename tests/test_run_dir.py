@@ -46,17 +46,17 @@ def test_default_root_dir_moves_every_output_of_adm_sd3(tiny_sd3_dir, tmp_path, 
     tiny = [a.replace("{tiny_sd3}", str(tiny_sd3_dir)) for a in SD3_TINY]
     args = ["fit", "--config", "configs/adm_sd3.yaml", *tiny, *TINY_HEADS,
             "--trainer.default_root_dir", str(run),
-            # CPU, one process, fp32; 3 optimizer steps = 1 iteration; no validation, whose metric
+            # CPU, one process, fp32; 1 iteration; no validation, whose metric
             # callbacks would fetch CLIP / LPIPS networks
             "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
-            "--trainer.precision", "32-true", "--trainer.max_steps", "3", "--trainer.num_sanity_val_steps", "0",
+            "--trainer.precision", "32-true", "--trainer.max_steps", "1", "--trainer.num_sanity_val_steps", "0",
             "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
     cli = DMDXCLI(args=args)
 
     written = _files(run)
     assert "checkpoints/last.ckpt" in written, sorted(written)
     for expected in ("version_0/config.yaml", "version_0/hparams.yaml",
-                     "version_0/samples/student_step0000003.png", "version_0/samples/teacher_step0000003.png"):
+                     "version_0/samples/student_step0000001.png", "version_0/samples/teacher_step0000001.png"):
         assert expected in written, sorted(written)
     assert any(f.startswith("version_0/events.out.tfevents") for f in written), sorted(written)
     assert cli.trainer.log_dir == str(run / "version_0")
@@ -64,7 +64,7 @@ def test_default_root_dir_moves_every_output_of_adm_sd3(tiny_sd3_dir, tmp_path, 
     saved = yaml.safe_load((run / "version_0" / "config.yaml").read_text())["trainer"]
     assert saved["logger"]["init_args"]["save_dir"] == str(run)
     assert str(run / "checkpoints") in [c["init_args"].get("dirpath") for c in saved["callbacks"]]
-    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 3
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 1
     assert find_run_config(run / "checkpoints" / "last.ckpt") == run / "version_0" / "config.yaml"  # dmdx export
 
     assert _files(cwd) == set() and os.listdir(cwd) == ["configs"]  # nothing relative to the cwd

@@ -341,7 +341,7 @@ def chain(tiny_sdxl_dir, tiny_sam_path, tmp_path_factory):
         "--model.init_args.num_steps", "2", "--data.init_args.output_dir", str(pairs),
         "--data.init_args.num_pairs", "8", "--data.init_args.shard_size", "4", "--data.init_args.batch_size", "4"])
     cli("adp_sdxl.yaml", tiny_sdxl_dir, root / "adp", *SMALL_HEADS, *[
-        "--data.init_args.path", str(pairs), "--trainer.max_steps", "4",
+        "--data.init_args.path", str(pairs), "--trainer.max_steps", "2",
         # a large lr, so that ADM's start from these weights is visible after its own small step
         "--model.init_args.generator_optimizer.init_args.lr", "1e-2",
         "--model.init_args.pixel_discriminator.init_args.backbone.init_args.pretrained", tiny_sam_path,
@@ -350,7 +350,7 @@ def chain(tiny_sdxl_dir, tiny_sam_path, tmp_path_factory):
         "--model.init_args.pixel_discriminator.init_args.head_channels", "16"])
     adm = cli("adm_sdxl.yaml", tiny_sdxl_dir, root / "adm", *SMALL_HEADS, *[
         "--model.init_args.init_from", str(root / "adp" / "checkpoints" / "last.ckpt"),
-        "--trainer.max_steps", "3"])
+        "--trainer.max_steps", "1"])
     return root, pairs, adm
 
 
@@ -363,12 +363,12 @@ def test_chain_writes_pairs_trains_adp_then_adm_from_it(chain):
     assert manifest["teacher_family"] == "sdxl" and manifest["num_pairs"] == 8
     assert list(manifest["latent_shape"]) == [4, 8, 8]
     adp_ckpt = torch.load(root / "adp" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert adp_ckpt["global_step"] == 4 and adp_ckpt["dmdx"]["teacher_family"] == "sdxl"
+    assert adp_ckpt["global_step"] == 2 and adp_ckpt["dmdx"]["teacher_family"] == "sdxl"
     # ADM started from ADP's student: its first generator update moved the ADP weights, not the teacher's
     module = adm.model
     assert module.init_from.endswith("adp/checkpoints/last.ckpt") and module.student_timesteps == [1.0]
     adm_ckpt = torch.load(root / "adm" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert adm_ckpt["global_step"] == 3
+    assert adm_ckpt["global_step"] == 1
     names = [n for n in adp_ckpt["state_dict"] if "lora_B.student" in n]
     adp_b = torch.cat([adp_ckpt["state_dict"][n].flatten() for n in names])
     adm_b = torch.cat([adm_ckpt["state_dict"][n].flatten() for n in names])
@@ -394,11 +394,12 @@ def test_one_step_export_round_trip_matches_our_sampler(chain, fmt, tiny_sdxl_di
 def test_dmd2_config_trains_on_the_pairs(chain, tiny_sdxl_dir):
     root, pairs, _ = chain
     run = cli("dmd2_sdxl.yaml", tiny_sdxl_dir, root / "dmd2", *SMALL_HEADS,
-              "--data.init_args.path", str(pairs), "--trainer.max_steps", "3")
+              "--data.init_args.path", str(pairs), "--trainer.max_steps", "1")
     module = run.model
     assert module.loss == "dmd2" and module.update_ratio == 5 and module.teacher.mode == "full"
     assert module.discriminator.backbone_role == "fake"
-    assert run.trainer.global_step == 3  # generator, fake score, discriminator of iteration 0
+    assert run.trainer.global_step == 1  # iteration 0: generator, fake score, discriminator
+    assert int(module.generator_updates) == 1
     ckpt = torch.load(root / "dmd2" / "checkpoints" / "last.ckpt", weights_only=True)
     assert any(k.startswith("teacher.roles.student.") for k in ckpt["state_dict"])
 
@@ -433,12 +434,12 @@ def test_four_step_resume_is_exact_and_the_export_replays_four_steps(four_step, 
     and optimizer states. The checkpoint is one written during the run, as after a preemption."""
     root, fit = four_step
     steps = root / "steps"
-    fit("straight", 9, "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        "--trainer.callbacks.dirpath", str(steps), "--trainer.callbacks.every_n_train_steps", "3",
+    fit("straight", 3, "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.dirpath", str(steps), "--trainer.callbacks.every_n_train_steps", "1",
         "--trainer.callbacks.save_top_k", "-1", "--trainer.callbacks.filename", "{step}")
-    first = steps / "step=3.ckpt"
+    first = steps / "step=1.ckpt"
     after_one = _trainable_state(first)
-    fit("resumed", 9, "--ckpt_path", str(first))
+    fit("resumed", 3, "--ckpt_path", str(first))
     straight, resumed = (_trainable_state(root / f / "checkpoints" / "last.ckpt") for f in ("straight", "resumed"))
     assert straight.keys() == resumed.keys()
     different = [k for k in straight if not torch.equal(straight[k], resumed[k])]

@@ -167,11 +167,11 @@ def test_dmdx_fit_runs_adp_then_dmdx_on_the_mixture(tmp_path):
 
 
 def _outputs(directory):
-    """An overlay: a few steps, every output (checkpoint, summary) under ``directory``."""
+    """An overlay: two iterations, every output (checkpoint, summary) under ``directory``."""
     import yaml
 
     directory.mkdir(parents=True, exist_ok=True)
-    overlay = {"trainer": {"max_steps": 6, "default_root_dir": str(directory), "logger": False,
+    overlay = {"trainer": {"max_steps": 2, "default_root_dir": str(directory), "logger": False,
                            "enable_progress_bar": False, "callbacks": [
                                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                 "init_args": {"dirpath": str(directory / "checkpoints"), "save_last": True}},

@@ -1,7 +1,8 @@
 """Stop a run after a number of GENERATOR updates, whatever the update ratio or warm-up.
 
-``trainer.max_steps`` counts every player's optimizer step; comparing methods at equal
-generator updates (DMD at 2 players, ADM at 3, TTUR 5, a fake-score warm-up) needs this instead.
+``trainer.max_steps`` counts iterations; comparing methods at equal generator updates (TTUR 5
+updates the generator in one iteration of 5, a fake-score warm-up in none of the first ones)
+needs this instead.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import lightning.pytorch as pl
 
 
 class GeneratorBudget(pl.Callback):
-    """Stop once the generator has stepped ``updates`` times (asks the module's ``players_for_step``).
+    """Stop once the generator has stepped ``updates`` times (the module's ``generator_updates``).
 
     Args:
         updates: generator updates to run.
@@ -26,11 +27,7 @@ class GeneratorBudget(pl.Callback):
         """Generator updates in the first ``iterations`` iterations (who steps is a function of the iteration)."""
         return sum("generator" in module.players_for_step(i) for i in range(iterations))
 
-    def on_train_start(self, trainer, module) -> None:
-        # counted once from the iteration buffer, so a resumed run knows what it has already done
-        self._done = self.generator_updates(module, int(module.iteration))
-
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self._done += "generator" in module.players_for_step(int(module.iteration) - 1)
-        if self._done >= self.updates:
+        # a buffer of the module: a resumed run knows what it has already done
+        if int(module.generator_updates) >= self.updates:
             trainer.should_stop = True

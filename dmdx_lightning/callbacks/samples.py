@@ -73,7 +73,7 @@ def write_video(frames: Tensor, path: Path, fps: int) -> Path:
 
 
 class SampleGrid(pl.Callback):
-    """Every ``every_n_steps`` optimizer steps (and at the end of fit) draw the student's samples
+    """Every ``every_n_steps`` iterations (and at the end of fit) draw the student's samples
     for fixed prompts and seeds; log them to TensorBoard (``samples/student``) and save them under
     ``<log_dir>/samples/``: a PNG grid for images; for video one GIF / MP4 per prompt
     (``student_step<N>_p<i>.gif``) and a frame-grid PNG. The teacher's samples
@@ -83,7 +83,8 @@ class SampleGrid(pl.Callback):
         prompts: the grid's rows (default: the teacher's ``example_prompts``).
         samples_per_prompt: columns; seeds are ``seed, seed + 1, ...`` per column.
         seed: first noise seed.
-        every_n_steps: cadence in Lightning ``global_step`` units (optimizer steps); 0 = only at fit end.
+        every_n_steps: cadence in iterations (``trainer.global_step``); 0 = only at fit end. Files are
+            named after the iteration (``student_step0000200.png``).
         teacher_steps, teacher_cfg_scale: the teacher's own sampler for its reference grid
             (default: the teacher's ``sample_steps`` / ``cfg_scale``).
         log_teacher: draw the teacher grid once.

@@ -34,12 +34,15 @@ def arm_name(module: pl.LightningModule) -> str:
 
 
 class TrainingDiagnostics(pl.Callback):
-    """Base of the end-of-fit reports: keeps ADM's training diagnostics for the summary row.
+    """Base of the end-of-fit reports: keeps the run's length and ADM's training diagnostics for the
+    summary row.
 
+    ``iterations`` (``trainer.global_step``) and ``generator_updates`` at the end of training;
     ``logit_gap`` (``E[D(real move)] - E[D(fake move)]``: how well the discriminator separates the
     moves; the ADM issue expects it to grow with d) and ``dmd_alignment`` (the cosine between the
     directions ADM and DMD move the student's samples), each the mean of the latest logged value
-    at the last ``window`` iterations; :meth:`diagnostics` gives those present (ADM runs only).
+    at the last ``window`` iterations; :meth:`diagnostics` gives those present (the last two: ADM
+    runs only).
     """
 
     TRACKED = {"logit_gap": "train/discriminator/logit_gap", "dmd_alignment": "train/generator/dmd_alignment"}
@@ -47,15 +50,19 @@ class TrainingDiagnostics(pl.Callback):
     def __init__(self, window: int = 50) -> None:
         self.window = window
         self._recent: dict[str, list[float]] = {name: [] for name in self.TRACKED}
+        self._length: dict[str, int] = {}
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._length = {"iterations": trainer.global_step}
+        if hasattr(module, "generator_updates"):
+            self._length["generator_updates"] = int(module.generator_updates)
         for name, key in self.TRACKED.items():
             value = trainer.callback_metrics.get(key)
             if value is not None and math.isfinite(float(value)):
                 self._recent[name] = (self._recent[name] + [float(value)])[-self.window:]
 
-    def diagnostics(self) -> dict[str, float]:
-        return {name: sum(v) / len(v) for name, v in self._recent.items() if v}
+    def diagnostics(self) -> dict[str, float | int]:
+        return {**self._length, **{name: sum(v) / len(v) for name, v in self._recent.items() if v}}
 
 
 def update_summary(path: str | Path, arm: str, row: dict) -> None:

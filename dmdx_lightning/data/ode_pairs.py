@@ -351,6 +351,15 @@ class ODEPairDataModule(ResumableTrainData, pl.LightningDataModule):
             were verified before).
     """
 
+    #: the batch keys this data module serves (a method that needs more is refused at setup)
+    provides = ("prompt", "index", "x0", "x_T")
+
+    @classmethod
+    def check_options(cls, options, key: str = "data.init_args") -> None:
+        """The pair folder must hold a manifest (the pairs are made by ``dmdx predict``) before a run
+        that trains on it builds anything."""
+        read_manifest(options.get("path"))
+
     def __init__(self, path: str, batch_size: int = 32, num_workers: int = 0, shuffle: bool = True,
                  verify_checksums: bool = True) -> None:
         super().__init__()

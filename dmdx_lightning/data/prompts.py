@@ -406,6 +406,18 @@ class PromptDataModule(ResumableTrainData, pl.LightningDataModule):
         shuffle: shuffle the train prompts every epoch.
     """
 
+    #: the batch keys this data module serves (a method that needs more is refused at setup)
+    provides = ("prompt",)
+
+    @classmethod
+    def check_options(cls, options, key: str = "data.init_args") -> None:
+        """Read the prompt sources a config names, before anything is built: a missing or
+        unreadable file stops the run at setup with read_prompts' message (file, line, fix)."""
+        for name in ("train_file", "val_file"):
+            if options.get(name):
+                read_prompts(options[name], options.get("field", "prompt"), options.get("split", "train"),
+                             key=f"{key}.{name}")
+
     def __init__(
         self,
         train_file: str,

@@ -29,7 +29,7 @@ defaults are the paper's.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +37,13 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from dmdx_lightning.discriminators.latent import LatentDiscriminator
+from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.losses import (denoising_loss, dmd_gradient, dmd_loss, gradient_penalty, gradient_surrogate,
                                    hinge_d, hinge_g, nonsaturating_d, nonsaturating_g, normalised_per_sample,
                                    paired_hinge_d, paired_hinge_g)
 from dmdx_lightning.methods.adm_variants import ADMVariants
 from dmdx_lightning.methods.base import DistillationModule, Player, _default_optimizer
-from dmdx_lightning.schedules import noised
+from dmdx_lightning.schedules import T_SAMPLERS, noised
 from dmdx_lightning.teachers.base import Conditioning, Teacher
 
 
@@ -109,21 +110,13 @@ class ADMModule(DistillationModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher, **kwargs)
-        if loss not in ("adm", "dmd", "dmd2"):
-            raise ValueError(f"loss must be 'adm', 'dmd' or 'dmd2', got {loss!r}")
-        if update_ratio < 1:
-            raise ValueError(f"update_ratio must be >= 1, got {update_ratio}")
-        if not 0.0 < dt <= 1.0:
-            raise ValueError(f"dt must be in (0, 1] (the ODE move ends at max(t - dt, 0)), got {dt}")
+        self.check_options(dict(loss=loss, dt=dt, update_ratio=update_ratio, t_min=t_min, t_max=t_max,
+                                t_sampler=t_sampler, t_shift=t_shift, dmd_diagnostic_every=dmd_diagnostic_every,
+                                real_cfg_scale=real_cfg_scale))
         self.loss = loss
         self.dt, self.real_cfg_scale, self.update_ratio = dt, real_cfg_scale, update_ratio
         self.t_min, self.t_max, self.t_sampler, self.t_shift = t_min, t_max, t_sampler, t_shift
-        if t_sampler not in ("uniform", "shifted", "cubic", "logit_normal") or t_shift <= 0 or not 0 <= t_min <= t_max <= 1:
-            raise ValueError(f"t_sampler must be uniform | shifted | cubic | logit_normal with t_shift > 0 and "
-                             f"0 <= t_min <= t_max <= 1; got {t_sampler!r}, t_shift={t_shift}, t_min={t_min}, t_max={t_max}")
         self.fake_jacobian = fake_jacobian
-        if dmd_diagnostic_every < 1:
-            raise ValueError(f"dmd_diagnostic_every must be >= 1, got {dmd_diagnostic_every}")
         self.variants = variants
         self.gan_generator_weight, self.gan_discriminator_weight = gan_generator_weight, gan_discriminator_weight
         self.log_dmd_diagnostic, self.dmd_diagnostic_every = log_dmd_diagnostic, dmd_diagnostic_every
@@ -146,6 +139,52 @@ class ADMModule(DistillationModule):
             discriminator_step = self.adm_discriminator_step if loss == "adm" else self.dmd2_discriminator_step
             self.players["discriminator"] = Player(discriminator_step, lambda: list(self.discriminator.parameters()),
                                                    discriminator_optimizer)
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], key: str = "model.init_args") -> None:
+        """Refuse a value or combination of this method's options (:class:`ConfigError` naming the
+        key); run by ``__init__`` and, before anything is built, by :mod:`dmdx_lightning.preflight`."""
+        get = options.get
+        loss = get("loss", "adm")
+        if loss not in ("adm", "dmd", "dmd2"):
+            raise ConfigError(f"{key}.loss", loss, "unknown loss", "Choose adm (the paper), dmd or dmd2.")
+        if not 0.0 < get("dt", 1.0 / 64) <= 1.0:
+            raise ConfigError(f"{key}.dt", get("dt"), "the real and fake moves go from t to max(t - dt, 0), so dt "
+                              "must be in (0, 1]", "The paper's is 1/64 = 0.015625.")
+        if get("update_ratio", 1) < 1:
+            raise ConfigError(f"{key}.update_ratio", get("update_ratio"), "it counts fake-score and discriminator "
+                              "updates per generator update", "Use 1 (the paper) or more (TTUR, e.g. DMD2's 5).")
+        t_min, t_max = get("t_min", 0.02), get("t_max", 0.98)
+        if not 0 <= t_min <= t_max <= 1:
+            raise ConfigError(f"{key}.t_min / t_max", (t_min, t_max), "the noise levels must satisfy "
+                              "0 <= t_min <= t_max <= 1", "The defaults are 0.02 and 0.98.")
+        sampler = get("t_sampler", "uniform")
+        if sampler not in T_SAMPLERS:
+            raise ConfigError(f"{key}.t_sampler", sampler, "unknown density of t", f"Choose one of {', '.join(T_SAMPLERS)}.")
+        if get("t_shift", 1.0) <= 0:
+            raise ConfigError(f"{key}.t_shift", get("t_shift"), "the shift must be > 0", "1 means no shift.")
+        if get("dmd_diagnostic_every", 10) < 1:
+            raise ConfigError(f"{key}.dmd_diagnostic_every", get("dmd_diagnostic_every"), "it counts iterations "
+                              "between two DMD diagnostics", "Use 1 or more (or log_dmd_diagnostic: false).")
+        variants = get("variants")
+        if isinstance(variants, Mapping):  # as parsed: the group's values, checked by building it
+            ADMVariants(**variants)
+        if get("real_cfg_scale", 2.0) < 0:
+            raise ConfigError(f"{key}.real_cfg_scale", get("real_cfg_scale"), "a guidance scale must be >= 0",
+                              "1 is no guidance; the configs use the teacher's own scale.")
+
+    @classmethod
+    def batch_keys(cls, options: Mapping[str, Any]) -> dict[str, str]:
+        keys = {}
+        if options.get("loss", "adm") == "dmd2":
+            keys["x0"] = "loss: dmd2 trains its GAN head on real latents (the teacher's ODE-pair x0)"
+        variants = options.get("variants")
+        regression = getattr(variants, "regression_weight", None) if variants is not None else None
+        if isinstance(variants, Mapping):
+            regression = variants.get("regression_weight")
+        if regression:
+            keys.update(x0="variants.regression_weight > 0 regresses on ODE pairs", x_T="the pairs' noise x_T")
+        return keys
 
     # ------------------------------------------------------------------ who steps
     def players_for_step(self, iteration: int) -> list[str]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from dmdx_lightning.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ADMVariants:
@@ -69,12 +71,13 @@ class ADMVariants:
                    "dt_scaling": ("absolute", "relative"), "adm_gradient": ("raw", "normalised")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{key}{name} is {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+                raise ConfigError(key + name, getattr(self, name), "unknown variant", f"Choose one of {', '.join(allowed)}.")
         if self.adm_steps < 1:
-            raise ValueError(f"{key}adm_steps is {self.adm_steps}; it counts Euler steps of each move, so >= 1")
+            raise ConfigError(key + "adm_steps", self.adm_steps, "it counts Euler steps of each move, so >= 1",
+                              "1 is the paper's single step.")
         for name in ("r1_gamma", "r2_gamma", "dmd_weight", "fake_score_warmup", "regression_weight"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{key}{name} is {getattr(self, name)}; it must be >= 0 (0 turns it off)")
+                raise ConfigError(key + name, getattr(self, name), "it must be >= 0", "0 turns it off (the paper).")
 
     @property
     def is_paper(self) -> bool:

@@ -20,7 +20,7 @@ the paper's ablation A1 (arm ``mse_1step``); it then has only the generator play
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +29,10 @@ from torch import Tensor
 
 from dmdx_lightning.discriminators.latent import LatentDiscriminator
 from dmdx_lightning.discriminators.pixel import PixelDiscriminator
+from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.losses import hinge_d, hinge_g
 from dmdx_lightning.methods.base import DistillationModule, Player, _default_optimizer
-from dmdx_lightning.schedules import noised, sample_discrete, sample_t
+from dmdx_lightning.schedules import T_SAMPLERS, noised, sample_discrete, sample_t
 from dmdx_lightning.teachers.base import Conditioning, Teacher
 
 
@@ -84,18 +85,13 @@ class ADPModule(DistillationModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher, **kwargs)
-        if min(lambda1, lambda2, mse_weight) < 0:
-            raise ValueError(f"lambda1, lambda2, mse_weight must be >= 0, got {lambda1}, {lambda2}, {mse_weight}")
-        if lambda1 == lambda2 == mse_weight == 0:
-            raise ValueError("lambda1, lambda2 and mse_weight are all 0: the generator would have no loss")
-        if lambda2 > 0 and pixel_discriminator is None:
-            raise ValueError("lambda2 > 0 needs a pixel_discriminator (or set lambda2: 0)")
+        self.check_options(dict(lambda1=lambda1, lambda2=lambda2, mse_weight=mse_weight, renoise=renoise,
+                                pixel_discriminator=pixel_discriminator, student_t_sampler=student_t_sampler,
+                                student_t_min=student_t_min, t_min=t_min, t_max=t_max))
         sample_t(student_t_sampler, 1, t_min=student_t_min)  # fail now on an unknown sampler name or range
         self.student_t_min = student_t_min
         self.lambda1, self.lambda2, self.mse_weight = lambda1, lambda2, mse_weight
         self.student_t_sampler, self.t_min, self.t_max = student_t_sampler, t_min, t_max
-        if renoise not in ("fresh", "pair"):
-            raise ValueError(f"renoise must be 'fresh' or 'pair', got {renoise!r}")
         self.renoise = renoise
         self.discriminator_optimizer = discriminator_optimizer
         self.discriminator = None
@@ -112,6 +108,36 @@ class ADPModule(DistillationModule):
                                                    discriminator_optimizer)
 
     # ------------------------------------------------------------------ who steps
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], key: str = "model.init_args") -> None:
+        """Refuse a value or combination of ADP's own options (see DistillationModule.check_options)."""
+        get = options.get
+        weights = {name: get(name, default) for name, default in
+                   (("lambda1", 0.85), ("lambda2", 0.15), ("mse_weight", 0.0))}
+        for name, weight in weights.items():
+            if weight < 0:
+                raise ConfigError(f"{key}.{name}", weight, "a loss weight must be >= 0", "0 turns that term off.")
+        if not any(weights.values()):
+            raise ConfigError(f"{key}.lambda1 / lambda2 / mse_weight", tuple(weights.values()), "all 0: the "
+                              "generator would have no loss", "The paper's weights are 0.85 and 0.15.")
+        if weights["lambda2"] > 0 and get("pixel_discriminator") is None:
+            raise ConfigError(f"{key}.pixel_discriminator", None, "lambda2 > 0 weights the pixel discriminator's "
+                              "loss, and none is configured", "Add a pixel_discriminator (configs/adp_sd3.yaml "
+                              "shows one) or set lambda2: 0.")
+        if get("renoise", "fresh") not in ("fresh", "pair"):
+            raise ConfigError(f"{key}.renoise", get("renoise"), "unknown renoising", "Choose fresh or pair.")
+        if get("student_t_sampler", "cubic") not in T_SAMPLERS:
+            raise ConfigError(f"{key}.student_t_sampler", get("student_t_sampler"), "unknown density of t",
+                              f"Choose one of {', '.join(T_SAMPLERS)}.")
+        t_min, t_max = get("t_min", 0.02), get("t_max", 0.98)
+        if not 0 <= t_min <= t_max <= 1 or not 0 <= get("student_t_min", 0.0) <= 1:
+            raise ConfigError(f"{key}.t_min / t_max / student_t_min", (t_min, t_max, get("student_t_min")),
+                              "noise levels must satisfy 0 <= t_min <= t_max <= 1", "The defaults are 0.02, 0.98, 0.")
+
+    @classmethod
+    def batch_keys(cls, options: Mapping[str, Any]) -> dict[str, str]:
+        return {"x0": "ADP learns from the teacher's ODE pairs (x_T -> x0)", "x_T": "the pairs' noise x_T"}
+
     def players_for_step(self, iteration: int) -> list[str]:
         """Both players every iteration (1:1), generator first."""
         return list(self.players)

@@ -11,16 +11,23 @@ What lives here and nowhere else:
   teacher is never written) plus the RNG states needed to resume exactly (:mod:`dmdx_lightning.rng`;
   the DDP / FSDP plumbing is in :mod:`dmdx_lightning.methods.distributed`).
 
-``trainer.max_steps`` counts optimizer steps (Lightning's ``global_step`` under manual
-optimization): one per player that steps. ``train/iteration`` logs iterations (batches).
+One step unit, the ITERATION: one batch through :meth:`DistillationModule.training_step`, in which
+every player :meth:`~DistillationModule.players_for_step` names steps once. ``trainer.global_step``
+counts iterations (Lightning's manual optimization would count every player's optimizer step, see
+:func:`one_global_step`), so ``trainer.max_steps``, ``every_n_train_steps``, ``log_every_n_steps``,
+``val_check_interval``, TensorBoard's x-axis and checkpoint names all count iterations, whatever
+the method, its players or its update ratio. Generator updates are logged on their own
+(``train/generator_updates``). Checkpoints say their unit (``checkpoint["dmdx"]["step_unit"]``);
+older ones, whose ``global_step`` counted optimizer steps, are converted when resumed.
 """
 
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -29,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from dmdx_lightning.ema import GeneratorEMA
+from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.methods.distributed import (check_ddp_finds_unused_parameters, clean_name,
                                                  finish_fsdp_backward, same_pass_count)
 from dmdx_lightning.rng import capture_rng, restore_rng
@@ -48,6 +56,11 @@ def _default_optimizer(params):
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+#: what ``trainer.global_step`` counts in our checkpoints (``checkpoint["dmdx"]["step_unit"]``);
+#: checkpoints without it were written while it counted optimizer steps
+STEP_UNIT = "iteration"
 
 
 #: a player's step: ``(batch, cond, ctx) -> {"loss": ..., other logged values}``
@@ -115,25 +128,61 @@ class DistillationModule(pl.LightningModule):
         if set(teacher.build_roles) != set(ROLES):
             raise ValueError(f"model.init_args.teacher.init_args.build_roles is {teacher.build_roles}: distillation "
                              f"trains with all roles {ROLES} (fewer are for `dmdx export`); remove build_roles")
+        DistillationModule.check_options(dict(
+            student_steps=student_steps, student_timesteps=student_timesteps, first_trained_step=first_trained_step,
+            max_nonfinite_steps=max_nonfinite_steps, lr_warmup=lr_warmup, ema_decay=ema_decay))
         self.teacher = teacher
         self.student_timesteps = resolve_student_timesteps(student_steps, student_timesteps, teacher.schedule)
-        if not 0 <= first_trained_step < len(self.student_timesteps):
-            raise ValueError(f"first_trained_step must be in [0, {len(self.student_timesteps)}) for "
-                             f"{len(self.student_timesteps)} student steps, got {first_trained_step}")
         self.first_trained_step = first_trained_step
         self.generator_optimizer = generator_optimizer
         self.init_from = init_from
         self.max_nonfinite_steps = max_nonfinite_steps
         self.lr_warmup = dict(lr_warmup or {})
-        if any(int(n) < 0 for n in self.lr_warmup.values()):
-            raise ValueError(f"lr_warmup steps must be >= 0, got {self.lr_warmup}")
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.register_buffer("generator_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("nonfinite_streak", torch.zeros((), dtype=torch.long))
         self.ema = GeneratorEMA(teacher.trainable_parameters("student"), ema_decay) if ema_decay else None
         self._init_from_loaded = False
         #: the player table, in optimizer order (checkpoints store the optimizers in this order);
         #: each method builds its own in ``__init__``, ``"generator"`` first
         self.players: dict[str, Player] = {}
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], key: str = "model.init_args") -> None:
+        """Refuse a value or combination of the options this class defines (:class:`ConfigError`
+        naming the key). Each class of a method checks its own options in its own ``check_options``;
+        :mod:`dmdx_lightning.preflight` runs every one of them on a parsed config, before anything is
+        built, and ``__init__`` runs them too, so a module built in Python is checked the same way."""
+        get = options.get
+        steps, times = get("student_steps", 1), get("student_timesteps")
+        if times is None and not 1 <= steps <= 1000:
+            raise ConfigError(f"{key}.student_steps", steps, "a student samples in 1 or more steps",
+                              "The paper trains 1- to 8-step students.")
+        if times is not None:
+            times = [float(t) for t in times]
+            if not times or any(not 0.0 < t <= 1.0 for t in times) or sorted(times, reverse=True) != times:
+                raise ConfigError(f"{key}.student_timesteps", times, "must be decreasing values in (0, 1]",
+                                  "e.g. [0.999, 0.749, 0.499, 0.249] (DMD2's 4-step SDXL schedule)")
+        count = len(times) if times is not None else steps
+        first = get("first_trained_step", 0)
+        if not 0 <= first < count:
+            raise ConfigError(f"{key}.first_trained_step", first, f"the student has {count} step(s), so it must be "
+                              f"in [0, {count})", "0 trains every step (DMD2); 1 skips the pure-noise step.")
+        if get("max_nonfinite_steps", 10) < 1:
+            raise ConfigError(f"{key}.max_nonfinite_steps", get("max_nonfinite_steps"), "must be >= 1",
+                              "It is how many non-finite losses in a row are skipped before the run stops.")
+        warmup = get("lr_warmup") or {}
+        if any(int(n) < 0 for n in warmup.values()):
+            raise ConfigError(f"{key}.lr_warmup", dict(warmup), "warm-up lengths must be >= 0", "0 starts at full rate.")
+        decay = get("ema_decay")
+        if decay is not None and not 0.0 < decay < 1.0:
+            raise ConfigError(f"{key}.ema_decay", decay, "an EMA decay is in (0, 1)", "e.g. 0.999, or null for no EMA.")
+
+    @classmethod
+    def batch_keys(cls, options: Mapping[str, Any]) -> dict[str, str]:
+        """Batch keys beyond ``prompt`` this method needs with ``options`` (key -> why), so a config
+        that pairs it with data that lacks them is refused before anything is built."""
+        return {}
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
@@ -182,24 +231,38 @@ class DistillationModule(pl.LightningModule):
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         by_name = dict(zip(self.players, optimizers))
         schedulers = dict(zip(self.players, _as_list(self.lr_schedulers()))) if self.lr_warmup else {}
-        for player in players:
-            opt = by_name[player]
-            with self.toggled_optimizer(opt):
-                losses = self.players[player].step(batch, cond, ctx)
-                loss = losses.pop("loss")
-                if not self._finite(loss, player):
-                    continue
-                self.manual_backward(loss)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if player in schedulers:
-                    schedulers[player].step()
-            self.log_dict({f"train/{player}/{k}": v.detach() for k, v in losses.items()},
-                          prog_bar=False, batch_size=len(cond))
-            if player == "generator" and self.ema is not None:
-                self.ema.update()
+        with one_global_step(self):
+            for player in players:
+                opt = by_name[player]
+                with self.toggled_optimizer(opt):
+                    losses = self.players[player].step(batch, cond, ctx)
+                    if not self._finite(losses["loss"], player):
+                        continue
+                    self.manual_backward(losses["loss"])
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    if player in schedulers:
+                        schedulers[player].step()
+                self.log_dict({f"train/{player}/{k}": v.detach() for k, v in losses.items()},
+                              prog_bar=False, batch_size=len(cond))
+                if player == "generator":
+                    self.generator_updates += 1
+                    if self.ema is not None:
+                        self.ema.update()
         self.iteration += 1
-        self.log("train/iteration", self.iteration.float(), batch_size=len(cond))
+        self.log_dict({"train/iteration": self.iteration.float(),
+                       "train/generator_updates": self.generator_updates.float()}, batch_size=len(cond))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Lightning writes logged values every log_every_n_steps iterations, the first time after the
+        # n-th one: the run's first iteration would never be written, nor anything of a shorter run
+        trainer = self.trainer
+        if int(self.iteration) != 1 or trainer.log_every_n_steps <= 1 or trainer.should_stop or trainer.fast_dev_run:
+            return  # not the first iteration, or Lightning writes it (or logs nothing: log_every_n_steps 0)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        for logger in self.loggers:  # at the x-value Lightning gives an iteration's values: its index
+            logger.log_metrics(metrics, step=0)
+            logger.save()
 
     def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         super().manual_backward(loss, *args, **kwargs)
@@ -274,12 +337,19 @@ class DistillationModule(pl.LightningModule):
             "teacher_family": self.teacher.family,
             "teacher_mode": self.teacher.mode,
             "teacher_id": self.teacher.identity(),
+            "step_unit": STEP_UNIT,
             # all ranks run this hook, so the per-rank states can be gathered
             "rng": capture_rng(self.all_gather if world > 1 else None, self.device),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         _check_family(checkpoint, self.teacher, "the checkpoint")
+        unit = checkpoint["dmdx"].get("step_unit")
+        if unit is None:
+            self._steps_to_iterations(checkpoint)
+        elif unit != STEP_UNIT:
+            raise ValueError(f"the checkpoint counts trainer.global_step in {unit!r}, this dmdx_lightning in "
+                             f"{STEP_UNIT!r}s: it was written by another version, which can resume it")
         # FSDPStrategy loads (non-strictly) and pops "state_dict" before this hook: nothing to check then
         state = checkpoint.get("state_dict")
         if state is not None:
@@ -296,6 +366,35 @@ class DistillationModule(pl.LightningModule):
     def on_train_start(self) -> None:
         rng, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
         restore_rng(rng, self.global_rank, self.trainer.world_size, self.device)
+
+    def _steps_to_iterations(self, checkpoint: dict) -> None:
+        """Convert, in place, a checkpoint written while ``trainer.global_step`` counted optimizer
+        steps (one per player that stepped) to iterations, the unit of :data:`STEP_UNIT`.
+
+        The iteration count is the module's ``iteration`` buffer (FSDP has loaded it into the module
+        already); Lightning's step count, kept in the loop state, becomes that count, so the run goes
+        on at the next iteration, every later ``every_n_train_steps`` counts iterations, and the
+        generator-update count (new with the unit) is what :meth:`players_for_step` scheduled.
+        """
+        state = checkpoint.get("state_dict")
+        iterations = int(state["iteration"] if state is not None and "iteration" in state else self.iteration)
+        generator_updates = sum("generator" in self.players_for_step(i) for i in range(iterations))
+        if state is not None:
+            state.setdefault("generator_updates", torch.tensor(generator_updates, dtype=torch.long))
+        else:  # FSDP loaded the state dict (non-strictly) before this hook
+            self.generator_updates.fill_(generator_updates)
+        steps = checkpoint.get("global_step")
+        checkpoint["global_step"] = iterations
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        progress = fit_loop.get("epoch_loop.manual_optimization.optim_step_progress")
+        if progress is not None:
+            surplus = progress["total"]["completed"] - iterations
+            for tracker in progress.values():
+                tracker["ready"] = tracker["completed"] = max(0, tracker["completed"] - surplus)
+        rank_zero_warn(f"the checkpoint was written when trainer.global_step counted optimizer steps ({steps}); "
+                       f"it is resumed at iteration {iterations}. trainer.max_steps, every_n_train_steps and "
+                       f"checkpoint names now count iterations: a config written for the old unit needs its "
+                       f"values divided by the optimizer steps per iteration")
 
 
 def load_student(teacher: Teacher, path: str, use_ema: bool = True, what: str = "init_from checkpoint") -> bool:
@@ -333,6 +432,26 @@ def resolve_student_timesteps(student_steps: int, student_timesteps: Sequence[fl
 def default_student_timesteps(num_steps: int, schedule) -> list[float]:
     """``num_steps`` evenly spaced times from 1, through the schedule's ``shift_time``."""
     return student_timesteps(num_steps, schedule=schedule)
+
+
+@contextmanager
+def one_global_step(module: pl.LightningModule):
+    """Count the iteration run inside as ONE ``trainer.global_step``, however many players step.
+
+    Under manual optimization Lightning adds one to ``global_step`` at every
+    ``LightningOptimizer.step()`` (``optim_step_progress``): 3 per ADM iteration, 11 per 5 DMD2
+    iterations with TTUR 5. Here the count is set to its value at the start of the iteration plus
+    one once the players have stepped, so every Lightning setting in steps counts iterations and
+    checkpoints hold that count. Outside a Trainer (a bare loop) nothing is counted.
+    """
+    if module._trainer is None:
+        yield
+        return
+    progress = module.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+    total, current = progress.total.completed, progress.current.completed
+    yield
+    progress.total.ready = progress.total.completed = total + 1
+    progress.current.ready = progress.current.completed = current + 1
 
 
 def _persistent_buffer_names(module: torch.nn.Module):

@@ -10,9 +10,10 @@ generator ``G_theta`` are three roles on one architecture.
 
 The discriminator backbone is the real score's network (frozen), never another copy.
 
-``build_roles`` builds fewer roles where fewer are needed: ``dmdx export`` builds the student
-alone. In full mode the loaded network then IS the student (no copy, no real score); in lora mode
-only the student's adapter is injected.
+``build_roles`` builds fewer roles where fewer are needed: ``dmdx export`` and ``dmdx sample``
+build the student alone. In full mode the loaded network then IS the student (no copy, no real
+score); in lora mode only the student's adapter is injected. ``dmdx sample --teacher`` builds the
+real score alone.
 
 The contract (one file per family in ``teachers/``; checked for every family by
 ``tests/test_teacher_conformance.py``). Prediction conversion, CFG, the ODE step, samplers and
@@ -36,7 +37,12 @@ MAY
       ``stop_forward_early``; :class:`RoleCheckpointing` (mixed in first) for diffusers
       transformers whose checkpointed blocks must be recomputed in the role they ran in;
     - the diffusers export: ``export_formats`` and :meth:`export_pipeline` / :meth:`export_lora`
-      (default: a ``NotImplementedError`` naming the family).
+      (default: a ``NotImplementedError`` naming the family);
+    - the plain export (``"safetensors"`` in ``export_formats``, for families without a diffusers
+      pipeline): :meth:`student_config` (what rebuilds the student's network); the writing and the
+      loading back (:meth:`export_safetensors`, :meth:`load_student_export`) are generic, and a
+      family overrides :meth:`save_student` / :meth:`load_student_export` only where its network
+      file differs (digits: the student file is a teacher weights file).
 """
 
 from __future__ import annotations
@@ -50,7 +56,13 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.schedules import PREDICTION_TYPES, NoiseSchedule, euler_grid
+
+#: every ``dmdx export --format``: diffusers pipeline folder, diffusers LoRA, our plain student file
+EXPORT_FORMATS: tuple[str, ...] = ("pipeline", "lora", "safetensors")
+#: the file a ``safetensors`` export writes the student's network to
+STUDENT_WEIGHTS = "student.safetensors"
 
 Role = Literal["real", "fake", "student"]
 ROLES: tuple[str, ...] = ("real", "fake", "student")
@@ -179,7 +191,8 @@ class Teacher(nn.Module):
         build_roles: the roles to build (default: all three, as training needs). ``("student",)``
             is what ``dmdx export`` builds: in full mode the loaded network becomes the student
             itself, in lora mode only the ``"student"`` adapter is injected; asking such a
-            teacher for another role is an error naming the role.
+            teacher for another role is an error naming the role. ``("real",)`` (``dmdx sample
+            --teacher``): the loaded network alone, no copy and no adapter.
     """
 
     # ---- MUST: class attributes
@@ -206,8 +219,22 @@ class Teacher(nn.Module):
     #: feature_maps skips the blocks after the deepest one needed; a family turns this off where an
     #: aborted forward breaks a wrapper's state (e.g. FSDP units that never reshard)
     stop_forward_early: bool = True
-    #: the ``dmdx export --format`` values this family implements (``"pipeline"``, ``"lora"``)
+    #: the ``dmdx export --format`` values this family implements (``"pipeline"``, ``"lora"``:
+    #: diffusers; ``"safetensors"``: the student's network and the config that loads it back), the
+    #: first one being ``dmdx export``'s default
     export_formats: tuple[str, ...] = ()
+
+    @classmethod
+    def check_options(cls, options, key: str = "model.init_args.teacher.init_args") -> None:
+        """Refuse a value of the contract's options before anything loads (a family adds its own
+        ``check_options`` for its options; :mod:`dmdx_lightning.preflight` runs each class's)."""
+        mode = options.get("mode", "full")
+        if mode not in ("full", "lora"):
+            raise ConfigError(f"{key}.mode", mode, "unknown mode", "Choose full (trainable copies) or lora "
+                              "(adapters on one frozen base, the one-card recipe).")
+        if mode == "lora" and options.get("lora_rank", 16) < 1:
+            raise ConfigError(f"{key}.lora_rank", options.get("lora_rank"), "a LoRA rank is >= 1",
+                              "The configs use 16 to 64.")
 
     def __init__(
         self,
@@ -296,8 +323,8 @@ class Teacher(nn.Module):
         prompts = value["example_prompts"]
         if not isinstance(prompts, tuple) or not prompts or not all(isinstance(p, str) for p in prompts):
             problems.append(f"`example_prompts` (a non-empty tuple of str), got {prompts!r}")
-        if not set(self.export_formats) <= {"pipeline", "lora"}:
-            problems.append(f"`export_formats` within ('pipeline', 'lora'), got {self.export_formats!r}")
+        if not set(self.export_formats) <= set(EXPORT_FORMATS):
+            problems.append(f"`export_formats` within {EXPORT_FORMATS}, got {self.export_formats!r}")
         if problems:
             raise TypeError(f"{type(self).__name__} does not fulfil the Teacher contract "
                             "(dmdx_lightning.teachers.base): it must set " + "; ".join(problems))
@@ -433,6 +460,46 @@ class Teacher(nn.Module):
         raise NotImplementedError(f"teacher family {self.family!r} ({type(self).__name__}) has no diffusers "
                                   "LoRA export")
 
+    def student_config(self) -> dict[str, Any]:
+        """Keyword arguments of this class that rebuild the student's network (with
+        :meth:`load_student_export`) for a ``safetensors`` export: plain values (they are written to
+        JSON), no weights paths and no LoRA settings (the export merges the adapter)."""
+        raise NotImplementedError(f"teacher family {self.family!r} ({type(self).__name__}) has no safetensors "
+                                  "export (its student_config)")
+
+    def save_student(self, net: nn.Module, path: Path) -> None:
+        """Write the student's network ``net`` to ``path`` (one safetensors file, atomically)."""
+        from safetensors.torch import save_file
+
+        from dmdx_lightning.atomic import atomic_path
+
+        state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata={"class": type(net).__name__, "family": self.family})
+
+    def export_safetensors(self, output: Path, timesteps: Sequence[float]) -> dict[str, Any]:
+        """Write the student's network (adapter merged in lora mode) to ``output/student.safetensors``;
+        returns what :meth:`load_student_export` needs (``teacher_class``, ``teacher_init_args``,
+        ``weights``), for the export's info file.
+
+        Consumes the student of a teacher built for export (``build_roles=("student",)``): the
+        adapter is merged in place."""
+        init_args = self.student_config()
+        self.save_student(merged_student_network(self), Path(output) / STUDENT_WEIGHTS)
+        cls = type(self)
+        return {"weights": STUDENT_WEIGHTS, "teacher_class": f"{cls.__module__}.{cls.__qualname__}",
+                "teacher_init_args": init_args}
+
+    @classmethod
+    def load_student_export(cls, weights: Path, init_args: dict[str, Any]) -> "Teacher":
+        """A teacher with the student alone (``build_roles=("student",)``, full mode) whose student
+        is the network :meth:`export_safetensors` wrote to ``weights``."""
+        from safetensors.torch import load_file
+
+        teacher = cls(**init_args, build_roles=("student",))
+        teacher.network("student").load_state_dict(load_file(str(weights)))
+        return teacher
+
     def enable_gradient_checkpointing(self, net: nn.Module) -> None:
         """Turn on gradient checkpointing in a trainable role's ``net`` (``gradient_checkpointing``)."""
         if hasattr(net, "enable_gradient_checkpointing"):
@@ -560,6 +627,23 @@ class Teacher(nn.Module):
             eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = self.schedule.add_noise(x0, eps, torch.full_like(tt, timesteps[i + 1]))
         raise ValueError("timesteps must not be empty")
+
+
+def merged_student_network(teacher: Teacher) -> nn.Module:
+    """The student network of a teacher built for export, changed IN PLACE into a plain network: in
+    lora mode each peft layer's ``student`` adapter is merged into its base layer
+    (``W += (alpha / r) B A``) and the peft layer replaced by that base layer, so the network's
+    state dict has the names of a full-mode student. (Diffusers models: ``merged_student``.)"""
+    student = teacher.network("student")
+    if teacher.mode == "lora":
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, layer in list(student.named_modules()):
+            if isinstance(layer, BaseTunerLayer):
+                layer.merge(adapter_names=["student"])
+                parent, _, attr = name.rpartition(".")
+                setattr(student.get_submodule(parent), attr, layer.get_base_layer())
+    return student.requires_grad_(False).eval()
 
 
 def _lora_role_of(param_name: str) -> str | None:

@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.schedules import VPSchedule
 from dmdx_lightning.teachers.base import Conditioning
 from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, DiffusersTeacher, merged_student, parse_dtype
@@ -71,6 +72,17 @@ def student_vp_scheduler(schedule: VPSchedule, timesteps: Sequence[float]):
     probe = LCMScheduler.from_config(scheduler.config)
     probe.set_timesteps(len(indices))
     return scheduler, indices, probe.timesteps.tolist() == indices
+
+
+def tiled_decode_size(latent: int, tile_sample: int, scale: int, overlap_factor: float) -> int:
+    """Pixels along one side that ``AutoencoderKLCogVideoX.tiled_decode`` returns for ``latent``
+    latents: tiles of ``tile_sample / scale`` latents start every ``(1 - overlap_factor)`` tile and
+    each keeps ``tile_sample - blend`` pixels (diffusers 0.3x-0.4x arithmetic, written out so a
+    config can be checked without building the VAE)."""
+    tile_latent = int(tile_sample / scale)
+    stride = max(1, int(tile_latent * (1 - overlap_factor)))
+    keep = tile_sample - int(tile_sample * overlap_factor)
+    return sum(min(keep, min(tile_latent, latent - i) * scale) for i in range(0, latent, stride))
 
 
 class CogVideoXTeacher(DiffusersTeacher):
@@ -117,6 +129,42 @@ class CogVideoXTeacher(DiffusersTeacher):
         "a panda playing a guitar in a bamboo forest",
         "a steaming cup of coffee on a wooden table, morning light")
 
+    @classmethod
+    def check_scheduler(cls, config: dict) -> str | None:
+        if config.get("prediction_type") != "v_prediction":
+            return (f"has prediction_type {config.get('prediction_type')!r}; CogVideoXTeacher expects 'v_prediction' "
+                    "(every CogVideoX release)")
+        return None
+
+    @classmethod
+    def check_options(cls, options, key: str = "model.init_args.teacher.init_args") -> None:
+        """``vae_tiling`` against the sample size, from the pipeline's config files alone (no weights):
+        diffusers' tiles are sized for the full-size model, and a smaller video cut into them decodes to
+        the wrong size, which would otherwise surface at the first sample grid, after training."""
+        if not options.get("vae_tiling"):
+            return
+        from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+
+        source = str(options.get("pretrained_model_name_or_path") or "THUDM/CogVideoX-2b")
+        try:
+            vae = AutoencoderKLCogVideoX.load_config(source, subfolder="vae", revision=options.get("revision"))
+            transformer = CogVideoXTransformer3DModel.load_config(source, subfolder="transformer",
+                                                                  revision=options.get("revision"))
+        except (OSError, ValueError):
+            return  # not readable yet: loading the teacher reports that with its own message
+        scale = 2 ** (len(vae["block_out_channels"]) - 1)
+        sides = {side: int(options.get(side) or transformer[f"sample_{side}"] * scale) for side in ("height", "width")}
+        tiles = {side: vae[f"sample_{side}"] // 2 for side in sides}  # diffusers' tile_sample_min_*
+        if not any(sides[side] // scale > int(tiles[side] / scale) for side in sides):
+            return  # smaller than one tile: diffusers decodes it whole
+        for side, factor in (("height", 1 / 6), ("width", 1 / 5)):  # diffusers' tile_overlap_factor_*
+            decoded = tiled_decode_size(sides[side] // scale, tiles[side], scale, factor)
+            if decoded != sides[side]:
+                raise ConfigError(f"{key}.vae_tiling", True, f"diffusers' tiled VAE decode of a {sides[side]} px "
+                                  f"{side} gives {decoded} px (its tiles are {tiles[side]} px, sized for "
+                                  f"{vae[f'sample_{side}']} px videos)", "Set vae_tiling: false: videos this small "
+                                  "decode in one piece.")
+
     def __init__(
         self,
         pretrained_model_name_or_path: str = "THUDM/CogVideoX-2b",
@@ -145,10 +193,9 @@ class CogVideoXTeacher(DiffusersTeacher):
 
         # any of CogVideoX's schedulers (2b: DDIM, 5b: DPM) shares these config keys
         self.scheduler_config = dict(self.load_component(CogVideoXDDIMScheduler, "scheduler", model=False).config)
-        if self.scheduler_config.get("prediction_type") != "v_prediction":
-            raise ValueError(f"{self.pretrained_model_name_or_path}/scheduler has prediction_type "
-                             f"{self.scheduler_config.get('prediction_type')!r}; CogVideoXTeacher expects "
-                             "'v_prediction' (every CogVideoX release)")
+        problem = self.check_scheduler(self.scheduler_config)
+        if problem:
+            raise ValueError(f"{self.pretrained_model_name_or_path}/scheduler {problem}")
         self.schedule = VPSchedule.from_diffusers_config(self.scheduler_config)
         self.tokenizer = self.load_component(T5TokenizerFast, "tokenizer", model=False)
         self.text_encoder = self.load_component(T5EncoderModel, "text_encoder").requires_grad_(False).eval()
@@ -272,7 +319,12 @@ class CogVideoXTeacher(DiffusersTeacher):
     def _student_scheduler(self, timesteps: Sequence[float]):
         scheduler, indices, exact = student_vp_scheduler(self.schedule, timesteps)
         config = {k: v for k, v in scheduler.config.items() if not k.startswith("_") and k != "trained_betas"}
+        # the video's size and the prompt length set the latent grid and the rotary embeddings: always passed
+        call = {"num_inference_steps": len(indices), "guidance_scale": 1.0, **({} if exact else {"timesteps": indices}),
+                "num_frames": self.num_frames, "height": self.height, "width": self.width,
+                "max_sequence_length": self.max_sequence_length}
         return scheduler, {
+            **self.pipeline_info(), "call": call,
             "timesteps": indices, "default_call_exact": exact, "scheduler": config,
             "max_sequence_length": self.max_sequence_length, "num_frames": self.num_frames,
             "height": self.height, "width": self.width}

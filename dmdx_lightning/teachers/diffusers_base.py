@@ -14,11 +14,13 @@ network is called.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.dtypes import parse_dtype  # noqa: F401 (the families' dtype options)
 from dmdx_lightning.teachers.base import RoleCheckpointing, Teacher
 
@@ -47,6 +49,42 @@ class DiffusersTeacher(RoleCheckpointing, Teacher):
     revision: str | None = None
     variant: str | None = None
     torch_dtype: torch.dtype | None = None
+
+    @classmethod
+    def check_scheduler(cls, config: dict) -> str | None:
+        """What in the pipeline's scheduler config this family cannot train with (``None``: nothing),
+        said as the end of "its scheduler/ ..."; checked at setup and again when the teacher loads."""
+        return None
+
+    @classmethod
+    def check_options(cls, options, key: str = "model.init_args.teacher.init_args") -> None:
+        """The pipeline a config names, from its config files alone (no weights): a local path that does
+        not exist, or a scheduler of another family (e.g. an SDXL folder given to SD3Teacher)."""
+        source = options.get("pretrained_model_name_or_path")
+        if not source:
+            return
+        name, local = str(source), Path(str(source)).expanduser()
+        where = f"{key}.pretrained_model_name_or_path"
+        if not local.exists():
+            if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a path, not a Hub id "owner/name"
+                raise ConfigError(where, name, "no such folder", f"Set it to a local diffusers {cls.pipeline_name} "
+                                  f"pipeline folder ({cls.pipeline_layout}) or a Hub id.")
+            if os.environ.get("HF_HUB_OFFLINE") and not _cached(name, options.get("revision")):
+                raise ConfigError(where, name, "is not in the local Hugging Face cache and the Hub is offline "
+                                  "(HF_HUB_OFFLINE=1)", f"Either download it first (accept the model's license on "
+                                  f"huggingface.co, `hf auth login`, then `hf download {name}`), or set {where} to "
+                                  "a local diffusers pipeline folder.")
+            return  # online: loading downloads it, or says why it cannot
+        from diffusers import DDPMScheduler
+
+        try:
+            config = dict(DDPMScheduler.load_config(str(local), subfolder="scheduler"))
+        except (OSError, ValueError):
+            return  # loading names the missing part with its own message
+        problem = cls.check_scheduler(config)
+        if problem:
+            raise ConfigError(where, name, f"its scheduler/ {problem}", f"{cls.__name__} trains {cls.pipeline_name} "
+                              "pipelines: use the teacher class of this pipeline's family, or another folder.")
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -111,6 +149,11 @@ class DiffusersTeacher(RoleCheckpointing, Teacher):
         """The hub id or local folder the teacher was loaded from."""
         return self.pretrained_model_name_or_path
 
+    def pipeline_info(self) -> dict:
+        """What every diffusers export of this teacher records besides its call: the dtype the
+        pipeline is written in (``dmdx sample`` loads an exported folder in it)."""
+        return {"torch_dtype": str(self.torch_dtype or torch.float32).removeprefix("torch.")}
+
 
 def merged_student(teacher: Teacher) -> nn.Module:
     """The student network of a teacher built for export (``build_roles=("student",)``), ready
@@ -123,3 +166,11 @@ def merged_student(teacher: Teacher) -> nn.Module:
         student.fuse_lora(adapter_names=["student"])
         student.unload_lora()
     return student.requires_grad_(False).eval().to(teacher.torch_dtype or torch.float32)
+
+
+def _cached(repo_id: str, revision: str | None) -> bool:
+    """Whether the Hub pipeline ``repo_id`` has its ``model_index.json`` in the local cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "model_index.json", revision=revision), str)
+

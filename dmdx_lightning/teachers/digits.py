@@ -5,7 +5,8 @@ No download is ever needed: the data ship with scikit-learn, and the trained wei
 ``configs/digits/classifier.yaml``). Prompts are text ("a handwritten digit seven", "the digit 7");
 the empty prompt is the unconditional branch for CFG. The "VAE" is the identity on pixels, and a
 frozen digits classifier stands in for SAM (pixel discriminator backbone) and Inception
-(evaluation features).
+(evaluation features). ``dmdx export`` writes a trained student as a weights file of this same
+format (``student.safetensors``), loaded back by ``dmdx_lightning.export.load_export``.
 """
 
 from __future__ import annotations
@@ -169,6 +170,9 @@ class DigitsTeacher(Teacher):
     prediction_type = "flow"
     default_lora_targets = ("conv1", "conv2", "film")
     example_prompts: tuple[str, ...] = DIGIT_PROMPTS
+    #: ``dmdx export`` writes the student as a digits weights file (``student.safetensors``, the
+    #: packaged teacher's format) and the sampler settings; :meth:`load_student_export` loads it
+    export_formats = ("safetensors",)
 
     def __init__(self, weights: str | None = None, sample_steps: int = 16, cfg_scale: float = 2.0, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -207,6 +211,20 @@ class DigitsTeacher(Teacher):
 
     def encode(self, images: Tensor) -> Tensor:
         return images
+
+    # ------------------------------------------------------------------ export
+    def student_config(self) -> dict:
+        """The sampler settings; the network's size is in the student file itself."""
+        return {"sample_steps": self.sample_steps, "cfg_scale": self.cfg_scale}
+
+    def save_student(self, net: nn.Module, path: Path) -> None:
+        """A :class:`DigitsDenoiser` weights file (its config in the metadata), as the packaged
+        teacher's: it can also serve as ``weights`` of a DigitsTeacher."""
+        save_network(net, path)
+
+    @classmethod
+    def load_student_export(cls, weights: Path, init_args: dict) -> "DigitsTeacher":
+        return cls(weights=str(weights), **init_args, build_roles=("student",))
 
 
 # -------------------------------------------------------------------------------- making the weights

@@ -248,6 +248,9 @@ class MixtureTeacher(Teacher):
     family = "mixture"
     prediction_type = "x0"
     default_lora_targets = ("conv1", "conv2", "film", "delta_out", "rho_out")
+    #: ``dmdx export`` writes the student's network (the mixture's buffers included) and this
+    #: teacher's arguments (:meth:`student_config`), which rebuild it
+    export_formats = ("safetensors",)
 
     def __init__(self, shape: Sequence[int] = (16, 8, 8), num_classes: int = 4, modes_per_class: int = 16,
                  std: float = 0.1, weight_ratio: float = 10.0, mixture_seed: int = 0, channels: int = 32,
@@ -256,6 +259,11 @@ class MixtureTeacher(Teacher):
         super().__init__(**kwargs)
         self.schedule = FlowMatchSchedule(shift=1.0)
         self.sample_steps, self.cfg_scale = int(sample_steps), float(cfg_scale)
+        self._student_config = {
+            "shape": [int(s) for s in shape], "num_classes": num_classes, "modes_per_class": modes_per_class,
+            "std": float(std), "weight_ratio": float(weight_ratio), "mixture_seed": mixture_seed,
+            "channels": channels, "num_blocks": num_blocks, "offset_gain": float(offset_gain),
+            "sample_steps": self.sample_steps, "cfg_scale": self.cfg_scale, "posterior_features": posterior_features}
         mixture = GaussianMixture(shape, num_classes, modes_per_class, std, weight_ratio, mixture_seed)
         self.example_prompts = tuple(class_prompt(k) for k in range(num_classes))
         # the exact real score depends on the mixture only (every role's trainable part starts at zero)
@@ -273,6 +281,10 @@ class MixtureTeacher(Teacher):
     def identity(self) -> str:
         """The mixture's parameters (two mixtures of other seeds or sizes are other teachers)."""
         return self._identity
+
+    def student_config(self) -> dict:
+        """This teacher's arguments: they rebuild the mixture and the student's network around it."""
+        return dict(self._student_config)
 
     @property
     def mixture(self) -> GaussianMixture:

@@ -108,6 +108,15 @@ class SD3Teacher(DiffusersTeacher):
                             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
     example_prompts: tuple[str, ...] = IMAGE_EXAMPLE_PROMPTS
 
+    @classmethod
+    def check_scheduler(cls, config: dict) -> str | None:
+        if config.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
+            return (f"is a {config['_class_name']}; SD3Teacher trains flow-matching pipelines "
+                    "(FlowMatchEulerDiscreteScheduler)")
+        if config.get("use_dynamic_shifting"):
+            return "uses resolution-dependent shifting, which SD3Teacher does not implement (SD3 and SD3.5 use a fixed `shift`)"
+        return None
+
     def __init__(
         self,
         pretrained_model_name_or_path: str = "stabilityai/stable-diffusion-3-medium-diffusers",
@@ -135,9 +144,9 @@ class SD3Teacher(DiffusersTeacher):
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         self.scheduler_config = dict(self._load(FlowMatchEulerDiscreteScheduler, "scheduler", model=False).config)
-        if self.scheduler_config.get("use_dynamic_shifting"):
-            raise ValueError(f"{self.pretrained_model_name_or_path}/scheduler uses resolution-dependent shifting, "
-                             "which SD3Teacher does not implement (SD3 and SD3.5 use a fixed `shift`)")
+        problem = self.check_scheduler(self.scheduler_config)
+        if problem:
+            raise ValueError(f"{self.pretrained_model_name_or_path}/scheduler {problem}")
         self.schedule = FlowMatchSchedule(shift=float(self.scheduler_config.get("shift", 1.0)),
                                           num_train_timesteps=int(self.scheduler_config["num_train_timesteps"]))
         self.tokenizer = self._load(CLIPTokenizer, "tokenizer", model=False)
@@ -237,8 +246,13 @@ class SD3Teacher(DiffusersTeacher):
         scheduler, exact = student_flow_scheduler(self.scheduler_config, timesteps)
         ts = [float(t) for t in timesteps]
         call = {"num_inference_steps": len(ts), "guidance_scale": 1.0, **({} if exact else {"sigmas": ts})}
+        # what differs from the pipeline's defaults must be passed too (as SDXL's export does)
+        if self.resolution != self.denoiser.config.sample_size * self.vae_scale_factor:
+            call.update(height=self.resolution, width=self.resolution)
+        if self.max_sequence_length != 256:  # StableDiffusion3Pipeline.__call__'s default
+            call["max_sequence_length"] = self.max_sequence_length
         return scheduler, {
-            "sigmas": ts, "default_call_exact": exact, "call": call,
+            **self.pipeline_info(), "sigmas": ts, "default_call_exact": exact, "call": call,
             "scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
             "max_sequence_length": self.max_sequence_length, "t5_dropped": self.drop_t5}
 

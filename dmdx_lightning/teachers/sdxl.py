@@ -217,15 +217,24 @@ class SDXLTeacher(DiffusersTeacher):
         self.setup_roles(unet)
 
     # ------------------------------------------------------------------ loading
+    @classmethod
+    def check_scheduler(cls, config: dict) -> str | None:
+        if "FlowMatch" in config.get("_class_name", ""):
+            return f"is a {config['_class_name']}; SDXLTeacher trains discrete-time (DDPM-family) pipelines"
+        if config.get("trained_betas") is not None or config.get("rescale_betas_zero_snr"):
+            return ("sets trained_betas or rescale_betas_zero_snr; SDXLTeacher reads beta_start / beta_end / "
+                    "beta_schedule only")
+        if config.get("prediction_type", "epsilon") not in _PREDICTION_TYPES:
+            return f"has prediction_type {config['prediction_type']!r}, not one of {sorted(_PREDICTION_TYPES)}"
+        return None
+
     @staticmethod
     def _schedule(config: dict) -> tuple[VPSchedule, str]:
         """The training schedule and prediction type of the pipeline's scheduler config."""
-        if config.get("trained_betas") is not None or config.get("rescale_betas_zero_snr"):
-            raise ValueError("SDXLTeacher reads the scheduler's beta_start/beta_end/beta_schedule; trained_betas and "
-                             "rescale_betas_zero_snr are not implemented")
+        problem = SDXLTeacher.check_scheduler(config)
+        if problem:
+            raise ValueError(f"the scheduler {problem}")
         kind = config.get("prediction_type", "epsilon")
-        if kind not in _PREDICTION_TYPES:
-            raise ValueError(f"scheduler prediction_type {kind!r} is not one of {sorted(_PREDICTION_TYPES)}")
         schedule = VPSchedule(beta_start=config["beta_start"], beta_end=config["beta_end"],
                               beta_schedule=config["beta_schedule"], num_train_timesteps=int(config["num_train_timesteps"]),
                               time_mapping="trailing")
@@ -327,7 +336,7 @@ class SDXLTeacher(DiffusersTeacher):
         if self.target_size != size:
             call["target_size"] = list(self.target_size)
         return scheduler, {
-            "timesteps": indices, "default_call_exact": exact, "call": call,
+            **self.pipeline_info(), "timesteps": indices, "default_call_exact": exact, "call": call,
             "scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")}}
 
     @property
