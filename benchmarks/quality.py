@@ -294,7 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 #: the mixture arms of the default run: teacher-initialised and A1-initialised DMD / ADM and the
-#: ADM variants the study measured best (README, "The Gaussian-mixture testbed")
+#: ADM variants the study measured best (docs/reports/adm_study.md)
 MIXTURE_ARMS = ("dmd", "adm", "dmd_a1", "adm_a1", "adm_a1_low_reg", "dmd_a1_low_reg")
 
 

@@ -1,8 +1,10 @@
-"""The ``dmdx`` command (``dmdx fit --config configs/adm_sd3.yaml``, ``dmdx export ...``).
+"""The ``dmdx`` command (``dmdx fit --config configs/adm_sd3.yaml``, ``dmdx export ...``, ``dmdx configs``).
 
 This module imports nothing heavy: the verbs that need no Trainer (:data:`LIGHT_VERBS`) and
 ``dmdx --help`` answer without importing Lightning (which costs seconds); the Trainer verbs
 (``fit``, ``validate``, ``predict``) are LightningCLI's, in :mod:`dmdx_lightning.training_cli`.
+A ``--config NAME`` that is no file here names a shipped config (``dmdx fit --config adm_sd3.yaml``
+from any folder): :mod:`dmdx_lightning.configs_index` resolves it before anything else reads it.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import os
 import sys
 
 from dmdx_lightning import quiet
+from dmdx_lightning.configs_index import resolve_config_args
 from dmdx_lightning.errors import ConfigError, SetupError, check_config_files, explain_parse_error
 
-DESCRIPTION = "DMDX diffusion distillation: dmdx fit|validate|predict --config <yaml>, dmdx export|sample ..."
+DESCRIPTION = "DMDX diffusion distillation: dmdx fit|validate|predict --config <yaml>, dmdx export|sample|configs ..."
 
 #: verbs served without a Trainer: name -> (module with ``main(argv)``, one line of help)
 LIGHT_VERBS: dict[str, tuple[str, str]] = {
@@ -24,6 +27,9 @@ LIGHT_VERBS: dict[str, tuple[str, str]] = {
     "sample": ("dmdx_lightning.sample",
                "Draw images / videos and a labelled grid from a checkpoint, an export or the teacher "
                "(dmdx sample --help)."),
+    "configs": ("dmdx_lightning.configs_index",
+                "List the shipped configs with what each runs; any listed NAME works as --config NAME "
+                "from any folder (dmdx configs --help)."),
 }
 #: the Trainer verbs (LightningCLI's), with their help line
 TRAINER_VERBS: dict[str, str] = {
@@ -42,6 +48,16 @@ def main(args: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(top_level_help())
         return
+    try:  # `--config adm_sd3.yaml`: a shipped config, when no such file is here
+        resolved = resolve_config_args(argv)
+    except SetupError as e:
+        fail(str(e), e)
+    if resolved != argv:
+        argv = resolved
+        if args is None:  # from the command line LightningCLI reads sys.argv
+            sys.argv[1:] = argv
+        else:
+            args = argv
     if argv[0] in TRAINER_VERBS:
         from dmdx_lightning.options import help_request
 

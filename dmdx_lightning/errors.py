@@ -45,8 +45,8 @@ def check_config_files(argv: list[str]) -> None:
             with open(path, encoding="utf-8") as f:
                 yaml.safe_load(f)
         except OSError as e:
-            raise SetupError(f"--config {path}: cannot read it ({e.strerror}). Check the path (configs/ lists the "
-                             "shipped configs).") from None
+            raise SetupError(f"--config {path}: cannot read it ({e.strerror}). Check the path (`dmdx configs` lists "
+                             "the shipped configs).") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -33,6 +33,8 @@ from typing import Any, Iterator
 #: the packages whose classes a config may name by their short name
 PACKAGES = ("methods", "teachers", "data", "discriminators", "callbacks", "evaluation")
 WIDTH = 100
+#: where the walk up a class's bases stops (a user's own classes are described like ours)
+FRAMEWORK_PACKAGES = ("lightning", "pytorch_lightning", "torch", "builtins", "abc")
 
 
 # ---------------------------------------------------------------------------------------- classes
@@ -97,8 +99,8 @@ def options_of(cls: type) -> list[Option]:
     for klass in cls.__mro__:
         if "__init__" not in vars(klass):
             continue
-        if not klass.__module__.startswith("dmdx_lightning"):
-            break
+        if klass.__module__.split(".")[0] in FRAMEWORK_PACKAGES:
+            break  # Lightning's / torch's own constructors: not options of a method or teacher
         docs = _arg_docs(klass)
         signature = inspect.signature(klass.__init__)
         hints = _hints(klass.__init__)

@@ -232,10 +232,9 @@ def _teacher_config(source: Path, config: str | None) -> Path:
     if config is not None:
         return run_config(None, config)
     if source.suffix in (".yaml", ".yml"):
-        if not source.is_file():
-            raise FileNotFoundError(f"config {source} does not exist: pass a run's config.yaml or an experiment config "
-                                    "(e.g. configs/quickstart/adm.yaml)")
-        return source
+        from dmdx_lightning.configs_index import resolve_config
+
+        return Path(resolve_config(str(source)))  # a file, or a shipped config's name (`dmdx configs`)
     if source.is_dir() and (source / EXPORT_INFO).is_file():
         recorded = read_export_info(source).get("config")
         if recorded and Path(recorded).is_file():

@@ -23,6 +23,7 @@ from dmdx_lightning.callbacks.preemption import RequeueOnSignal
 from dmdx_lightning.callbacks.progress import add_progress_bar
 
 from dmdx_lightning.cli import DESCRIPTION, LIGHT_VERBS
+from dmdx_lightning.configs_index import packaged_path
 from dmdx_lightning.options import known_classes
 from dmdx_lightning.preflight import check_config
 
@@ -69,6 +70,9 @@ class DMDXCLI(LightningCLI):
         # ``${dmdx.parent:${trainer.default_root_dir}}/adp``: an earlier stage's folder beside this run's
         # root, as a plain path (``root/../adp`` would not resolve before the root exists)
         OmegaConf.register_resolver("dmdx.parent", parent_folder, replace=True)
+        # ``${dmdx.configs:prompts/eval.txt}``: a file shipped with the configs (the prompt files they
+        # read), found from any folder (dmdx_lightning.configs_index explains the shipping)
+        OmegaConf.register_resolver("dmdx.configs", packaged_path, replace=True)
         # the modules build one optimizer per player from their own *_optimizer arguments; a
         # top-level --optimizer / --lr_scheduler would replace configure_optimizers with a single one
         kwargs.setdefault("auto_configure_optimizers", False)

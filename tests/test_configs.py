@@ -42,10 +42,23 @@ OVERRIDES: dict[str, list[str]] = {
     "adm_sdxl.yaml": SDXL_TINY,
     "adm_sdxl_4step.yaml": SDXL_TINY,
     "dmd2_sdxl.yaml": SDXL_TINY,
+    # docs/recipes.md: DMD, DMD2 and our best ADM beside the paper's configs, and the CogVideoX pairs
+    "dmd_sd3_4step.yaml": SD3_TINY,
+    "dmd2_sd3_4step.yaml": SD3_TINY + TINY_HEADS,
+    "adm_best_sd3_4step.yaml": SD3_TINY + TINY_HEADS,
+    "dmd_sdxl_1step.yaml": SDXL_TINY,
+    "dmd_sdxl_4step.yaml": SDXL_TINY,
+    "dmd2_sdxl_4step.yaml": SDXL_TINY,
+    "adm_best_sdxl_4step.yaml": SDXL_TINY,
+    "ode_pairs_cogvideox_2b.yaml": COGVIDEOX_TINY,
+    "dmd_cogvideox_2b_8step.yaml": COGVIDEOX_TINY,
+    "dmd2_cogvideox_2b_8step.yaml": COGVIDEOX_TINY + TINY_HEADS,
+    "adm_best_cogvideox_2b_8step.yaml": COGVIDEOX_TINY + TINY_HEADS,
 }
 # configs that train on ODE pairs read a small pair set written here instead of the quickstart's
 PAIR_CONFIGS = {"quickstart/adp.yaml", "digits/a1.yaml", "digits/dmd2.yaml", "adp_sd3.yaml", "adp_sdxl.yaml",
-                "dmd2_sdxl.yaml", "mixture/adp.yaml", "mixture/a1.yaml", "mixture/dmd2.yaml", "mixture/regression.yaml"}
+                "dmd2_sdxl.yaml", "mixture/adp.yaml", "mixture/a1.yaml", "mixture/dmd2.yaml", "mixture/regression.yaml",
+                "dmd2_sd3_4step.yaml", "dmd2_sdxl_4step.yaml", "dmd2_cogvideox_2b_8step.yaml"}
 #: pair sets of the mixture teacher hold its family and latent shape (the data module checks both)
 MIXTURE_PAIRS = {"teacher_family": "mixture", "latent_shape": (16, 8, 8), "prompt": "mixture class 0"}
 

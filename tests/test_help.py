@@ -54,7 +54,7 @@ def test_config_help_shows_model_teacher_and_data_options_with_the_configs_value
     assert "--model.init_args.teacher.init_args.cfg_scale  (float; default: 2.0; config: 2.0)" in page
     assert "--model.init_args.discriminator.init_args.layers  (Sequence[int]; default: (-1,); config: [1, 3])" in page
     assert "data: dmdx_lightning.data.prompts.PromptDataModule" in page
-    assert "--data.init_args.train_file" in page and "config: 'configs/prompts/digits.txt'" in page
+    assert "--data.init_args.train_file" in page and "config: '${dmdx.configs:prompts/digits.txt}'" in page
 
 
 def test_command_line_class_choices_extend_the_help(capsys):

@@ -77,6 +77,9 @@ STAGE_INPUTS = {  # config -> (key, the path it reads, relative to its root's pa
     "adp_sd3.yaml": ("data.init_args.path", "sd3/pairs"),
     "adp_sdxl.yaml": ("data.init_args.path", "sdxl/pairs"),
     "dmd2_sdxl.yaml": ("data.init_args.path", "sdxl/pairs"),
+    "dmd2_sd3_4step.yaml": ("data.init_args.path", "sd3/pairs"),
+    "dmd2_sdxl_4step.yaml": ("data.init_args.path", "sdxl/pairs"),
+    "dmd2_cogvideox_2b_8step.yaml": ("data.init_args.path", "cogvideox_2b/pairs"),
 }
 
 

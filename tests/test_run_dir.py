@@ -12,8 +12,10 @@ from dmdx_lightning.export import find_run_config
 from tests.test_configs import SD3_TINY, TINY_HEADS
 
 ROOT = Path(__file__).resolve().parent.parent
-SD3_TRAINING = ["adm_sd3.yaml", "adm_sd35_large.yaml", "adp_sd3.yaml"]
-SDXL_TRAINING = ["adp_sdxl.yaml", "adm_sdxl.yaml", "adm_sdxl_4step.yaml", "dmd2_sdxl.yaml"]
+SD3_TRAINING = ["adm_sd3.yaml", "adm_sd35_large.yaml", "adp_sd3.yaml",
+                "dmd_sd3_4step.yaml", "dmd2_sd3_4step.yaml", "adm_best_sd3_4step.yaml"]
+SDXL_TRAINING = ["adp_sdxl.yaml", "adm_sdxl.yaml", "adm_sdxl_4step.yaml", "dmd2_sdxl.yaml",
+                 "dmd_sdxl_1step.yaml", "dmd_sdxl_4step.yaml", "dmd2_sdxl_4step.yaml", "adm_best_sdxl_4step.yaml"]
 
 
 def _files(folder: Path) -> set[str]:

@@ -140,3 +140,21 @@ def test_vae_tiling_on_a_small_cogvideox_is_refused_from_its_config_files(tmp_pa
         CogVideoXTeacher.check_options(options)
     CogVideoXTeacher.check_options({**options, "vae_tiling": False})
     assert Path(tmp_path / "vae" / "config.json").exists()
+
+
+def test_a_config_without_optimizers_trains_with_the_defaults(tmp_path):
+    """A player's optimizer left out of a config is the module's default AdamW (LightningCLI passes
+    a function default on by its dotted name)."""
+    config = tmp_path / "no_optimizers.yaml"
+    config.write_text("model:\n  class_path: ADMModule\n  init_args: {teacher: DigitsTeacher, loss: dmd}\n"
+                      "data:\n  class_path: PromptDataModule\n"
+                      "  init_args: {train_file: configs/prompts/digits.txt, batch_size: 4}\n"
+                      "trainer: {max_steps: 1, accelerator: cpu, logger: false, enable_checkpointing: false,\n"
+                      "          enable_progress_bar: false}\n")
+    from dmdx_lightning.training_cli import DMDXCLI
+
+    cli = DMDXCLI(args=["--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run")], run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 1
+    assert [type(o).__name__ for o in cli.trainer.optimizers] == ["AdamW", "AdamW"]
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == 1e-5

@@ -63,7 +63,7 @@ class ADMModule(DistillationModule):
         t_shift: the shift of ``t_sampler: shifted`` (``shift u / (1 + (shift - 1) u)``). Modes
             a distance ``~sqrt(2 d)`` apart are only bridged by noise for ``1 - t`` of order
             ``1 / sqrt(d)``: the coverage signal of a score comparison (DMD's and ADM's) lives in a
-            window near ``t = 1`` that shrinks with ``d`` (the ADM study, README).
+            window near ``t = 1`` that shrinks with ``d`` (the ADM study, docs/reports/adm_study.md).
         fake_jacobian: ADM only: let the generator gradient flow through the fake score's Jacobian
             (``True``) or only through ``x_t`` (``False``: straight-through ODE step). An open
             question of the paper, kept as an option.
@@ -288,7 +288,7 @@ class ADMModule(DistillationModule):
         where DMD's direction is known, measure how far ADM moves each sample the way DMD would.
 
         ``dmd_alignment`` is the batch mean of the per-sample cosine between the two gradients (1: ADM
-        moves the samples where DMD would; 0: along something else; README, "Where ADM's gradient
+        moves the samples where DMD would; 0: along something else; docs/reports/adm_study.md, "Where ADM's gradient
         points"). The hook fills the returned tensor during the generator's backward, before the
         module logs it.
         """

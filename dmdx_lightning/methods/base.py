@@ -23,6 +23,7 @@ older ones, whose ``global_step`` counted optimizer steps, are converted when re
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -106,7 +107,7 @@ class DistillationModule(pl.LightningModule):
             from ``[first_trained_step, steps)`` (default 0: every step, DMD2). 1 never asks the
             pure-noise step's prediction to look like data: a teacher-initialised student
             predicts the conditional mean there, and training it as a sample collapses it onto one
-            mode that every later step then inherits (measured on the mixture testbed, README).
+            mode that every later step then inherits (measured on the mixture testbed, docs/reports/adm_study.md).
     """
 
     def __init__(
@@ -210,7 +211,7 @@ class DistillationModule(pl.LightningModule):
         if unknown:
             raise ValueError(f"model.init_args.lr_warmup names players {sorted(unknown)}; this method's players "
                              f"are {list(self.players)}")
-        optimizers = [player.optimizer(player.parameters()) for player in self.players.values()]
+        optimizers = [_optimizer_factory(player.optimizer)(player.parameters()) for player in self.players.values()]
         if not self.lr_warmup:
             return optimizers
         # one scheduler per optimizer (same order), so the loop finds a player's by position
@@ -461,6 +462,15 @@ def _persistent_buffer_names(module: torch.nn.Module):
         for name, buf in mod._buffers.items():
             if buf is not None and name not in mod._non_persistent_buffers_set:
                 yield f"{prefix}.{name}" if prefix else name
+
+
+def _optimizer_factory(factory: OptimizerCallable | str) -> OptimizerCallable:
+    """A player's optimizer factory. A config that leaves a ``*_optimizer`` out gets its default
+    (:func:`_default_optimizer`), which LightningCLI passes on as its dotted name: import it."""
+    if isinstance(factory, str):
+        module, _, name = factory.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+    return factory
 
 
 def _linear_warmup(steps: int):
