@@ -300,7 +300,7 @@ def read_prompt_args(args) -> list[str]:
     if args.prompts is not None:
         from dmdx_lightning.data.prompts import read_prompts
 
-        prompts += read_prompts(args.prompts, field=args.prompt_field, key="--prompts")
+        prompts += read_prompts(_prompt_source(args.prompts), field=args.prompt_field, key="--prompts")
     return prompts
 
 
@@ -495,3 +495,16 @@ def _wrap(text: str, font, width: int) -> list[str]:
             lines.append(line)
             line = word
     return [*lines, line] if line else lines or [""]
+
+
+def _prompt_source(value: str) -> str:
+    """``--prompts``: the file as given when it exists, else a shipped prompt file of that name
+    (``configs/prompts/sd3_example.txt`` or ``prompts/sd3_example.txt`` from any folder, as
+    ``--config`` finds shipped configs)."""
+    if Path(value).exists():
+        return value
+    from dmdx_lightning.configs_index import _shipped_form, configs_dir
+
+    shipped = configs_dir() / _shipped_form(value)
+    return str(shipped) if shipped.is_file() else value
+
