@@ -3,7 +3,7 @@
     python benchmarks/lora_memory.py            # writes benchmarks/results/lora_memory.{md,json}
 
 1. Measured: an SD3Teacher is loaded in each mode from a random SD3 folder of SD3-Medium's width
-   (24 heads x 64 = 1536, bf16) with 4 of its 24 joint blocks, LoRA rank 64 as configs/adm_sd3.yaml.
+   (24 heads x 64 = 1536, bf16) with 4 of its 24 joint blocks, LoRA rank 64 as configs/sd3/adm_4step.yaml.
    Resident bytes = the sizes of the DISTINCT parameter storages (by data pointer) reachable from
    the three role networks, so shared weights count once.
 2. Counted: the same sums for the real SD3-Medium and SD3.5-Large transformer configs, built on
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
-RANK = 64  # configs/adm_sd3.yaml
+RANK = 64  # configs/sd3/adm_4step.yaml
 ROLES = ("real", "fake", "student")
 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
@@ -97,7 +97,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_random_sd3(Path(tmp) / "mid", num_layers=4, num_heads=24, head_dim=64, latent_size=32,
                                  latent_channels=16, clip_dim=64, joint_dim=256, with_t5=False)
-        # the random folder is float32; the teacher loads it in bf16 as configs/adm_sd3.yaml does
+        # the random folder is float32; the teacher loads it in bf16 as configs/sd3/adm_4step.yaml does
         result = {"measured_mid_size": measured(folder),
                   "mid_size_config": {"num_layers": 4, "heads": 24, "head_dim": 64, "width": 1536,
                                       "lora_rank": RANK, "dtype": "bfloat16"}}

@@ -3,7 +3,7 @@ SD3-Medium-size memory / speed with random weights.
 
     python benchmarks/sd3_gpu_check.py OUT_DIR
 
-1. ``dmdx fit --config configs/adm_sd35_large.yaml --config configs/trainer/fsdp.yaml`` on a tiny
+1. ``dmdx fit --config configs/sd3/adm_sd35_large_4step.yaml --config configs/trainer/fsdp.yaml`` on a tiny
    random SD3 (full mode, bf16 frozen / fp32 trainable, bf16-mixed), then ``dmdx export`` of its
    checkpoint (the FSDP "full" state dict) to a pipeline folder that diffusers loads and runs.
 2. An SD3-Medium-size transformer (24 blocks, width 1536, random weights, bf16) at 1024 px
@@ -62,7 +62,7 @@ tiny = save_random_sd3(SCRATCH / "tiny_sd3")
 @section("fsdp_cli")
 def fsdp_cli():
     t = "--model.init_args.teacher.init_args."
-    args = [sys.executable, "-m", "dmdx_lightning.cli", "fit", "--config", "configs/adm_sd35_large.yaml",
+    args = [sys.executable, "-m", "dmdx_lightning.cli", "fit", "--config", "configs/sd3/adm_sd35_large_4step.yaml",
             "--config", "configs/trainer/fsdp.yaml", t + "pretrained_model_name_or_path", str(tiny),
             t + "resolution", "16", t + "max_sequence_length", "16",
             "--model.init_args.discriminator.init_args.layers", "[0, 1]", "--trainer.devices", "1",

@@ -1,9 +1,9 @@
-"""The ``dmdx`` command (``dmdx fit --config configs/adm_sd3.yaml``, ``dmdx export ...``, ``dmdx configs``).
+"""The ``dmdx`` command (``dmdx fit --config configs/sd3/adm_4step.yaml``, ``dmdx export ...``, ``dmdx configs``).
 
 This module imports nothing heavy: the verbs that need no Trainer (:data:`LIGHT_VERBS`) and
 ``dmdx --help`` answer without importing Lightning (which costs seconds); the Trainer verbs
 (``fit``, ``validate``, ``predict``) are LightningCLI's, in :mod:`dmdx_lightning.training_cli`.
-A ``--config NAME`` that is no file here names a shipped config (``dmdx fit --config adm_sd3.yaml``
+A ``--config NAME`` that is no file here names a shipped config (``dmdx fit --config sd3/adm_4step.yaml``
 from any folder): :mod:`dmdx_lightning.configs_index` resolves it before anything else reads it.
 """
 
@@ -35,7 +35,7 @@ LIGHT_VERBS: dict[str, tuple[str, str]] = {
 TRAINER_VERBS: dict[str, str] = {
     "fit": "Train a student: dmdx fit --config CONFIG.yaml (dmdx fit --model ADMModule --help lists its options).",
     "validate": "Run the validation metrics on a checkpoint: dmdx validate --config CONFIG.yaml --ckpt_path CKPT.",
-    "predict": "Run a predict stage, e.g. write ODE pairs: dmdx predict --config configs/ode_pairs_sd3.yaml.",
+    "predict": "Run a predict stage, e.g. write ODE pairs: dmdx predict --config configs/sd3/ode_pairs.yaml.",
 }
 
 
@@ -48,7 +48,7 @@ def main(args: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(top_level_help())
         return
-    try:  # `--config adm_sd3.yaml`: a shipped config, when no such file is here
+    try:  # `--config sd3/adm_4step.yaml`: a shipped config, when no such file is here
         resolved = resolve_config_args(argv)
     except SetupError as e:
         fail(str(e), e)

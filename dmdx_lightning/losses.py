@@ -1,6 +1,6 @@
 """Pure loss functions (tensors in, scalar out). No module state, no randomness.
 
-Equation references are to PAPER.md (Lu et al., 2025, arXiv 2507.18569) and DMD2 (Yin et al., 2024).
+Equation references are to the DMDX paper (Lu et al., 2025, arXiv 2507.18569) and DMD2 (Yin et al., 2024).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every teacher family speaks one common language here (k-diffusion style): a cont
 schedule time ``t`` in ``[0, 1]`` (0 = data, 1 = noise), the forward process
 ``x_t = alpha(t) * x0 + sigma(t) * eps`` and, whatever the network predicts, the pair
 ``(x0_pred, eps_pred)``. The one-step PF-ODE move from ``t`` to ``s`` is then the DDIM step
-``x_s = alpha(s) * x0_pred + sigma(s) * eps_pred`` (PAPER.md, Notation); for flow matching it
+``x_s = alpha(s) * x0_pred + sigma(s) * eps_pred`` (the paper, Notation); for flow matching it
 is exactly the Euler step ``x_s = x_t + (s - t) * v``.
 """
 
@@ -317,7 +317,7 @@ def sample_t(
 
     - ``uniform``: ``t ~ U(t_min, t_max)``.
     - ``shifted``: uniform ``u`` through SD3's shift ``shift u / (1 + (shift - 1) u)``.
-    - ``cubic``: ``t = 1 - u^3``, favouring high noise (ADP's student times, PAPER.md Stage 1).
+    - ``cubic``: ``t = 1 - u^3``, favouring high noise (ADP's student times, the paper's Stage 1).
     - ``logit_normal``: ``t = sigmoid(N(0, 1))`` (SD3's training density).
     Non-uniform kinds are mapped affinely into ``[t_min, t_max]``.
     """

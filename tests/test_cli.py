@@ -45,7 +45,7 @@ def test_test_verb_is_refused_and_export_still_dispatches():
 
 def test_missing_model_is_one_short_paragraph_naming_the_key(tmp_path):
     """SD3 weights missing offline: one paragraph (key, value, fix), not tracebacks (issue 13 item 3)."""
-    r = dmdx("fit", "--config", "configs/adm_sd3.yaml", "--trainer.default_root_dir", str(tmp_path / "run"))
+    r = dmdx("fit", "--config", "configs/sd3/adm_4step.yaml", "--trainer.default_root_dir", str(tmp_path / "run"))
     assert r.returncode == 2
     out = r.stdout + r.stderr
     assert len(out.splitlines()) < 30, out

@@ -1,4 +1,4 @@
-"""8-step ADM on the tiny CogVideoX: `dmdx fit` with configs/adm_cogvideox_2b.yaml, exact resume, and
+"""8-step ADM on the tiny CogVideoX: `dmdx fit` with configs/cogvideox/adm_2b_8step.yaml, exact resume, and
 `dmdx export` loaded back by diffusers' CogVideoXPipeline, which must generate our student's frames."""
 
 from __future__ import annotations
@@ -118,9 +118,9 @@ def test_export_generates_the_students_frames_in_8_steps(trained, fmt, tmp_path,
 
 @pytest.mark.slow
 def test_dmdx_fit_with_the_2b_config_trains_and_logs_videos(tiny_cogvideox_dir, tmp_path):
-    """`dmdx fit --config configs/adm_cogvideox_2b.yaml` with the tiny folder in place of the hub id."""
+    """`dmdx fit --config configs/cogvideox/adm_2b_8step.yaml` with the tiny folder in place of the hub id."""
     extra = [a.replace("{tiny_cogvideox}", str(tiny_cogvideox_dir)) for a in COGVIDEOX_TINY + TINY_HEADS]
-    result = dmdx_fit("--config", "configs/adm_cogvideox_2b.yaml", *extra,
+    result = dmdx_fit("--config", "configs/cogvideox/adm_2b_8step.yaml", *extra,
                       "--model.init_args.teacher.init_args.sample_steps", "4",
                       "--model.init_args.discriminator.init_args.head_channels", "8",
                       "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",

@@ -28,37 +28,37 @@ COGVIDEOX_TINY = [_TEACHER + "pretrained_model_name_or_path", "{tiny_cogvideox}"
                   # diffusers' tiled VAE assumes tiles smaller than the video: at 32 px it returns 36x34 frames
                   _TEACHER + "vae_tiling", "false"]
 OVERRIDES: dict[str, list[str]] = {
-    "adm_cogvideox_2b.yaml": COGVIDEOX_TINY + TINY_HEADS,
-    "adm_cogvideox_5b.yaml": COGVIDEOX_TINY + TINY_HEADS,
-    "adm_sd3.yaml": SD3_TINY + TINY_HEADS,
-    "adm_sd35_large.yaml": SD3_TINY + TINY_HEADS,
-    "adp_sd3.yaml": SD3_TINY + TINY_HEADS + [
+    "cogvideox/adm_2b_8step.yaml": COGVIDEOX_TINY + TINY_HEADS,
+    "cogvideox/adm_5b_8step.yaml": COGVIDEOX_TINY + TINY_HEADS,
+    "sd3/adm_4step.yaml": SD3_TINY + TINY_HEADS,
+    "sd3/adm_sd35_large_4step.yaml": SD3_TINY + TINY_HEADS,
+    "sd3/adp_4step.yaml": SD3_TINY + TINY_HEADS + [
         "--model.init_args.pixel_discriminator.init_args.backbone.init_args.pretrained", "{tiny_sam}",
         "--model.init_args.pixel_discriminator.init_args.backbone.init_args.dtype", "float32",
         "--model.init_args.pixel_discriminator.init_args.layers", "[1, 2]"],
-    "ode_pairs_sd3.yaml": SD3_TINY,
-    "ode_pairs_sdxl.yaml": SDXL_TINY,
-    "adp_sdxl.yaml": SDXL_TINY + TINY_SAM,
-    "adm_sdxl.yaml": SDXL_TINY,
-    "adm_sdxl_4step.yaml": SDXL_TINY,
-    "dmd2_sdxl.yaml": SDXL_TINY,
+    "sd3/ode_pairs.yaml": SD3_TINY,
+    "sdxl/ode_pairs.yaml": SDXL_TINY,
+    "sdxl/adp_1step.yaml": SDXL_TINY + TINY_SAM,
+    "sdxl/dmdx_1step.yaml": SDXL_TINY,
+    "sdxl/adm_4step.yaml": SDXL_TINY,
+    "sdxl/dmd2_1step_full.yaml": SDXL_TINY,
     # docs/recipes.md: DMD, DMD2 and our best ADM beside the paper's configs, and the CogVideoX pairs
-    "dmd_sd3_4step.yaml": SD3_TINY,
-    "dmd2_sd3_4step.yaml": SD3_TINY + TINY_HEADS,
-    "adm_best_sd3_4step.yaml": SD3_TINY + TINY_HEADS,
-    "dmd_sdxl_1step.yaml": SDXL_TINY,
-    "dmd_sdxl_4step.yaml": SDXL_TINY,
-    "dmd2_sdxl_4step.yaml": SDXL_TINY,
-    "adm_best_sdxl_4step.yaml": SDXL_TINY,
-    "ode_pairs_cogvideox_2b.yaml": COGVIDEOX_TINY,
-    "dmd_cogvideox_2b_8step.yaml": COGVIDEOX_TINY,
-    "dmd2_cogvideox_2b_8step.yaml": COGVIDEOX_TINY + TINY_HEADS,
-    "adm_best_cogvideox_2b_8step.yaml": COGVIDEOX_TINY + TINY_HEADS,
+    "sd3/dmd_4step.yaml": SD3_TINY,
+    "sd3/dmd2_4step.yaml": SD3_TINY + TINY_HEADS,
+    "sd3/adm_best_4step.yaml": SD3_TINY + TINY_HEADS,
+    "sdxl/dmd_1step.yaml": SDXL_TINY,
+    "sdxl/dmd_4step.yaml": SDXL_TINY,
+    "sdxl/dmd2_4step.yaml": SDXL_TINY,
+    "sdxl/adm_best_4step.yaml": SDXL_TINY,
+    "cogvideox/ode_pairs_2b.yaml": COGVIDEOX_TINY,
+    "cogvideox/dmd_2b_8step.yaml": COGVIDEOX_TINY,
+    "cogvideox/dmd2_2b_8step.yaml": COGVIDEOX_TINY + TINY_HEADS,
+    "cogvideox/adm_best_2b_8step.yaml": COGVIDEOX_TINY + TINY_HEADS,
 }
 # configs that train on ODE pairs read a small pair set written here instead of the quickstart's
-PAIR_CONFIGS = {"quickstart/adp.yaml", "digits/a1.yaml", "digits/dmd2.yaml", "adp_sd3.yaml", "adp_sdxl.yaml",
-                "dmd2_sdxl.yaml", "mixture/adp.yaml", "mixture/a1.yaml", "mixture/dmd2.yaml", "mixture/regression.yaml",
-                "dmd2_sd3_4step.yaml", "dmd2_sdxl_4step.yaml", "dmd2_cogvideox_2b_8step.yaml"}
+PAIR_CONFIGS = {"quickstart/adp.yaml", "digits/a1.yaml", "digits/dmd2.yaml", "sd3/adp_4step.yaml", "sdxl/adp_1step.yaml",
+                "sdxl/dmd2_1step_full.yaml", "mixture/adp.yaml", "mixture/a1.yaml", "mixture/dmd2.yaml", "mixture/regression.yaml",
+                "sd3/dmd2_4step.yaml", "sdxl/dmd2_4step.yaml", "cogvideox/dmd2_2b_8step.yaml"}
 #: pair sets of the mixture teacher hold its family and latent shape (the data module checks both)
 MIXTURE_PAIRS = {"teacher_family": "mixture", "latent_shape": (16, 8, 8), "prompt": "mixture class 0"}
 

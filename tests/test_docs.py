@@ -323,7 +323,7 @@ def check_argparse_verb(verb: str, argv: list[str]) -> None:
 def check_trainer_verb(verb: str, argv: list[str], tmp_path: Path) -> None:
     from dmdx_lightning.configs_index import resolve_config_args
 
-    argv = resolve_config_args(argv)  # `--config adm_sd3.yaml`: a shipped config, as `dmdx` does
+    argv = resolve_config_args(argv)  # `--config sd3/adm_4step.yaml`: a shipped config, as `dmdx` does
     shown = f"dmdx {verb} {shlex.join(argv)}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "argv", ["dmdx"])  # LightningCLI warns when pytest's own arguments sit beside args=

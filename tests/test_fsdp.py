@@ -21,7 +21,7 @@ FROZEN_PREFIXES = ("teacher.denoiser.", "teacher.text_encoder", "teacher.vae.")
 
 
 def fsdp_cli(tiny_sd3_dir, tmp_path, max_steps, *extra):
-    args = ["--config", str(ROOT / "configs" / "adm_sd35_large.yaml"),
+    args = ["--config", str(ROOT / "configs" / "sd3/adm_sd35_large_4step.yaml"),
             "--config", str(ROOT / "configs" / "trainer" / "fsdp.yaml"),
             "--trainer.strategy.class_path", "tests.helpers.CPUFSDPStrategy",
             _TEACHER + "pretrained_model_name_or_path", str(tiny_sd3_dir), _TEACHER + "resolution", "16",

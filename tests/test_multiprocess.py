@@ -73,7 +73,7 @@ def test_ddp_resume_is_exact_with_per_rank_rng(module_name, tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_shipped_adm_sd3_config_trains_on_two_processes(tiny_sd3_dir, tmp_path):
-    """configs/adm_sd3.yaml as shipped (its strategy, callbacks and checkpointing) on 2 CPU processes;
+    """configs/sd3/adm_4step.yaml as shipped (its strategy, callbacks and checkpointing) on 2 CPU processes;
     only the weights (the tiny SD3 folder), the device and the length change.
 
     It used to hang: SampleGrid drew its first grid on rank 0 alone and asked ``trainer.log_dir``
@@ -82,7 +82,7 @@ def test_shipped_adm_sd3_config_trains_on_two_processes(tiny_sd3_dir, tmp_path):
     tiny = [a.replace("{tiny_sd3}", str(tiny_sd3_dir)) for a in SD3_TINY]
     out = tmp_path / "report"
     # 2 iterations; fp32 on CPU (bf16-mixed on CPU is slow, not what is tested)
-    result = dmdx_fit("--config", "configs/adm_sd3.yaml", *tiny, *TINY_HEADS,
+    result = dmdx_fit("--config", "configs/sd3/adm_4step.yaml", *tiny, *TINY_HEADS,
                       "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
                       "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
                       "--trainer.default_root_dir", str(tmp_path / "run"),
@@ -113,7 +113,7 @@ def test_fsdp_full_shard_two_processes_saves_trainable_state_and_resumes(tiny_sd
 
     def fit(name, *extra):
         out = tmp_path / name
-        result = dmdx_fit("--config", "configs/adm_sd35_large.yaml", "--config", "configs/trainer/fsdp.yaml",
+        result = dmdx_fit("--config", "configs/sd3/adm_sd35_large_4step.yaml", "--config", "configs/trainer/fsdp.yaml",
                           "--trainer.strategy.class_path", "tests.helpers.CPUFSDPStrategy", *tiny, *TINY_HEADS,
                           "--data.init_args.batch_size", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                           "--trainer.precision", "32-true", "--trainer.max_steps", "2", "--trainer.logger", "false",

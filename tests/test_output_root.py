@@ -73,13 +73,13 @@ STAGE_INPUTS = {  # config -> (key, the path it reads, relative to its root's pa
     "quickstart/adp.yaml": ("data.init_args.path", "pairs"),
     "quickstart/dmdx.yaml": ("model.init_args.init_from", "adp/checkpoints/last.ckpt"),
     "mixture/dmdx.yaml": ("model.init_args.init_from", "adp/checkpoints/last.ckpt"),
-    "adm_sdxl.yaml": ("model.init_args.init_from", "adp_sdxl/checkpoints/last.ckpt"),
-    "adp_sd3.yaml": ("data.init_args.path", "sd3/pairs"),
-    "adp_sdxl.yaml": ("data.init_args.path", "sdxl/pairs"),
-    "dmd2_sdxl.yaml": ("data.init_args.path", "sdxl/pairs"),
-    "dmd2_sd3_4step.yaml": ("data.init_args.path", "sd3/pairs"),
-    "dmd2_sdxl_4step.yaml": ("data.init_args.path", "sdxl/pairs"),
-    "dmd2_cogvideox_2b_8step.yaml": ("data.init_args.path", "cogvideox_2b/pairs"),
+    "sdxl/dmdx_1step.yaml": ("model.init_args.init_from", "adp_sdxl/checkpoints/last.ckpt"),
+    "sd3/adp_4step.yaml": ("data.init_args.path", "sd3/pairs"),
+    "sdxl/adp_1step.yaml": ("data.init_args.path", "sdxl/pairs"),
+    "sdxl/dmd2_1step_full.yaml": ("data.init_args.path", "sdxl/pairs"),
+    "sd3/dmd2_4step.yaml": ("data.init_args.path", "sd3/pairs"),
+    "sdxl/dmd2_4step.yaml": ("data.init_args.path", "sdxl/pairs"),
+    "cogvideox/dmd2_2b_8step.yaml": ("data.init_args.path", "cogvideox_2b/pairs"),
 }
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from dmdx_lightning import configs_index
 from dmdx_lightning.cli import main as dmdx
-from dmdx_lightning.configs_index import (ShippedConfig, configs_dir, markdown, packaged_path, resolve_config,
+from dmdx_lightning.configs_index import (RENAMED, ShippedConfig, configs_dir, markdown, packaged_path, resolve_config,
                                           resolve_config_args, shipped)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +76,7 @@ def base_of(config: ShippedConfig) -> list[str]:
     return ["--config", base if (configs_dir() / base).is_file() else "quickstart/adm.yaml"]  # slurm: <experiment>
 
 
-@pytest.mark.parametrize("name", ["adm_sd3.yaml", "quickstart/adm.yaml", "configs/adm_sd3.yaml", "quickstart/adm"])
+@pytest.mark.parametrize("name", ["sd3/adm_4step.yaml", "quickstart/adm.yaml", "configs/sd3/adm_4step.yaml", "quickstart/adm"])
 def test_a_shipped_name_prints_its_config_from_an_empty_folder(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     cfg = printed(capsys, "fit", "--config", name)
@@ -142,7 +142,7 @@ def test_resolve_config_args_forms(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no shipped config"):
         resolve_config("../configs/quickstart/adm.yaml")  # only names inside the shipped folder
     with pytest.raises(ValueError, match="no shipped config"):
-        resolve_config(str(tmp_path / "adm_sd3.yaml"))  # an absolute path is a path
+        resolve_config(str(tmp_path / "sd3/adm_4step.yaml"))  # an absolute path is a path
 
 
 def test_packaged_path_is_relative_below_the_current_folder(tmp_path, monkeypatch):
@@ -240,3 +240,14 @@ def test_package_data_holds_every_shipped_file():
     every = {f"configs/{p.relative_to(ROOT / 'configs').as_posix()}" for p in (ROOT / "configs").rglob("*")
              if p.is_file()}
     assert every - covered == set()
+
+
+@pytest.mark.parametrize("old, new", sorted(RENAMED.items()))
+def test_names_from_before_the_grouping_still_resolve(old, new, tmp_path, monkeypatch):
+    """`dmdx fit --config configs/adm_sd3.yaml` keeps working after the large-teacher configs moved
+    into sd3/, sdxl/ and cogvideox/ (from the checkout and from any folder)."""
+    target = str((configs_dir() / new).resolve())
+    assert str(Path(resolve_config(f"configs/{old}")).resolve()) == target
+    monkeypatch.chdir(tmp_path)
+    assert str(Path(resolve_config(old)).resolve()) == target
+    assert not (configs_dir() / old).exists()

@@ -30,22 +30,22 @@ _TRAINER = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer
 #: and pair counts.
 #: "{tiny_sd3}" / "{tiny_sam}" are replaced by the session's folders (tests/conftest.py).
 TINY: dict[str, list[str]] = {
-    "configs/ode_pairs_sd3.yaml": SD3_TINY + _TRAINER + [
+    "configs/sd3/ode_pairs.yaml": SD3_TINY + _TRAINER + [
         "--data.init_args.num_pairs", "4", "--data.init_args.shard_size", "4", "--data.init_args.batch_size", "2"],
-    "configs/adp_sd3.yaml": SD3_TINY + TINY_HEADS + _TRAINER + [
+    "configs/sd3/adp_4step.yaml": SD3_TINY + TINY_HEADS + _TRAINER + [
         # the SAM ViT-B pixel discriminator -> a random 3-block SAM
         "--model.init_args.pixel_discriminator.init_args.backbone.init_args.pretrained", "{tiny_sam}",
         "--model.init_args.pixel_discriminator.init_args.backbone.init_args.dtype", "float32",
         "--model.init_args.pixel_discriminator.init_args.layers", "[1, 2]",
         "--data.init_args.batch_size", "2", "--trainer.max_steps", "2"],
-    "configs/adm_sd3.yaml": SD3_TINY + TINY_HEADS + _TRAINER + [
+    "configs/sd3/adm_4step.yaml": SD3_TINY + TINY_HEADS + _TRAINER + [
         # no validation: its CLIP-score and LPIPS callbacks would fetch networks from the hub
         "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0",
         "--data.init_args.batch_size", "2", "--trainer.max_steps", "2"],
 }
 #: the README block's commands, in order: (verb, config or None)
-EXPECTED = [("predict", "configs/ode_pairs_sd3.yaml"), ("fit", "configs/adp_sd3.yaml"),
-            ("fit", "configs/adm_sd3.yaml"), ("export", None), ("sample", None)]
+EXPECTED = [("predict", "configs/sd3/ode_pairs.yaml"), ("fit", "configs/sd3/adp_4step.yaml"),
+            ("fit", "configs/sd3/adm_4step.yaml"), ("export", None), ("sample", None)]
 
 
 def readme_commands() -> list[list[str]]:

@@ -21,16 +21,16 @@ TINY_RUN = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer
 FIXTURES = {"{tiny_sd3}": "tiny_sd3_dir", "{tiny_sdxl}": "tiny_sdxl_dir", "{tiny_cogvideox}": "tiny_cogvideox_dir"}
 #: recipe config -> (loss, the ODE-pair config its DMD2 run reads, or None)
 RECIPES = {
-    "dmd_sd3_4step.yaml": ("dmd", None),
-    "dmd2_sd3_4step.yaml": ("dmd2", "ode_pairs_sd3.yaml"),
-    "adm_best_sd3_4step.yaml": ("adm", None),
-    "dmd_sdxl_1step.yaml": ("dmd", None),
-    "dmd_sdxl_4step.yaml": ("dmd", None),
-    "dmd2_sdxl_4step.yaml": ("dmd2", "ode_pairs_sdxl.yaml"),
-    "adm_best_sdxl_4step.yaml": ("adm", None),
-    "dmd_cogvideox_2b_8step.yaml": ("dmd", None),
-    "dmd2_cogvideox_2b_8step.yaml": ("dmd2", "ode_pairs_cogvideox_2b.yaml"),
-    "adm_best_cogvideox_2b_8step.yaml": ("adm", None),
+    "sd3/dmd_4step.yaml": ("dmd", None),
+    "sd3/dmd2_4step.yaml": ("dmd2", "sd3/ode_pairs.yaml"),
+    "sd3/adm_best_4step.yaml": ("adm", None),
+    "sdxl/dmd_1step.yaml": ("dmd", None),
+    "sdxl/dmd_4step.yaml": ("dmd", None),
+    "sdxl/dmd2_4step.yaml": ("dmd2", "sdxl/ode_pairs.yaml"),
+    "sdxl/adm_best_4step.yaml": ("adm", None),
+    "cogvideox/dmd_2b_8step.yaml": ("dmd", None),
+    "cogvideox/dmd2_2b_8step.yaml": ("dmd2", "cogvideox/ode_pairs_2b.yaml"),
+    "cogvideox/adm_best_2b_8step.yaml": ("adm", None),
 }
 
 

@@ -7,15 +7,16 @@ import pytest
 import torch
 import yaml
 
+from dmdx_lightning.configs_index import RENAMED
 from dmdx_lightning.training_cli import DMDXCLI
 from dmdx_lightning.export import find_run_config
 from tests.test_configs import SD3_TINY, TINY_HEADS
 
 ROOT = Path(__file__).resolve().parent.parent
-SD3_TRAINING = ["adm_sd3.yaml", "adm_sd35_large.yaml", "adp_sd3.yaml",
-                "dmd_sd3_4step.yaml", "dmd2_sd3_4step.yaml", "adm_best_sd3_4step.yaml"]
-SDXL_TRAINING = ["adp_sdxl.yaml", "adm_sdxl.yaml", "adm_sdxl_4step.yaml", "dmd2_sdxl.yaml",
-                 "dmd_sdxl_1step.yaml", "dmd_sdxl_4step.yaml", "dmd2_sdxl_4step.yaml", "adm_best_sdxl_4step.yaml"]
+SD3_TRAINING = ["sd3/adm_4step.yaml", "sd3/adm_sd35_large_4step.yaml", "sd3/adp_4step.yaml",
+                "sd3/dmd_4step.yaml", "sd3/dmd2_4step.yaml", "sd3/adm_best_4step.yaml"]
+SDXL_TRAINING = ["sdxl/adp_1step.yaml", "sdxl/dmdx_1step.yaml", "sdxl/adm_4step.yaml", "sdxl/dmd2_1step_full.yaml",
+                 "sdxl/dmd_1step.yaml", "sdxl/dmd_4step.yaml", "sdxl/dmd2_4step.yaml", "sdxl/adm_best_4step.yaml"]
 
 
 def _files(folder: Path) -> set[str]:
@@ -26,7 +27,9 @@ def _files(folder: Path) -> set[str]:
 def test_sd3_configs_pin_no_output_path_but_their_root(name):
     """A pinned logger save_dir or checkpoint dirpath would stay put when default_root_dir moves."""
     trainer = yaml.safe_load((ROOT / "configs" / name).read_text())["trainer"]
-    assert trainer["default_root_dir"] == f"runs/{name.removesuffix('.yaml')}"  # where README says
+    # where README says: the run folder keeps the config's name from before the grouping by teacher
+    old = {new: old for old, new in RENAMED.items()}.get(name, name)
+    assert trainer["default_root_dir"] == f"runs/{old.removesuffix('.yaml')}"
     assert "logger" not in trainer
     for callback in trainer.get("callbacks", []):
         assert "dirpath" not in (callback.get("init_args") or {}), callback
@@ -34,7 +37,7 @@ def test_sd3_configs_pin_no_output_path_but_their_root(name):
 
 @pytest.mark.slow
 def test_default_root_dir_moves_every_output_of_adm_sd3(tiny_sd3_dir, tmp_path, monkeypatch):
-    """The shipped adm_sd3.yaml on the tiny SD3 teacher, one iteration, run from another folder:
+    """The shipped sd3/adm_4step.yaml on the tiny SD3 teacher, one iteration, run from another folder:
     every file it writes lies under the given default_root_dir."""
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
@@ -46,7 +49,7 @@ def test_default_root_dir_moves_every_output_of_adm_sd3(tiny_sd3_dir, tmp_path, 
     before = _files(repo_runs) if repo_runs.exists() else None
     run = tmp_path / "run"
     tiny = [a.replace("{tiny_sd3}", str(tiny_sd3_dir)) for a in SD3_TINY]
-    args = ["fit", "--config", "configs/adm_sd3.yaml", *tiny, *TINY_HEADS,
+    args = ["fit", "--config", "configs/sd3/adm_4step.yaml", *tiny, *TINY_HEADS,
             "--trainer.default_root_dir", str(run),
             # CPU, one process, fp32; 1 iteration; no validation, whose metric
             # callbacks would fetch CLIP / LPIPS networks

@@ -149,7 +149,7 @@ def test_roles_in_lora_mode(tiny_sd3_dir):
 
 
 def test_bf16_lora_keeps_fp32_adapters_and_trains(tiny_sd3_dir):
-    """``torch_dtype: bfloat16`` + lora (configs/adm_sd3.yaml): the frozen base is bf16, the adapters
+    """``torch_dtype: bfloat16`` + lora (configs/sd3/adm_4step.yaml): the frozen base is bf16, the adapters
     are fp32 master weights (peft alone makes them bf16), and forward + backward run through both."""
     teacher = SD3Teacher(str(tiny_sd3_dir), mode="lora", torch_dtype="bfloat16", **TINY_SD3)
     trainable = [p for p in teacher.parameters() if p.requires_grad]

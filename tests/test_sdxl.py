@@ -337,10 +337,10 @@ def chain(tiny_sdxl_dir, tiny_sam_path, tmp_path_factory):
     """The README's chain on the tiny teacher: ODE pairs -> ADP -> ADM (DMDX) via the shipped configs."""
     root = tmp_path_factory.mktemp("sdxl_chain")
     pairs = root / "pairs"
-    cli("ode_pairs_sdxl.yaml", tiny_sdxl_dir, root / "pairs_run", verb="predict", *[
+    cli("sdxl/ode_pairs.yaml", tiny_sdxl_dir, root / "pairs_run", verb="predict", *[
         "--model.init_args.num_steps", "2", "--data.init_args.output_dir", str(pairs),
         "--data.init_args.num_pairs", "8", "--data.init_args.shard_size", "4", "--data.init_args.batch_size", "4"])
-    cli("adp_sdxl.yaml", tiny_sdxl_dir, root / "adp", *SMALL_HEADS, *[
+    cli("sdxl/adp_1step.yaml", tiny_sdxl_dir, root / "adp", *SMALL_HEADS, *[
         "--data.init_args.path", str(pairs), "--trainer.max_steps", "2",
         # a large lr, so that ADM's start from these weights is visible after its own small step
         "--model.init_args.generator_optimizer.init_args.lr", "1e-2",
@@ -348,7 +348,7 @@ def chain(tiny_sdxl_dir, tiny_sam_path, tmp_path_factory):
         "--model.init_args.pixel_discriminator.init_args.backbone.init_args.dtype", "float32",
         "--model.init_args.pixel_discriminator.init_args.layers", "[1, 2]",
         "--model.init_args.pixel_discriminator.init_args.head_channels", "16"])
-    adm = cli("adm_sdxl.yaml", tiny_sdxl_dir, root / "adm", *SMALL_HEADS, *[
+    adm = cli("sdxl/dmdx_1step.yaml", tiny_sdxl_dir, root / "adm", *SMALL_HEADS, *[
         "--model.init_args.init_from", str(root / "adp" / "checkpoints" / "last.ckpt"),
         "--trainer.max_steps", "1"])
     return root, pairs, adm
@@ -393,7 +393,7 @@ def test_one_step_export_round_trip_matches_our_sampler(chain, fmt, tiny_sdxl_di
 @pytest.mark.slow
 def test_dmd2_config_trains_on_the_pairs(chain, tiny_sdxl_dir):
     root, pairs, _ = chain
-    run = cli("dmd2_sdxl.yaml", tiny_sdxl_dir, root / "dmd2", *SMALL_HEADS,
+    run = cli("sdxl/dmd2_1step_full.yaml", tiny_sdxl_dir, root / "dmd2", *SMALL_HEADS,
               "--data.init_args.path", str(pairs), "--trainer.max_steps", "1")
     module = run.model
     assert module.loss == "dmd2" and module.update_ratio == 5 and module.teacher.mode == "full"
@@ -412,7 +412,7 @@ def four_step(tiny_sdxl_dir, tmp_path_factory):
     data = ["--data.init_args.train_file", str(prompts), "--data.init_args.batch_size", "2", "--data.init_args.repeat", "1"]
 
     def fit(folder, max_steps, *extra):
-        return cli("adm_sdxl_4step.yaml", tiny_sdxl_dir, root / folder, *SMALL_HEADS, *data,
+        return cli("sdxl/adm_4step.yaml", tiny_sdxl_dir, root / folder, *SMALL_HEADS, *data,
                    "--trainer.max_steps", str(max_steps), *extra)
 
     return root, fit
@@ -456,13 +456,13 @@ def test_four_step_resume_is_exact_and_the_export_replays_four_steps(four_step, 
 
 
 def test_cli_without_the_hub_weights_is_one_paragraph_naming_the_key(tmp_path):
-    """`dmdx fit --config configs/adm_sdxl.yaml` offline: exit 2 with the key and the fix, no traceback."""
+    """`dmdx fit --config configs/sdxl/dmdx_1step.yaml` offline: exit 2 with the key and the fix, no traceback."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "dmdx_lightning.cli", "fit", "--config", "configs/adm_sdxl.yaml",
+    r = subprocess.run([sys.executable, "-m", "dmdx_lightning.cli", "fit", "--config", "configs/sdxl/dmdx_1step.yaml",
                         "--trainer.default_root_dir", str(tmp_path / "run")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     out = r.stdout + r.stderr

@@ -12,7 +12,7 @@ from dmdx_lightning.teachers.cogvideox import tiled_decode_size
 
 ADM = "configs/quickstart/adm.yaml"
 ADP = "configs/quickstart/adp.yaml"
-SD3 = "configs/adm_sd3.yaml"
+SD3 = "configs/sd3/adm_4step.yaml"
 
 
 def _file(text: str):

@@ -1,6 +1,6 @@
 """ODE-pair shards: the on-disk format, the writer helpers and the two DataModules around them.
 
-ADP (PAPER.md Stage 1) trains on pairs ``(x_T, x_0)``: start noise and the teacher's final latent
+ADP (the paper, Stage 1) trains on pairs ``(x_T, x_0)``: start noise and the teacher's final latent
 from its PF-ODE with CFG, plus the prompt. They are made once by ``dmdx predict`` (see
 :mod:`dmdx_lightning.methods.ode_pairs`) and stored in a directory:
 

@@ -1,4 +1,4 @@
-"""Discriminator heads on frozen backbone feature maps (PAPER.md, "Reported discriminator heads").
+"""Discriminator heads on frozen backbone feature maps (the paper, "Reported discriminator heads").
 
 A 2D head: ``num_down x [Conv 4x4 stride 2 -> GroupNorm -> SiLU]``, ``Conv 3x3 -> GroupNorm ->
 SiLU``, global average pool, then a projection-discriminator output

@@ -1,4 +1,4 @@
-"""Pixel-space discriminator ``D_tau2`` of ADP (PAPER.md Stage 1, step 3).
+"""Pixel-space discriminator ``D_tau2`` of ADP (the paper, Stage 1, step 3).
 
 Latents are decoded through the teacher's VAE (``teacher.decode``; with gradient for the
 student's samples, so the generator learns through the decoder), fed to a FROZEN vision backbone,

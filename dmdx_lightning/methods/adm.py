@@ -1,4 +1,4 @@
-"""ADM (adversarial distribution matching, PAPER.md Stage 2) and the DMD / DMD2 baselines.
+"""ADM (adversarial distribution matching, the paper's Stage 2) and the DMD / DMD2 baselines.
 
 One module, three losses (``loss=adm | dmd | dmd2``), so the paper's ablations differ only by
 one config value; the loss picks the players' steps once, in ``__init__`` (:attr:`players`). Per

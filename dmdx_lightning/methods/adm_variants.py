@@ -1,6 +1,6 @@
 """The ADM study's variants of the paper's loss: one option group, ``model.init_args.variants``.
 
-Every default is the paper's (PAPER.md Stage 2), so a config that leaves ``variants`` out trains
+Every default is the paper's (the paper, Stage 2), so a config that leaves ``variants`` out trains
 ADM as written. Each variant was measured against the literal loss on the two CPU testbeds (the
 built-in digits teacher and the Gaussian-mixture teacher, 3 seeds; docs/reports and
 ``benchmarks/results``); its one-line outcome is in its description below. None beat the literal

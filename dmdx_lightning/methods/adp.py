@@ -1,4 +1,4 @@
-"""ADP: adversarial distillation pre-training on teacher ODE pairs (PAPER.md Stage 1).
+"""ADP: adversarial distillation pre-training on teacher ODE pairs (the paper, Stage 1).
 
 Per iteration, on a batch of pairs ``(x_T, x_0, prompt)`` from
 :class:`~dmdx_lightning.data.ode_pairs.ODEPairDataModule`:
@@ -122,7 +122,7 @@ class ADPModule(DistillationModule):
                               "generator would have no loss", "The paper's weights are 0.85 and 0.15.")
         if weights["lambda2"] > 0 and get("pixel_discriminator") is None:
             raise ConfigError(f"{key}.pixel_discriminator", None, "lambda2 > 0 weights the pixel discriminator's "
-                              "loss, and none is configured", "Add a pixel_discriminator (configs/adp_sd3.yaml "
+                              "loss, and none is configured", "Add a pixel_discriminator (configs/sd3/adp_4step.yaml "
                               "shows one) or set lambda2: 0.")
         if get("renoise", "fresh") not in ("fresh", "pair"):
             raise ConfigError(f"{key}.renoise", get("renoise"), "unknown renoising", "Choose fresh or pair.")

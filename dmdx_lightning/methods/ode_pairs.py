@@ -1,4 +1,4 @@
-"""ODE-pair generation (PAPER.md Stage 1, step 1) as ``dmdx predict``.
+"""ODE-pair generation (the paper, Stage 1, step 1) as ``dmdx predict``.
 
 ``ODEPairGenerator.predict_step`` samples the teacher's PF-ODE with CFG from noise seeded by each
 pair's index; ``ODEPairWriter`` gathers a shard's batches and writes it atomically with its

@@ -325,7 +325,7 @@ def nearest_modes(x: Tensor, labels: Tensor, mixture: GaussianMixture) -> tuple[
 
 @torch.no_grad()
 def mixture_metrics(x: Tensor, labels: Tensor, mixture: GaussianMixture, radius_sigmas: float = 3.0) -> dict:
-    """Exact quality of samples ``x`` of classes ``labels`` (PAPER.md's claims made countable).
+    """Exact quality of samples ``x`` of classes ``labels`` (the paper's claims made countable).
 
     - ``precision``: share of samples within ``r = std * (sqrt(d) + radius_sigmas)`` of their
       nearest mode mean of the prompted class (a true sample lies at ``std * sqrt(d)``, so ``r``
