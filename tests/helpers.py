@@ -115,3 +115,28 @@ def with_variants(kw: dict) -> dict:
     variants = {k: kw.pop(k) for k in list(kw) if k in names}
     return {**kw, "variants": ADMVariants(**variants)} if variants else kw
 
+
+#: packages a light `dmdx` verb must not import (they cost seconds)
+HEAVY_PACKAGES = ("lightning", "lightning_fabric", "pytorch_lightning", "torch", "diffusers", "transformers", "peft")
+
+_PROBE = """
+import json, sys
+from dmdx_lightning.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
+"""
+
+
+def dmdx_in_fresh_interpreter(*argv: str, cwd: Path = ROOT) -> tuple[int, set[str], str]:
+    """(exit code, modules imported, stdout) of ``dmdx ARGV`` run in a fresh interpreter in ``cwd``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", _PROBE, *argv], cwd=cwd, capture_output=True, text=True,
+                         timeout=120, env=env)
+    report = json.loads(out.stderr.strip().splitlines()[-1])
+    return report["code"], set(report["modules"]), out.stdout
+

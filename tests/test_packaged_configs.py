@@ -5,9 +5,7 @@ them all with what each runs, and every header says what it runs, needs and writ
 from __future__ import annotations
 
 import glob
-import json
 import os
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -20,9 +18,10 @@ from dmdx_lightning.cli import main as dmdx
 from dmdx_lightning.configs_index import (RENAMED, ShippedConfig, configs_dir, markdown, packaged_path, resolve_config,
                                           resolve_config_args, shipped)
 
+from tests.helpers import HEAVY_PACKAGES, dmdx_in_fresh_interpreter
+
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = shipped()
-HEAVY = ("lightning", "lightning_fabric", "pytorch_lightning", "torch", "diffusers", "transformers", "peft")
 #: config keys whose value is a file the run reads
 FILE_KEYS = ("train_file", "val_file", "prompt_file")
 
@@ -152,39 +151,17 @@ def test_packaged_path_is_relative_below_the_current_folder(tmp_path, monkeypatc
     assert packaged_path("prompts/eval.txt") == os.path.join(configs_dir().name, "prompts", "eval.txt")
 
 
-PROBE = """
-import json, sys
-from dmdx_lightning.cli import main
-try:
-    main(sys.argv[1:])
-except SystemExit as e:
-    code = e.code
-else:
-    code = 0
-print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
-"""
-
-
-def run_dmdx(*argv: str, cwd: Path) -> tuple[int, set[str], str]:
-    """(exit code, modules imported, stdout) of ``dmdx ARGV`` in a fresh interpreter."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run([sys.executable, "-c", PROBE, *argv], cwd=cwd, capture_output=True, text=True,
-                         timeout=120, env=env)
-    report = json.loads(out.stderr.strip().splitlines()[-1])
-    return report["code"], set(report["modules"]), out.stdout
-
-
 @pytest.mark.parametrize("argv", [("configs",), ("configs", "--help"), ("configs", "quickstart/adm.yaml")],
                          ids=" ".join)
 def test_dmdx_configs_imports_no_heavy_library(argv, tmp_path):
-    code, modules, stdout = run_dmdx(*argv, cwd=tmp_path)
+    code, modules, stdout = dmdx_in_fresh_interpreter(*argv, cwd=tmp_path)
     assert code in (0, None) and stdout.strip()
-    heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY)
+    heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY_PACKAGES)
     assert not heavy, f"`dmdx {' '.join(argv)}` imported {heavy[:8]}"
 
 
 def test_dmdx_configs_lists_every_shipped_yaml_by_group(tmp_path):
-    _, _, listing = run_dmdx("configs", cwd=tmp_path)
+    _, _, listing = dmdx_in_fresh_interpreter("configs", cwd=tmp_path)
     every = sorted(p.relative_to(configs_dir()).as_posix() for p in configs_dir().rglob("*.yaml"))
     assert len(every) == len(SHIPPED) > 30
     lines = listing.splitlines()

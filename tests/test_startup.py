@@ -5,52 +5,26 @@ verb that needs no Trainer, should not wait for it. Each case runs in a fresh in
 this test process has long imported everything.
 """
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dmdx_lightning.cli import LIGHT_VERBS
+from tests.helpers import HEAVY_PACKAGES, dmdx_in_fresh_interpreter
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("lightning", "lightning_fabric", "pytorch_lightning", "torch", "diffusers", "transformers", "peft")
-
-PROBE = """
-import json, sys
-from dmdx_lightning.cli import main
-try:
-    main(sys.argv[1:])
-except SystemExit as e:
-    code = e.code
-else:
-    code = 0
-print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
-"""
-
-
 def imports_of(*argv: str) -> tuple[int, set[str], str]:
     """(exit code, top-level packages imported, stdout) of ``dmdx ARGV`` in a fresh interpreter."""
-    out = subprocess.run([sys.executable, "-c", PROBE, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    report = json.loads(out.stderr.strip().splitlines()[-1])
-    return report["code"], set(report["modules"]), out.stdout
+    return dmdx_in_fresh_interpreter(*argv)
 
 
-def verb_help(verb: str):
-    if verb == "sample" and not (ROOT / "dmdx_lightning" / "sample.py").is_file():
-        return pytest.param((verb, "--help"), marks=pytest.mark.skip(
-            reason="dmdx_lightning/sample.py (`dmdx sample`) is not written yet"))
-    return (verb, "--help")
-
-
-@pytest.mark.parametrize("argv", [(), ("--help",), ("-h",)] + [verb_help(v) for v in sorted({*LIGHT_VERBS, "sample"})],
+@pytest.mark.parametrize("argv", [(), ("--help",), ("-h",)] + [(v, "--help") for v in sorted(LIGHT_VERBS)],
                          ids=lambda argv: " ".join(argv) or "no-args")
 def test_help_imports_no_heavy_library(argv):
     code, modules, stdout = imports_of(*argv)
     assert code == 0 and stdout.strip(), stdout
     assert "dmdx_lightning.cli" in modules  # the probe sees what the command imported
-    heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY)
+    heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY_PACKAGES)
     assert not heavy, f"`dmdx {' '.join(argv)}` imported {heavy[:8]}{' ...' if len(heavy) > 8 else ''}"
 
 
