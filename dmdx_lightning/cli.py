@@ -53,37 +53,27 @@ def main(args: list[str] | None = None) -> None:
     except SetupError as e:
         fail(str(e), e)
     if resolved != argv:
-        argv = resolved
-        if args is None:  # from the command line LightningCLI reads sys.argv
-            sys.argv[1:] = argv
-        else:
-            args = argv
+        argv, args = resolved, _pass_on(resolved, args)
     if argv[0] in TRAINER_VERBS:
         from dmdx_lightning.options import help_request
 
         try:
             page = help_request(argv[0], argv[1:])
         except ValueError as e:
-            print(f"dmdx: error: {e}", file=sys.stderr)
-            sys.exit(2)
+            fail(str(e), e)
         if page is not None:
             print(page)
             return
         if "trainer" in argv and any(a in ("-h", "--help") for a in argv):
             argv.remove("trainer")  # `dmdx fit --help trainer`: LightningCLI's own page
-            if args is None:  # from the command line LightningCLI reads sys.argv
-                sys.argv[1:] = argv
-            else:
-                args = argv
+            args = _pass_on(argv, args)
     try:
         check_config_files(argv)  # a YAML error names the file and line (the parser would not)
         from jsonargparse import ArgumentError
 
         from dmdx_lightning.training_cli import DMDXCLI
 
-        # from the command line LightningCLI reads sys.argv itself: passing args too would warn
-        # ("args parameter is intended to run from within Python") on every call
-        DMDXCLI(args=args)
+        DMDXCLI(args=args)  # None from the command line: it reads sys.argv (see _pass_on)
     except (ConfigError, SetupError) as e:  # preflight: key, value, problem and fix in one paragraph
         fail(str(e), e)
     except ArgumentError as e:  # the parser's: a misspelt key, a value of the wrong type
@@ -93,6 +83,15 @@ def main(args: list[str] | None = None) -> None:
         if reason is None:
             raise
         fail(reason, e)
+
+
+def _pass_on(argv: list[str], args: list[str] | None) -> list[str] | None:
+    """Hand LightningCLI the rewritten ``argv`` where it looks: ``sys.argv`` when run from the command
+    line (``args`` None; passing args too would warn on every call), else as ``args``."""
+    if args is None:
+        sys.argv[1:] = argv
+        return None
+    return argv
 
 
 def fail(reason: str, error: BaseException) -> None:

@@ -203,13 +203,21 @@ def resolve_config(value: str) -> str:
     if not os.path.isabs(value):
         name = _shipped_form(value)
         name = RENAMED.get(name, RENAMED.get(f"{name}.yaml", name))
-        root = configs_dir()
         for candidate in (name, f"{name}.yaml"):
-            path = root / candidate
-            if ".." not in Path(candidate).parts and path.is_file() and path.suffix in (".yaml", ".yml"):
+            path = shipped_file(candidate)
+            if path is not None and path.suffix in (".yaml", ".yml"):
                 return str(path)
     raise SetupError(f"--config {value}: no such file in {os.getcwd()}, and no shipped config of that name."
                      f"{did_you_mean(value)} `dmdx configs` lists the shipped configs.")
+
+
+def shipped_file(value: str) -> Path | None:
+    """The shipped file ``value`` names (``configs/prompts/x.txt``, ``prompts/x.txt``), or ``None``."""
+    name = _shipped_form(value)
+    if os.path.isabs(name) or ".." in Path(name).parts:  # names only: never a path out of the folder
+        return None
+    path = configs_dir() / name
+    return path if path.is_file() else None
 
 
 def did_you_mean(value: str) -> str:

@@ -41,8 +41,6 @@ FRAMEWORK_PACKAGES = ("lightning", "pytorch_lightning", "torch", "builtins", "ab
 @lru_cache(maxsize=None)
 def known_classes() -> dict[str, type]:
     """Short name -> class, for every public class defined in :data:`PACKAGES`."""
-    import dmdx_lightning
-
     found: dict[str, type] = {}
     for package in PACKAGES:
         pkg = importlib.import_module(f"dmdx_lightning.{package}")
@@ -51,7 +49,6 @@ def known_classes() -> dict[str, type]:
             for name, obj in vars(module).items():
                 if inspect.isclass(obj) and obj.__module__ == module.__name__ and not name.startswith("_"):
                     found.setdefault(name, obj)
-    assert dmdx_lightning  # the package itself stays light; its subpackages are imported above
     return found
 
 
@@ -126,7 +123,7 @@ def _arg_docs(cls: type) -> dict[str, str]:
     import docstring_parser
 
     docs: dict[str, str] = {}
-    for text in (cls.__doc__, vars(cls).get("__init__", None).__doc__ if "__init__" in vars(cls) else None):
+    for text in (cls.__doc__, getattr(vars(cls).get("__init__"), "__doc__", None)):
         if not text:
             continue
         for param in docstring_parser.parse(text).params:

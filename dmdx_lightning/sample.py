@@ -503,8 +503,7 @@ def _prompt_source(value: str) -> str:
     ``--config`` finds shipped configs)."""
     if Path(value).exists():
         return value
-    from dmdx_lightning.configs_index import _shipped_form, configs_dir
+    from dmdx_lightning.configs_index import shipped_file
 
-    shipped = configs_dir() / _shipped_form(value)
-    return str(shipped) if shipped.is_file() else value
+    return str(shipped_file(value) or value)
 

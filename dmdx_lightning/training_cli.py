@@ -13,15 +13,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
-from omegaconf import OmegaConf
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from omegaconf import OmegaConf
 
 from dmdx_lightning.callbacks.preemption import RequeueOnSignal
 from dmdx_lightning.callbacks.progress import add_progress_bar
-
 from dmdx_lightning.cli import DESCRIPTION, LIGHT_VERBS
 from dmdx_lightning.configs_index import packaged_path
 from dmdx_lightning.options import known_classes

@@ -166,9 +166,7 @@ class ADMModule(DistillationModule):
         if get("dmd_diagnostic_every", 10) < 1:
             raise ConfigError(f"{key}.dmd_diagnostic_every", get("dmd_diagnostic_every"), "it counts iterations "
                               "between two DMD diagnostics", "Use 1 or more (or log_dmd_diagnostic: false).")
-        variants = get("variants")
-        if isinstance(variants, Mapping):  # as parsed: the group's values, checked by building it
-            ADMVariants(**variants)
+        _variants(options)  # the group's own checks (ADMVariants.__post_init__)
         if get("real_cfg_scale", 2.0) < 0:
             raise ConfigError(f"{key}.real_cfg_scale", get("real_cfg_scale"), "a guidance scale must be >= 0",
                               "1 is no guidance; the configs use the teacher's own scale.")
@@ -178,10 +176,7 @@ class ADMModule(DistillationModule):
         keys = {}
         if options.get("loss", "adm") == "dmd2":
             keys["x0"] = "loss: dmd2 trains its GAN head on real latents (the teacher's ODE-pair x0)"
-        variants = options.get("variants")
-        regression = getattr(variants, "regression_weight", None) if variants is not None else None
-        if isinstance(variants, Mapping):
-            regression = variants.get("regression_weight")
+        regression = _variants(options).regression_weight
         if regression:
             keys.update(x0="variants.regression_weight > 0 regresses on ODE pairs", x_T="the pairs' noise x_T")
         return keys
@@ -380,3 +375,11 @@ class ADMModule(DistillationModule):
                                                    create_graph=True)
         return (logits_real, logits_fake, gradient_penalty(grad_real) if self.variants.r1_gamma > 0 else None,
                 gradient_penalty(grad_fake) if self.variants.r2_gamma > 0 else None)
+
+
+def _variants(options: Mapping[str, Any]) -> ADMVariants:
+    """The ``variants`` of ADM's options: built already (Python), a mapping as parsed from a config
+    (built here, which runs its checks), or absent (the paper's)."""
+    variants = options.get("variants")
+    return ADMVariants(**variants) if isinstance(variants, Mapping) else variants or ADMVariants()
+
