@@ -1,6 +1,7 @@
 """Round trip: a few ADM steps on a tiny SD3 -> `dmdx export` -> diffusers loads it and samples like us."""
 
 import json
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -29,16 +30,22 @@ def run_config(tiny_sd3_dir, mode):
 @pytest.fixture(scope="module", params=["lora", "full"])
 def trained(request, tiny_sd3_dir, tmp_path_factory):
     """A run directory as `dmdx fit` leaves it: config.yaml + checkpoints/last.ckpt after 2 ADM iterations."""
-    run = tmp_path_factory.mktemp(f"run_{request.param}")
-    (run / "config.yaml").write_text(yaml.safe_dump(run_config(tiny_sd3_dir, request.param)))
+    module, ckpt = train_run(tmp_path_factory.mktemp(f"run_{request.param}"), tiny_sd3_dir, request.param, 2)
+    return request.param, module, ckpt
+
+
+def train_run(run: Path, tiny_sd3_dir, mode: str, iterations: int):
+    """``(module, checkpoint)`` of a run folder as `dmdx fit` leaves it: config.yaml +
+    checkpoints/last.ckpt after ``iterations`` ADM iterations on the tiny SD3 (seed 0)."""
+    (run / "config.yaml").write_text(yaml.safe_dump(run_config(tiny_sd3_dir, mode)))
     torch.manual_seed(0)
     module = build_module(run / "config.yaml")
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_steps=iterations, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=run)
     trainer.fit(module, prompt_loader(PROMPTS, batch_size=2))
     ckpt = run / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(ckpt)
-    return request.param, module, ckpt
+    return module, ckpt
 
 
 def load_export(fmt, out, tiny_sd3_dir):

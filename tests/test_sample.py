@@ -288,18 +288,11 @@ def test_sd3_checkpoint_and_its_exports_sample_alike(mode, tiny_sd3_dir, tmp_pat
     """A tiny SD3 run's checkpoint through our sampler, and its `dmdx export` folders through
     diffusers' StableDiffusion3Pipeline (lora: the teacher's pipeline with the adapter and the
     exported scheduler): the same pictures for the same seeds."""
-    from tests.test_export import PROMPTS, run_config
+    from tests.test_export import PROMPTS, train_run
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump(run_config(tiny_sd3_dir, mode)))
-    torch.manual_seed(0)
-    module = build_module(run / "config.yaml")
-    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=run)
-    trainer.fit(module, prompt_loader(PROMPTS, batch_size=2))
-    ckpt = run / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(ckpt)
+    module, ckpt = train_run(run, tiny_sd3_dir, mode, 3)
     common = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "-n", "2", "--seed", "3"]
     ours = run_sample(str(ckpt), "--output", str(tmp_path / "ckpt"), *common)
     a = files(ours, tmp_path / "ckpt")
