@@ -7,7 +7,8 @@ backbone) on 8x8 digits; generic callbacks and discriminators never import it.
   (torchmetrics' FID machinery with a custom feature extractor), k-NN precision and recall
   (Kynkaanniemi et al. 2019) on the same features, class accuracy and coverage;
   :func:`digits_diversity`: within-prompt distance on the classifier's maps.
-- :class:`DigitsMetricsCallback`: both, in the validation loop (``val/...``).
+- :class:`DigitsMetricsCallback`: both, in the validation loop (``val/...``), through the metric
+  component :class:`~dmdx_lightning.evaluation.metrics.DigitsMetric` (what ``dmdx evaluate`` uses).
 - :func:`evaluate_digits`: the one scoring path (fixed seeds) of :class:`DigitsSummary`, the
   quickstart's end-of-fit report (``runs/quickstart/summary.json``), and the quality benchmark.
 - :class:`DigitsClassifierBackbone`: the classifier as ADP's pixel-discriminator backbone.
@@ -26,8 +27,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from dmdx_lightning.callbacks.metrics import (ValidationMetric, feature_lpips, knn_precision_recall,
-                                              mean_pairwise_distance, sample_images)
+from dmdx_lightning.callbacks.metrics import ValidationMetric, sample_images, sample_set
+from dmdx_lightning.evaluation.metrics.functional import feature_lpips, knn_precision_recall, mean_pairwise_distance
+from dmdx_lightning.evaluation.metrics.toy import DigitsMetric
 from dmdx_lightning.callbacks.samples import unit_range
 from dmdx_lightning.rng import fixed_noise
 from dmdx_lightning.atomic import write_json_atomic
@@ -112,7 +114,11 @@ class DigitsMetricsCallback(ValidationMetric):
         super().__init__(list(DIGIT_PROMPTS), None, None, seed, batch_size, run_on_sanity_check)
         self.samples_per_digit, self.diversity_samples, self.k = samples_per_digit, diversity_samples, k
         self.classifier_path = classifier
-        self.classifier = None
+        self.metric = DigitsMetric(classifier, k)  # the scoring: loads the classifier once, on first use
+
+    @property
+    def classifier(self) -> DigitsClassifier | None:
+        return self.metric.classifier
 
     def _shard(self, trainer, items):
         return list(items)
@@ -121,20 +127,17 @@ class DigitsMetricsCallback(ValidationMetric):
         if module.teacher.family != "digits":
             raise TypeError(f"DigitsMetricsCallback scores the digits teacher only, this run's teacher is "
                             f"{type(module.teacher).__name__}; use CLIPScoreCallback / LPIPSDiversityCallback")
-        if self.classifier is None:
-            self.classifier = load_classifier(self.classifier_path)
+        metric = self.metric
         n = self.samples_per_digit
         prompts = [p for p in self.prompts for _ in range(n)]
         seeds = [self.seed + i for i in range(len(prompts))]
-        images = sample_images(module, prompts, seeds, self.batch_size)
-        labels = torch.arange(NUM_CLASSES).repeat_interleave(n)
-        values = digits_metrics(images, labels, self.classifier, self.k)
+        values = metric.quality(sample_set(sample_images(module, prompts, seeds, self.batch_size), prompts, seeds=seeds))
         if self.diversity_samples:
             k = self.diversity_samples
             prompts = [p for p in self.prompts for _ in range(k)]
             seeds = [self.seed + len(seeds) + i for i in range(len(prompts))]
             images = sample_images(module, prompts, seeds, self.batch_size)
-            values["diversity"] = digits_diversity(images.view(NUM_CLASSES, k, *images.shape[1:]), self.classifier)
+            values["diversity"] = metric.diversity(sample_set(images, prompts, seeds=seeds))
         return values
 
 
