@@ -10,6 +10,10 @@ SD3-Medium-size memory / speed with random weights.
    (128x128 latents): resident GPU bytes after loading the teacher in lora and full mode, then
    ADM iterations (batch 1, LoRA rank 64, gradient checkpointing, bf16-mixed): seconds per
    iteration and peak memory. Text encoders here are tiny; they are shared by every role.
+
+Section 2 is superseded by ``benchmarks/gpu_check.py`` (every shipped SDXL / SD3 method, LoRA and
+full, built from the shipped configs, with FLOPs and MFU); this script remains for section 1, the
+FSDP check through the CLI.
 """
 
 from __future__ import annotations

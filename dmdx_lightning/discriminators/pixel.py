@@ -13,6 +13,13 @@ layers; the logit is the mean over heads. Backbones, each resizing and normalisi
 
 Heads are conditioned on the prompt (pooled vector) and on ``t = 0`` (clean images), so the
 same :class:`Head2D` serves both discriminators.
+
+Memory: the generator's pixel term keeps, for backward, the activations of a full VAE decode and
+of the backbone at its input size (SAM: 1024 px), both with gradient. Two options recompute them in
+backward instead (losses and gradients unchanged): ``PixelDiscriminator(decode_checkpointing=True)``
+and ``SamBackbone(checkpointing=True)``; ``PixelDiscriminator(decode_batch=1)`` then bounds the
+decoder's recomputation to one sample. ``benchmarks/pixel_memory.py`` measures them
+(``benchmarks/results/pixel_memory.md``).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from dmdx_lightning.discriminators.heads import Head2D
 
@@ -37,6 +45,9 @@ class PixelBackbone(nn.Module):
     """
 
     net: nn.Module
+    #: recompute each block in backward instead of keeping its activations (a backbone that
+    #: supports it takes a ``checkpointing`` option)
+    checkpointing: bool = False
 
     def freeze(self) -> None:
         self.net.requires_grad_(False).eval()
@@ -85,31 +96,73 @@ class SamBackbone(PixelBackbone):
             (e.g. ``facebook/sam-vit-base``; its vision encoder is taken).
         image_size: input resolution (default: the encoder's ``config.image_size``, 1024 for SAM).
         dtype: weight dtype of the frozen encoder (``float32 | float16 | bfloat16``).
+        checkpointing: recompute each ViT block in backward (the generator's pixel term) instead of
+            keeping its activations: at 1024 px SAM ViT-B keeps 64x64 tokens x 768 wide several
+            times per block, and its 4 global-attention blocks their 12 x 4096 x 4096 attention
+            weights (4.2 GiB in bf16 all told); with it only the 12 block outputs are kept
+            (``benchmarks/results/pixel_memory.md``), for one more
+            encoder forward per generator step. Results are unchanged. transformers' own
+            ``gradient_checkpointing_enable`` does not serve here: it acts only in training mode,
+            and the frozen encoder stays in eval mode.
     """
 
-    def __init__(self, pretrained: str, image_size: int | None = None, dtype: str = "float32") -> None:
-        super().__init__()
-        from transformers import SamVisionConfig, SamVisionModel
+    def __init__(self, pretrained: str, image_size: int | None = None, dtype: str = "float32",
+                 checkpointing: bool = False) -> None:
+        from transformers import SamVisionModel
 
+        super().__init__()
         self.pretrained = pretrained
-        torch_dtype = getattr(torch, dtype)
         try:
-            self.net = SamVisionModel.from_pretrained(pretrained, dtype=torch_dtype)
+            net = SamVisionModel.from_pretrained(pretrained, dtype=getattr(torch, dtype))
         except (OSError, ValueError) as e:
             raise OSError(f"could not load a SAM vision encoder from {pretrained!r} ({e}); pass a hub id "
                           "such as facebook/sam-vit-base or a local folder saved with save_pretrained") from e
+        self._setup(net, image_size, checkpointing)
+
+    @classmethod
+    def from_model(cls, net: nn.Module, image_size: int | None = None, checkpointing: bool = False) -> "SamBackbone":
+        """A backbone around an already built ``SamVisionModel`` (benchmarks build the real ViT-B
+        config with random weights, on the meta device, without a folder)."""
+        backbone = cls.__new__(cls)
+        PixelBackbone.__init__(backbone)
+        backbone.pretrained = None
+        backbone._setup(net, image_size, checkpointing)
+        return backbone
+
+    def _setup(self, net: nn.Module, image_size: int | None, checkpointing: bool) -> None:
+        from transformers import SamVisionConfig
+
+        self.net = net
         if not isinstance(self.net.config, SamVisionConfig):
-            raise ValueError(f"{pretrained!r} did not give a SamVisionConfig")
+            raise ValueError(f"{self.pretrained!r} did not give a SamVisionConfig")
         self.image_size = image_size or self.net.config.image_size
+        self.checkpointing = checkpointing
         self.freeze()
 
     def preprocess(self, images: Tensor) -> Tensor:
         return _to_rgb_normalised(images, self.image_size, IMAGENET_MEAN, IMAGENET_STD).to(self.net.dtype)
 
     def hidden_maps(self, inputs: Tensor) -> list[Tensor]:
+        if self.checkpointing and torch.is_grad_enabled() and inputs.requires_grad:
+            return self._checkpointed_maps(inputs)
         out = self.net(pixel_values=inputs, output_hidden_states=True)
         # hidden_states[0] is the patch embedding; blocks follow, channels-last (B, h, w, C)
         return [h.permute(0, 3, 1, 2) for h in out.hidden_states[1:]]
+
+    def _checkpointed_maps(self, inputs: Tensor) -> list[Tensor]:
+        """The encoder's blocks one by one (``SamVisionEncoder.forward`` without its neck, which no
+        head reads), each under non-reentrant checkpointing; the same maps as :meth:`hidden_maps`."""
+        encoder = self.net.vision_encoder
+        h = encoder.patch_embed(inputs)
+        if encoder.pos_embed is not None:
+            h = h + encoder.pos_embed
+        maps = []
+        for layer in encoder.layers:
+            # the frozen encoder has no dropout: recomputing without the RNG state gives the same values
+            h = checkpoint(layer, h, use_reentrant=False, preserve_rng_state=False)
+            h = h[0] if isinstance(h, tuple) else h  # transformers < 5 returned (hidden_states,)
+            maps.append(h.permute(0, 3, 1, 2))
+        return maps
 
 
 class Dinov2Backbone(PixelBackbone):
@@ -155,21 +208,48 @@ class PixelDiscriminator(nn.Module):
             several evenly spaced encoder blocks.
         head_channels: hidden width of every head.
         num_down: stride-2 stages of a head on large maps.
+        decode_checkpointing: in the generator's pixel term (the only decode with gradient), recompute
+            the VAE decoder's blocks in backward instead of keeping all their activations (at 1024 px
+            the largest part of ADP's memory; see ``benchmarks/results/pixel_memory.md``). The
+            diffusers models that ``teacher.decode`` runs (found when :meth:`build` decodes) get
+            their own per-block checkpointing (``enable_gradient_checkpointing``), which acts only
+            when gradients flow; a decode that runs none (e.g. the digits teacher's) is recomputed
+            whole. Costs one more decode per generator step; losses and gradients are unchanged.
+        decode_batch: decode this many samples at a time (``None``: the whole batch at once). With
+            ``decode_checkpointing``, a block's recomputation in backward then holds one chunk's
+            activations at a time instead of the whole batch's; in the discriminator's step (no
+            gradient) it bounds the decoder's working memory the same way. Without checkpointing it
+            saves nothing: every chunk's activations are kept for backward alike.
     """
 
     def __init__(self, backbone: PixelBackbone, layers: Sequence[int] = (-1,), head_channels: int = 256,
-                 num_down: int = 3) -> None:
+                 num_down: int = 3, decode_checkpointing: bool = False, decode_batch: int | None = None) -> None:
         super().__init__()
+        if decode_batch is not None and decode_batch < 1:
+            raise ValueError(f"decode_batch must be >= 1 or None (the whole batch), got {decode_batch}")
         self.backbone = backbone
         self.layers = list(layers)
         self.head_channels, self.num_down = head_channels, num_down
+        self.decode_checkpointing, self.decode_batch = decode_checkpointing, decode_batch
+        self._recompute_whole_decode = False
         self.heads = nn.ModuleList()
 
     @torch.no_grad()
     def build(self, teacher) -> "PixelDiscriminator":
-        """Create one head per layer, sized by decoding one zero latent through the backbone."""
+        """Create one head per layer, sized by decoding one zero latent through the backbone (and,
+        with ``decode_checkpointing``, turn on the checkpointing of the models that decode ran)."""
         device = teacher.denoiser_device
-        images = teacher.decode(torch.zeros(teacher.latent_shape(1), device=device))
+        ran: set[nn.Module] = set()
+        hook = nn.modules.module.register_module_forward_pre_hook(lambda module, args: ran.add(module))
+        try:
+            images = teacher.decode(torch.zeros(teacher.latent_shape(1), device=device))
+        finally:
+            hook.remove()
+        if self.decode_checkpointing:
+            decoders = _checkpointable_models(teacher, ran)
+            for model in decoders:
+                model.enable_gradient_checkpointing()
+            self._recompute_whole_decode = not decoders
         self.backbone.to(device)
         maps = self.backbone(images, self.layers)
         cond_dim = teacher.encode_prompts([""]).pooled.shape[-1]
@@ -180,6 +260,15 @@ class PixelDiscriminator(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.heads.parameters())
 
+    def decode(self, teacher, latents: Tensor) -> Tensor:
+        """``teacher.decode`` in chunks of ``decode_batch`` (see ``decode_checkpointing``)."""
+        chunks = latents.split(self.decode_batch) if self.decode_batch else (latents,)
+        whole = self._recompute_whole_decode and torch.is_grad_enabled() and latents.requires_grad
+        # a VAE decode draws no random numbers, so the RNG state need not be saved for the recomputation
+        images = [checkpoint(teacher.decode, z, use_reentrant=False, preserve_rng_state=False) if whole
+                  else teacher.decode(z) for z in chunks]
+        return images[0] if len(images) == 1 else torch.cat(images)
+
     def score_images(self, images: Tensor, pooled: Tensor) -> Tensor:
         """Logits ``(B,)`` of already-decoded ``[-1, 1]`` images."""
         if not len(self.heads):
@@ -189,5 +278,17 @@ class PixelDiscriminator(nn.Module):
         return torch.stack([head(m, t, pooled) for head, m in zip(self.heads, maps)]).mean(0)
 
     def forward(self, teacher, x0: Tensor, cond) -> Tensor:
-        """Logits of latents ``x0``: decoded by ``teacher.decode`` (differentiable) first."""
-        return self.score_images(teacher.decode(x0), cond.pooled)
+        """Logits of latents ``x0``: decoded by :meth:`decode` (differentiable) first."""
+        return self.score_images(self.decode(teacher, x0), cond.pooled)
+
+
+def _checkpointable_models(teacher: nn.Module, ran: set[nn.Module]) -> list[nn.Module]:
+    """The diffusers models of ``teacher`` that support gradient checkpointing and ran (some of
+    their modules did) in the modules set ``ran``: the VAE that ``teacher.decode`` uses, whatever
+    the family names it (its ``decode`` is a method, so only its submodules' forwards are seen)."""
+    try:
+        from diffusers import ModelMixin
+    except ImportError:  # a teacher without diffusers
+        return []
+    return [m for m in teacher.modules() if isinstance(m, ModelMixin) and m._supports_gradient_checkpointing
+            and any(sub in ran for sub in m.modules())]

@@ -199,7 +199,8 @@ class ADPModule(DistillationModule):
             loss = loss + self.lambda1 * out["latent_hinge"]
         if self.pixel_discriminator is not None:
             with torch.no_grad():  # the decoder needs no gradient when only heads learn
-                img_real, img_fake = self.teacher.decode(real), self.teacher.decode(fake)
+                decode = self.pixel_discriminator.decode  # in its decode_batch chunks
+                img_real, img_fake = decode(self.teacher, real), decode(self.teacher, fake)
             logits_real = self.pixel_discriminator.score_images(img_real, cond.pooled)
             logits_fake = self.pixel_discriminator.score_images(img_fake, cond.pooled)
             out["pixel_hinge"] = hinge_d(logits_real, logits_fake)
