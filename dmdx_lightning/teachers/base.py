@@ -123,33 +123,20 @@ class RoleCheckpointing:
 
     #: the role of the forward in progress
     _active_role: str | None = None
-    #: the adapter state the network is in (lora mode)
-    _applied_role: str | None = None
 
     @contextmanager
     def as_role(self, role: str):
         """The base's adapter switch, remembering the role (re-applied when checkpointed blocks are
-        recomputed) and restoring the enclosing role on exit.
-
-        The switch walks every module of the network, so it runs only when the applied role
-        changes: checkpointed blocks re-enter their role once per block during backward.
-        """
+        recomputed) and restoring the enclosing role on exit."""
         previous = self._active_role
+        self._set_adapters(role)
+        self._active_role = role
         try:
-            self._apply_role(role)
-            self._active_role = role
             yield
         finally:
             self._active_role = previous
             if previous is not None:
-                self._apply_role(previous)
-
-    def _apply_role(self, role: str) -> None:
-        if self.mode == "lora" and self._applied_role == role:
-            return
-        with super().as_role(role):
-            pass
-        self._applied_role = role
+                self._set_adapters(previous)
 
     def enable_gradient_checkpointing(self, net: nn.Module) -> None:
         """Checkpoint every transformer block, recomputing it under the role it first ran in.
@@ -161,6 +148,8 @@ class RoleCheckpointing:
         """
         def checkpoint_in_role(block, *args):
             role = self._active_role
+            if role == "real" and not self.checkpoint_frozen:
+                return block(*args)  # the frozen teacher keeps its activations, as in full mode
 
             def run(*inputs):
                 if role is None or self.mode != "lora":
@@ -188,6 +177,12 @@ class Teacher(nn.Module):
         lora_rank, lora_alpha: LoRA size, used in ``lora`` mode.
         lora_target_modules: module names the adapters wrap (family default when ``None``).
         gradient_checkpointing: trade compute for memory in the trainable roles.
+        checkpoint_frozen: lora mode with ``gradient_checkpointing``: checkpoint the frozen
+            teacher's passes that carry gradients too (the real score's features under the
+            generator's discriminator term), saving their activations at the cost of recomputing
+            them during backward. Off by default, as full mode, whose frozen network is never
+            checkpointed; on for the last GiBs of a tight card (benchmarks/results/topology.md
+            measures the time).
         build_roles: the roles to build (default: all three, as training needs). ``("student",)``
             is what ``dmdx export`` builds: in full mode the loaded network becomes the student
             itself, in lora mode only the ``"student"`` adapter is injected; asking such a
@@ -243,6 +238,7 @@ class Teacher(nn.Module):
         lora_alpha: float | None = None,
         lora_target_modules: list[str] | None = None,
         gradient_checkpointing: bool = False,
+        checkpoint_frozen: bool = False,
         build_roles: Sequence[str] = ROLES,
     ) -> None:
         super().__init__()
@@ -260,6 +256,7 @@ class Teacher(nn.Module):
         self.lora_alpha = lora_alpha if lora_alpha is not None else float(lora_rank)
         self.lora_target_modules = lora_target_modules
         self.gradient_checkpointing = gradient_checkpointing
+        self.checkpoint_frozen = checkpoint_frozen
         self._null_cache: Conditioning | None = None
 
     # ------------------------------------------------------------------ roles
@@ -289,6 +286,10 @@ class Teacher(nn.Module):
                                 init_lora_weights=True)
             for role in trainable:
                 inject_adapter_in_model(config, denoiser, adapter_name=role)
+            from dmdx_lightning.teachers.adapters import RoleAdapters
+
+            # the frozen teacher until a role is entered; none to switch in a teacher built as "real" alone
+            self._adapters = RoleAdapters(denoiser) if trainable else None
             for name, p in denoiser.named_parameters():
                 p.requires_grad_(_lora_role_of(name) is not None)
                 if p.requires_grad:
@@ -363,28 +364,25 @@ class Teacher(nn.Module):
 
     @contextmanager
     def as_role(self, role: str):
-        """Activate ``role``'s adapter (lora mode); a no-op in full mode.
-
-        peft's ``set_adapter`` also rewrites ``requires_grad``; the flags are restored so that
-        optimizer toggling stays the only thing that decides what trains.
-        """
-        self._check_built(role)
-        if self.mode == "full":
-            yield
-            return
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        flags = [(p, p.requires_grad) for p in self.denoiser.parameters()]
-        for layer in self.denoiser.modules():
-            if isinstance(layer, BaseTunerLayer):
-                if role == "real":
-                    layer.enable_adapters(False)
-                else:
-                    layer.enable_adapters(True)
-                    layer.set_adapter(role)
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        """Run the shared network as ``role`` (lora mode: its adapter; ``real``: none); a no-op in full mode."""
+        self._set_adapters(role)
         yield
+
+    #: the adapter layers' shared switch (lora mode with a trainable role; see :meth:`setup_roles`)
+    _adapters = None
+
+    @property
+    def role_switches(self) -> int:
+        """Adapter changes of the shared network so far (lora mode; 0 in full mode): a count that
+        benchmarks/topology.py and tests/test_roles.py read."""
+        return self._adapters.switches if self._adapters is not None else 0
+
+    def _set_adapters(self, role: str) -> None:
+        """Point the shared network at ``role`` (lora mode) at constant cost
+        (:class:`~dmdx_lightning.teachers.adapters.RoleAdapters`)."""
+        self._check_built(role)
+        if self._adapters is not None:
+            self._adapters.set(None if role == "real" else role)
 
     def train(self, mode: bool = True) -> "Teacher":
         super().train(mode)

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.schedules import VPSchedule
 from dmdx_lightning.teachers.base import Conditioning
-from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, DiffusersTeacher, merged_student, parse_dtype
+from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, DiffusersTeacher, merged_student, network_dtype,
+                                                    parse_dtype)
 
 __all__ = ["CONFIG_KEY", "CogVideoXTeacher", "student_vp_scheduler"]
 
@@ -259,7 +260,7 @@ class CogVideoXTeacher(DiffusersTeacher):
         return self._rotary_cache[key]
 
     def model_output(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        dtype = net.dtype
+        dtype = network_dtype(net)
         out = net(
             hidden_states=x_t.to(dtype),
             encoder_hidden_states=cond.prompt_embeds.to(dtype),

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from dmdx_lightning.schedules import FlowMatchSchedule
 from dmdx_lightning.teachers.base import Conditioning
 from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, IMAGE_EXAMPLE_PROMPTS, DiffusersTeacher,
-                                                    merged_student, parse_dtype)
+                                                    merged_student, network_dtype, parse_dtype)
 
 __all__ = ["CONFIG_KEY", "SD3Teacher", "parse_dtype", "student_flow_scheduler"]
 
@@ -205,7 +205,7 @@ class SD3Teacher(DiffusersTeacher):
 
     # ------------------------------------------------------------------ network
     def model_output(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        dtype = net.dtype
+        dtype = network_dtype(net)
         out = net(
             hidden_states=x_t.to(dtype),
             # float32 timesteps as the pipeline passes them (bf16 cannot tell 999 from 1000)

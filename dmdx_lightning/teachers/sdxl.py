@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from dmdx_lightning.schedules import VPSchedule
 from dmdx_lightning.teachers.base import Conditioning
 from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, IMAGE_EXAMPLE_PROMPTS, DiffusersTeacher,
-                                                    merged_student, parse_dtype)
+                                                    merged_student, network_dtype, parse_dtype)
 
 #: the config key of the optional separate VAE
 VAE_KEY = "model.init_args.teacher.init_args.vae"
@@ -287,7 +287,7 @@ class SDXLTeacher(DiffusersTeacher):
 
     # ------------------------------------------------------------------ network
     def model_output(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        dtype = net.dtype
+        dtype = network_dtype(net)
         out = net(
             x_t.to(dtype),
             # float32 timesteps (bf16 cannot tell 998 from 999); 1000 t - 1 (VPSchedule "trailing")
