@@ -17,7 +17,8 @@ from dmdx_lightning import quiet
 from dmdx_lightning.configs_index import resolve_config_args
 from dmdx_lightning.errors import ConfigError, SetupError, check_config_files, explain_parse_error
 
-DESCRIPTION = "DMDX diffusion distillation: dmdx fit|validate|predict --config <yaml>, dmdx export|sample|configs ..."
+DESCRIPTION = ("DMDX diffusion distillation: dmdx fit|validate|predict --config <yaml>, "
+               "dmdx export|sample|evaluate|configs ...")
 
 #: verbs served without a Trainer: name -> (module with ``main(argv)``, one line of help)
 LIGHT_VERBS: dict[str, tuple[str, str]] = {
@@ -27,6 +28,9 @@ LIGHT_VERBS: dict[str, tuple[str, str]] = {
     "sample": ("dmdx_lightning.sample",
                "Draw images / videos and a labelled grid from a checkpoint, an export or the teacher "
                "(dmdx sample --help)."),
+    "evaluate": ("dmdx_lightning.evaluation.evaluate",
+                 "Evaluate students beside their teacher on a prompt set: resumable, sharded over ranks; "
+                 "a results table, per-prompt values and a contact sheet (dmdx evaluate --help)."),
     "configs": ("dmdx_lightning.configs_index",
                 "List the shipped configs with what each runs; any listed NAME works as --config NAME "
                 "from any folder (dmdx configs --help)."),

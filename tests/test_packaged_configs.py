@@ -63,8 +63,11 @@ def configs_of(command: str) -> list[str]:
 
 
 def verb_of(config: ShippedConfig) -> str:
-    predicts = any(c.startswith("dmdx predict") and config.name in configs_of(c) for c in config.commands)
-    return "predict" if predicts else "fit"
+    """The verb the header's commands run the config with (``fit`` unless they say ``predict`` or ``evaluate``)."""
+    for verb in ("predict", "evaluate"):
+        if any(c.startswith(f"dmdx {verb}") and config.name in configs_of(c) for c in config.commands):
+            return verb
+    return "fit"
 
 
 def base_of(config: ShippedConfig) -> list[str]:

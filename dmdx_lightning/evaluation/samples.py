@@ -11,8 +11,11 @@ Pixel convention: float in ``[0, 1]``, RGB; images ``(B, 3, H, W)``, videos ``(B
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -71,6 +74,62 @@ class SampleSet:
         by_id = {id(s): k for k, s in enumerate(samples)}
         pixels = pixels.detach().float().clamp(0, 1).cpu()
         return cls(samples, lambda s: pixels[by_id[id(s)]], "image" if pixels.ndim == 4 else "video")
+
+    @classmethod
+    def from_records(cls, folder: str | Path, records: str = "records.jsonl", verify: bool = False) -> "SampleSet":
+        """The samples ``dmdx evaluate`` wrote to ``folder``: one JSON object a line in ``records``
+        (``prompt_index``, ``prompt``, ``seed``, ``file`` relative to ``folder``, ``sha256``, and
+        ``frames`` for a video), in the file's order; every other key lands in :attr:`Sample.extra`.
+
+        An image is a PNG; a video is one PNG of its ``frames`` frames stacked top to bottom
+        (lossless, one file per sample). With ``verify``, every file's sha256 is checked first.
+
+        Raises:
+            FileNotFoundError: no ``records`` file, or a file a record names is missing.
+            ValueError: a line that is not a record, a checksum that does not match (``verify``),
+                or images mixed with videos.
+        """
+        folder = Path(folder)
+        path = folder / records
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: generate the samples first (`dmdx evaluate`)")
+        samples = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                keys = (int(record["prompt_index"]), str(record["prompt"]), int(record["seed"]), str(record["file"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}, line {number}: not a sample record ({e})") from None
+            extra = {k: v for k, v in record.items() if k not in ("prompt_index", "prompt", "seed", "file")}
+            samples.append(Sample(*keys, extra=extra))
+        if not samples:
+            raise ValueError(f"{path} holds no records")
+        videos = {"frames" in s.extra for s in samples}
+        if len(videos) > 1:
+            raise ValueError(f"{path} mixes images and videos")
+        for s in samples:
+            file = folder / s.file
+            if not file.is_file():
+                raise FileNotFoundError(f"{file} is missing (named by {path})")
+            if verify and hashlib.sha256(file.read_bytes()).hexdigest() != s.extra.get("sha256"):
+                raise ValueError(f"{file} does not match the sha256 {path} records for it")
+
+        def load(sample: Sample) -> Tensor:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(folder / sample.file) as image:
+                pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+            pixels = pixels.permute(2, 0, 1).float() / 255  # (3, H, W)
+            frames = sample.extra.get("frames")
+            if frames is None:
+                return pixels
+            _, h, w = pixels.shape
+            return pixels.reshape(3, frames, h // frames, w).permute(1, 0, 2, 3).contiguous()  # (F, 3, H, W)
+
+        return cls(samples, load, "video" if videos == {True} else "image")
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
