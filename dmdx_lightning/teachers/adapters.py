@@ -15,11 +15,12 @@ which parameters train is decided once, when the roles are set up, and by optimi
 
 :class:`RoleLoraLinear` is peft's ``lora.Linear`` with a shorter forward for this one-adapter-at-a-
 time use (no per-call argument checks, no ``lora_A`` / ``lora_B`` / dropout module calls; the
-scaled sum in one op; without autograd, the adapter folded into the weight where that costs fewer
-FLOPs: most passes of an iteration are the student's gradient-free sampling). State-dict names,
-merging and peft's own API are unchanged; a layer that uses anything the short path does not
-handle (dropout, a variant such as DoRA, ``fan_in_fan_out``, adapter bias, extra call arguments,
-merged weights) takes peft's forward.
+scaled sum in one op). Folding the adapter into the weight for gradient-free passes was tried and
+dropped: no measurable gain on the topology benchmark, and in bf16 ``W + s B A`` rounds the
+adapter's small update to the base weight's resolution, so sampling would not match training.
+State-dict names, merging and peft's own API are unchanged; a layer that uses anything the short
+path does not handle (dropout, a variant such as DoRA, ``fan_in_fan_out``, adapter bias, extra call
+arguments, merged weights) takes peft's forward.
 
 Both rely on peft internals (``_active_adapter``, the layer's attribute names), checked against
 peft's own switch in tests/test_roles.py; peft is pinned in constraints.txt. The cost is measured by
@@ -46,14 +47,6 @@ class RoleLoraLinear(LoraLinear):
             return self.base_layer(x)
         role = active[0]
         a, b, base = self.lora_A[role].weight, self.lora_B[role].weight, self.base_layer
-        tokens = x.numel() // x.shape[-1]
-        if not torch.is_grad_enabled() and tokens * (a.shape[1] + b.shape[0]) > a.shape[1] * b.shape[0]:
-            # nothing to differentiate (the few-step student's sampling, the scores' targets): the
-            # adapter folded into the weight, one matmul instead of three and a sum, whenever that is
-            # fewer FLOPs (tokens x (in + out) x r for the adapter's two products vs in x out x r to
-            # fold; true for image tokens, not for the text tokens of cross-attention)
-            return F.linear(x, torch.add(base.weight, (b @ a).to(base.weight.dtype), alpha=self.scaling[role]),
-                            base.bias)
         result = base(x)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)  # fp32 adapters on a bf16 base (peft casts the same way)
