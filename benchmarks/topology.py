@@ -230,6 +230,11 @@ def run(args) -> dict:
     return report
 
 
+def _machine(m: dict) -> str:
+    return (f"{m['cpu_count']} CPU cores ({m['platform']}), Python {m['python']}, torch {m['torch']} on "
+            f"{m['torch_threads']} thread(s), {m['date_utc']} UTC")
+
+
 def markdown(report: dict, command: str) -> str:
     rows = [(r["family"], r["method"], f"`configs/{r['config']}`", f"{r['full']['ms']:.0f}", f"{r['lora']['ms']:.0f}",
              f"**{r['lora_over_full']:.2f}**", f"{r['lora']['switches']:.1f}") for r in report["rows"]]
@@ -239,7 +244,7 @@ def markdown(report: dict, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {report['machine']}; torch {report['torch']}; batch {report['batch_size']}; float32; "
+        f"Machine: {_machine(report['machine'])}; batch {report['batch_size']}; float32; "
         f"{report['rounds']} alternating rounds of >= {report['iterations']} iterations (whole TTUR cycles) after a "
         "warm-up cycle; median over rounds.",
         "",
@@ -251,6 +256,13 @@ def markdown(report: dict, command: str) -> str:
         "",
         markdown_table(["family", "method", "config", "full CPU ms/it", "lora CPU ms/it", "lora / full",
                         "switches / it"], rows),
+        "",
+        "CogVideoX ships no ADP config (the paper distils video with ADM alone). DMD2 switches 13 times per "
+        "5-iteration TTUR cycle (5 in the generator's iteration, 2 in each fake-score-only one: the student's "
+        "sampling, then the fake score). What LoRA mode still costs over full mode is the adapters' own work, "
+        "two small matmuls and a sum per adapted projection; full mode computes weight gradients for every "
+        "layer of the role that steps. The same benchmark on the code before issue 30's changes: "
+        "[topology_before.md](topology_before.md) (SDXL: ADM 1.57, DMD2 1.35).",
         "",
     ])
 
