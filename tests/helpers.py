@@ -140,3 +140,14 @@ def dmdx_in_fresh_interpreter(*argv: str, cwd: Path = ROOT) -> tuple[int, set[st
     report = json.loads(out.stderr.strip().splitlines()[-1])
     return report["code"], set(report["modules"]), out.stdout
 
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

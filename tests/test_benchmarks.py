@@ -1,21 +1,16 @@
 """The CPU benchmarks: their report logic on hand-made results, and each `--quick` path end to end."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+load = load_benchmark
 
 
 def arm(fd, recall, diversity):
@@ -133,3 +128,14 @@ def test_export_memory_quick_writes_results(tmp_path):
     assert m["ratio"] == pytest.approx((m["peak_rss"] - m["import_rss"]) / m["export_bytes"])
     assert m["command"].startswith("dmdx export --ckpt_path last.ckpt")
     assert "| tiny | lora | this |" in (tmp_path / "export_memory.md").read_text()
+
+
+@pytest.mark.slow
+def test_topology_smoke(tmp_path):
+    """One family x method, both modes, one round at the smallest widths: the benchmark's code path
+    end to end (the numbers are benchmarks/results/topology.md's job)."""
+    report = load("topology").main(["--families", "sdxl", "--methods", "dmd2", "--rounds", "1", "--iterations", "1",
+                                    "--tiny", "--batch_size", "1", "--out", str(tmp_path)])
+    (row,) = report["rows"]
+    assert row["full"]["ms"] > 0 and row["lora"]["ms"] > 0 and row["lora"]["switches"] > 0 == row["full"]["switches"]
+    assert "| sdxl | dmd2 |" in (tmp_path / "topology.md").read_text()

@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -33,11 +32,8 @@ from dmdx_lightning.evaluation.evaluate import (CONTACT_SHEET, PER_PROMPT, RECOR
                                                 PromptSpec, evaluate, parse_config, read_eval_prompts, writer_lock)
 from dmdx_lightning.evaluation.metrics.base import Metric, MetricResult
 from dmdx_lightning.evaluation.samples import SampleSet
-from dmdx_lightning.export import build_module
-from dmdx_lightning.teachers.digits import DIGIT_PROMPTS
-from tests.conftest import prompt_loader
 from tests.helpers import ROOT, dmdx_env
-from tests.test_sample import digits_config
+from tests.test_sample import train_digits_run
 
 TEACHER_CONFIG = str(ROOT / "configs" / "quickstart" / "adm.yaml")
 
@@ -74,16 +70,7 @@ class TinyFeatures(nn.Module):
 @pytest.fixture(scope="module")
 def digits_ckpt(tmp_path_factory):
     """A 2-step digits student (re-noising between its steps) as `dmdx fit` leaves it."""
-    run = tmp_path_factory.mktemp("digits_run")
-    (run / "config.yaml").write_text(yaml.safe_dump(digits_config()))
-    torch.manual_seed(0)
-    module = build_module(run / "config.yaml")
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=run)
-    trainer.fit(module, prompt_loader(list(DIGIT_PROMPTS), batch_size=4))
-    ckpt = run / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(ckpt)
-    return ckpt
+    return train_digits_run(tmp_path_factory.mktemp("digits_run"))[1]
 
 
 def digits_eval(out, ckpt, prompts=3, per_prompt=3, batch=2, **more) -> dict:

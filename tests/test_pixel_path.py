@@ -3,10 +3,6 @@ checkpointing and decoding in chunks give the same losses and gradients as the p
 tiny real SD3 / SDXL teachers, while keeping fewer bytes for backward; and the counting of
 benchmarks/pixel_memory.py on the meta device equals a real CPU run."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,17 +11,9 @@ from dmdx_lightning.methods.adp import ADPModule
 from dmdx_lightning.teachers.sd3 import SD3Teacher
 from dmdx_lightning.teachers.sdxl import SDXLTeacher
 from tests.conftest import TINY_SD3, TINY_SDXL
+from tests.helpers import load_benchmark
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red cube", "a blue sphere", "a green cone"]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmarks_pixel_memory", ROOT / "benchmarks" / "pixel_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_teacher(family, folder):
@@ -38,7 +26,7 @@ def tiny_teacher(family, folder):
 def generator_pixel_step(family, folder, sam_path, disc_options, sam_options):
     """One ADP generator step with only the pixel term (lambda1 = 0): its loss, the student's
     gradients, and the bytes its forward keeps for backward."""
-    bench = load_benchmark()
+    bench = load_benchmark("pixel_memory")
     teacher = tiny_teacher(family, folder)
     torch.manual_seed(1)  # the same heads
     pixel = PixelDiscriminator(SamBackbone(sam_path, **sam_options), layers=[0, 2], head_channels=16, **disc_options)
@@ -113,7 +101,7 @@ class ConvDecoderTeacher(torch.nn.Module):
 def test_a_decode_without_diffusers_models_is_recomputed_whole():
     from dmdx_lightning.evaluation.digits import DigitsClassifierBackbone
 
-    bench = load_benchmark()
+    bench = load_benchmark("pixel_memory")
     teacher, results = ConvDecoderTeacher(), []
     for checkpointing in (False, True):
         torch.manual_seed(0)
@@ -156,7 +144,7 @@ def test_meta_counts_equal_a_real_cpu_run(options):
     """benchmarks/pixel_memory.py counts on the meta device; a real CPU run counts the same bytes."""
     from transformers import SamVisionConfig
 
-    bench = load_benchmark()
+    bench = load_benchmark("pixel_memory")
     vae = dict(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
                scaling_factor=0.13025)

@@ -37,10 +37,9 @@ def digits_config() -> dict:
     return {"model": model}
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """A run folder as `dmdx fit` leaves it (config.yaml, checkpoints/last.ckpt) after a few ADM steps."""
-    run = tmp_path_factory.mktemp("digits_run")
+def train_digits_run(run):
+    """``(module, checkpoint)`` of a run folder as `dmdx fit` leaves it (config.yaml,
+    checkpoints/last.ckpt) after 2 ADM iterations of :func:`digits_config`, seed 0."""
     (run / "config.yaml").write_text(yaml.safe_dump(digits_config()))
     torch.manual_seed(0)
     module = build_module(run / "config.yaml")
@@ -50,6 +49,11 @@ def digits_run(tmp_path_factory):
     ckpt = run / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(ckpt)
     return module.eval(), ckpt
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    return train_digits_run(tmp_path_factory.mktemp("digits_run"))
 
 
 def pixels(path) -> np.ndarray:

@@ -111,6 +111,15 @@ class _ReferenceMetric(Metric):
         for pixels, _ in samples.batches(self.batch_size):
             yield pixels
 
+    def _metric_on(self, samples: SampleSet, device: torch.device):
+        """The loaded torchmetrics metric (reference features kept) with ``samples`` as its fake set."""
+        self.load(device)
+        metric = self._metric.to(device)
+        metric.reset()
+        for pixels in self.sample_batches(samples):
+            metric.update(pixels.to(device), real=False)
+        return metric
+
     def info(self) -> dict:
         net = "torch-fidelity inception-v3-compat" if self.feature_extractor is None else type(self.feature_extractor).__name__
         return {"package": package_info("torchmetrics", "torch-fidelity"), "reference": str(self.reference),
@@ -170,12 +179,7 @@ class FID(_ReferenceMetric):
 
     @torch.no_grad()
     def score(self, samples: SampleSet, device: torch.device) -> MetricResult:
-        self.load(device)
-        metric = self._metric.to(device)
-        metric.reset()
-        for pixels in self.sample_batches(samples):
-            metric.update(pixels.to(device), real=False)
-        return MetricResult({"fid": float(metric.compute())}, info=self.info())
+        return MetricResult({"fid": float(self._metric_on(samples, device).compute())}, info=self.info())
 
     def save_reference(self, path: str) -> None:
         """Write the reference statistics (``mu``, ``sigma``, ``n``) as ``.npz``, to pass as
@@ -261,11 +265,7 @@ class KID(_ReferenceMetric):
 
     @torch.no_grad()
     def score(self, samples: SampleSet, device: torch.device) -> MetricResult:
-        self.load(device)
-        metric = self._metric.to(device)
-        metric.reset()
-        for pixels in self.sample_batches(samples):
-            metric.update(pixels.to(device), real=False)
+        metric = self._metric_on(samples, device)
         n_real = sum(len(f) for f in metric.real_features)
         metric.subset_size = min(self.subset_size, n_real, len(samples))
         with torch.random.fork_rng(devices=[]):
