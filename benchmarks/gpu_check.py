@@ -4,7 +4,7 @@ and model FLOPs utilisation, LoRA and full, at the real model configs with rando
     python benchmarks/gpu_check.py --device cuda                 # one GPU: writes benchmarks/results/gpu_<device>_<date>.{md,json}
     python benchmarks/gpu_check.py --device cpu --tiny --out DIR # the same code at tiny sizes (tests/test_gpu_check.py)
 
-On the GPU machine (docs: /work/shared/ENV.md) diffusers and jsonargparse are not installed and
+On the GPU machines we are lent, diffusers and jsonargparse are not installed and
 nothing can be downloaded: bring them as pure-Python wheels fetched beforehand
 (``pip download --no-deps --python-version 3.12 diffusers jsonargparse docstring-parser
 typeshed-client importlib_metadata``), unpack them into a folder and run with
