@@ -287,7 +287,7 @@ def build_module(config: str | Path):
     return parser.instantiate_classes(parsed).model
 
 
-def build_teacher(config: str | Path, roles: Sequence[str] = EXPORT_ROLES):
+def build_teacher(config: str | Path, roles: Sequence[str] = EXPORT_ROLES, overrides: dict | None = None):
     """``(teacher, student_timesteps)`` of a run config, building only what an export needs.
 
     The model section is parsed (its classes resolved and its values checked, nothing built); then
@@ -295,8 +295,10 @@ def build_teacher(config: str | Path, roles: Sequence[str] = EXPORT_ROLES):
     ``("real",)``: the teacher's own network alone, as ``dmdx sample --teacher`` builds it). The
     student's times are the method's (``student_timesteps``, else ``student_steps`` evenly spaced;
     ``None`` for a model without a student, e.g. the ODE-pair writer, whose teacher alone can be built).
+    ``overrides``: teacher options replacing the config's (``dmdx evaluate``'s ``teacher_args``, e.g.
+    ``{"resolution": 512}``).
     """
-    from jsonargparse import ArgumentParser
+    from jsonargparse import ArgumentError, ArgumentParser
 
     from dmdx_lightning.methods.base import resolve_student_timesteps
     from dmdx_lightning.teachers.base import Teacher
@@ -307,10 +309,20 @@ def build_teacher(config: str | Path, roles: Sequence[str] = EXPORT_ROLES):
         raise ValueError(f"{config}: the model has no teacher / student_steps: `dmdx export` and `dmdx sample` read "
                          "the student of a distillation run (ADM, DMD, ADP ...)")
     teacher_cfg = model.teacher.as_dict()
+    teacher_cfg["init_args"].update(overrides or {})
     teacher_cfg["init_args"]["build_roles"] = list(roles)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(Teacher, "teacher", required=True)
-    teacher = parser.instantiate_classes(parser.parse_object({"teacher": teacher_cfg})).teacher
+    try:
+        parsed = parser.parse_object({"teacher": teacher_cfg})
+    except ArgumentError as e:
+        if not overrides:
+            raise
+        from dmdx_lightning.errors import explain_parse_error
+
+        raise ValueError(f"teacher options {overrides} do not fit {teacher_cfg['class_path']}: "
+                         f"{explain_parse_error(str(e), 'fit')}") from None
+    teacher = parser.instantiate_classes(parsed).teacher
     if not has_student:
         return teacher, None
     timesteps = resolve_student_timesteps(model.student_steps, model.get("student_timesteps"), teacher.schedule)

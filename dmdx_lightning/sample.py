@@ -196,12 +196,16 @@ def open_source(args) -> tuple[Any, dict]:
     source, device = Path(args.source), _device(args.device)
     if args.teacher:
         config = _teacher_config(source, args.config)
-        teacher, _ = build_teacher(config, roles=("real",))
+        teacher, _ = build_teacher(config, roles=("real",), overrides=getattr(args, "teacher_args", None))
         return (TeacherSampler(teacher, device, steps=args.steps, cfg=args.cfg, progress=args.progress),
                 {"kind": "teacher", "config": str(config), "teacher": teacher.identity()})
     if source.suffix in (".yaml", ".yml") and source.is_file():
         raise ValueError(f"{source} is a config: it holds no student weights. Pass a checkpoint or a `dmdx export` "
                          f"folder, or add --teacher to sample the teacher of {source}")
+    exported = source.is_dir() and ((source / EXPORT_INFO).is_file() or (source / "model_index.json").is_file())
+    if exported and getattr(args, "teacher_args", None):
+        raise ValueError(f"teacher options {args.teacher_args} apply to checkpoints, run folders and the teacher: "
+                         f"{source} is an exported model, which samples as it was exported")
     if source.is_dir() and (source / EXPORT_INFO).is_file():
         return _open_export(source, args, device)
     if source.is_dir() and (source / "model_index.json").is_file():
@@ -211,7 +215,7 @@ def open_source(args) -> tuple[Any, dict]:
         raise ValueError("--cfg applies to --teacher and diffusers pipeline folders: a distilled student samples "
                          "without guidance")
     config = run_config(ckpt, args.config)
-    teacher, timesteps = build_teacher(config)
+    teacher, timesteps = build_teacher(config, overrides=getattr(args, "teacher_args", None))
     ema = load_checkpoint_student(teacher, ckpt, args.use_ema)
     timesteps = _student_steps(timesteps, args.steps, teacher)
     return (TeacherSampler(teacher, device, timesteps=timesteps),

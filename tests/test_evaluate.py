@@ -420,6 +420,31 @@ def test_the_protocol_end_to_end_on_the_tiny_sd3(tiny_sd3_dir, tmp_path, capsys)
 
 
 
+def test_teacher_args_sample_at_another_resolution(tiny_sd3_dir, tmp_path, capsys):
+    """``teacher_args`` replace the config's teacher options (here the tiny SD3's 16 px -> 32 px); an
+    option the teacher does not have, or teacher_args on an exported folder, is one clear error."""
+    from tests.test_export import run_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run_config(tiny_sd3_dir, "lora")))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n")
+
+    def evaluate_with(teacher_args, output="eval"):
+        cfg = {"output": str(tmp_path / output), "prompts": {"source": str(prompts)}, "samples_per_prompt": 1,
+               "models": [{"label": "t32", "source": str(config), "teacher": True, "steps": 2,
+                           "teacher_args": teacher_args}]}
+        (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
+        return dmdx(["evaluate", "--config", str(tmp_path / "eval.yaml"), "--no-progress"])
+
+    evaluate_with({"resolution": 32})
+    (image,) = (tmp_path / "eval" / "t32" / "images").glob("*.png")
+    assert Image.open(image).size == (32, 32)
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_with({"resolutoin": 32}, "misspelt")
+    assert exit_.value.code == 2 and "resolutoin" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_videos_are_stored_losslessly_and_scored_per_frame(tiny_cogvideox_dir, tmp_path):
     """A video teacher: each video is one lossless PNG strip of its frames (what the metrics read,

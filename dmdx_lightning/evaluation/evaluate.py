@@ -91,7 +91,10 @@ class ModelSpec:
     """One model of the table: a student (``source``: a checkpoint, a run folder or a ``dmdx export``
     folder) or, with ``teacher: true``, the teacher of ``source``'s config (or of ``config``) with its
     own ODE sampler at ``steps`` and guidance ``cfg`` (default: the config's ``sample_steps`` and
-    ``cfg_scale``). ``label`` names its folder, its row and its TensorBoard run."""
+    ``cfg_scale``). ``label`` names its folder, its row and its TensorBoard run. ``teacher_args``:
+    teacher options replacing the config's for a checkpoint, run folder or ``teacher: true`` (e.g.
+    ``{resolution: 512}`` for SD3 / SDXL, ``{height: 480, width: 720, num_frames: 49}`` for
+    CogVideoX); an exported folder samples as it was exported."""
 
     label: str
     source: str
@@ -101,6 +104,7 @@ class ModelSpec:
     cfg: float | None = None
     ema: bool = True
     dtype: str | None = None
+    teacher_args: dict | None = None
 
 
 @dataclass
@@ -231,6 +235,9 @@ def parse_config(raw: dict) -> EvalConfig:
                               "Give each model its own label.")
         if spec.steps is not None and spec.steps < 1:
             raise ConfigError(f"models[{k}].steps", spec.steps, "must be >= 1")
+        if spec.teacher_args is not None and not isinstance(spec.teacher_args, dict):
+            raise ConfigError(f"models[{k}].teacher_args", spec.teacher_args, "must be a mapping of teacher options",
+                              "e.g. teacher_args: {resolution: 512}")
         specs.append(spec)
     metrics = raw.get("metrics") or []
     if not isinstance(metrics, list):
@@ -541,6 +548,9 @@ def check_sources(models: list[ModelSpec]) -> None:
                 _teacher_config(source, spec.config)
                 continue
             pipeline = source.is_dir() and (source / "model_index.json").is_file()
+            if spec.teacher_args and (pipeline or (source.is_dir() and (source / EXPORT_INFO).is_file())):
+                raise ValueError(f"teacher_args = {spec.teacher_args}: an exported model samples as it was exported "
+                                 "(teacher_args apply to checkpoints, run folders and teacher: true)")
             if source.is_dir() and (source / EXPORT_INFO).is_file():
                 pipeline = read_export_info(source).get("format") in ("pipeline", "lora")
             elif not pipeline:
@@ -560,7 +570,8 @@ def _open_model(spec: ModelSpec, device) -> tuple[Any, dict]:
     from dmdx_lightning.sample import open_source
 
     args = argparse.Namespace(source=spec.source, teacher=spec.teacher, config=spec.config, steps=spec.steps,
-                              cfg=spec.cfg, use_ema=spec.ema, dtype=spec.dtype, device=str(device), progress=False)
+                              cfg=spec.cfg, use_ema=spec.ema, dtype=spec.dtype, device=str(device), progress=False,
+                              teacher_args=spec.teacher_args)
     return open_source(args)
 
 
