@@ -130,13 +130,19 @@ class TeacherSampler:
         with torch.no_grad():
             self.cond = self.teacher.encode_prompts(prompts)
 
-    def draw(self, index: int, seeds: list[int], generator_seed: int):
+    def draw(self, index: int | Sequence[int], seeds: list[int], generator_seed: int):
+        """Samples of prompt ``index`` from ``seeds`` (or of prompts ``index[k]``, one per seed), in ``[-1, 1]``."""
         import torch
 
         from dmdx_lightning.rng import fixed_noise
 
         teacher = self.teacher
-        cond = self.cond[index:index + 1].repeat(len(seeds))
+        if isinstance(index, int):
+            cond = self.cond[index:index + 1].repeat(len(seeds))
+        else:  # one prompt per sample (`dmdx evaluate` packs prompts with few samples into one batch)
+            from dmdx_lightning.teachers.base import Conditioning
+
+            cond = Conditioning.cat([self.cond[i:i + 1] for i in index])
         noise = fixed_noise(teacher.latent_shape(len(seeds)), seeds).to(self.device)
         with torch.no_grad():
             if self.timesteps is None:
@@ -164,7 +170,8 @@ class PipelineSampler:
     def prepare(self, prompts: list[str]) -> None:
         self.prompts = prompts
 
-    def draw(self, index: int, seeds: list[int], generator_seed: int):
+    def draw(self, index: int | Sequence[int], seeds: list[int], generator_seed: int):
+        """As :meth:`TeacherSampler.draw`, through the pipeline."""
         import torch
 
         from dmdx_lightning.rng import fixed_noise
@@ -178,7 +185,8 @@ class PipelineSampler:
         else:  # a folder not written by `dmdx export`: the pipeline draws each sample's noise from its seed
             kwargs["generator"] = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         with torch.no_grad():
-            out = self.pipe([self.prompts[index]] * len(seeds), output_type="pt", **kwargs)
+            rows = [self.prompts[index]] * len(seeds) if isinstance(index, int) else [self.prompts[i] for i in index]
+            out = self.pipe(rows, output_type="pt", **kwargs)
         frames = getattr(out, "frames", None)
         if frames is not None:  # video pipelines: (B, F, 3, H, W) in [0, 1]
             return (torch.as_tensor(frames).float().transpose(1, 2) * 2 - 1).cpu()

@@ -178,6 +178,26 @@ def test_samples_are_a_function_of_prompt_and_seed(digits_ckpt, tmp_path):
         evaluate(parse_config(changed), progress=False)
 
 
+def test_prompts_with_fewer_samples_than_a_batch_share_it(digits_ckpt, tmp_path):
+    """One sample per prompt (COCO's protocol) at batch_size 4: consecutive prompts are drawn in one
+    forward; the teacher's deterministic ODE gives the pictures of batch size 1, prompt for prompt,
+    and the student every prompt its own picture."""
+    from dmdx_lightning.evaluation.evaluate import plan
+
+    assert [c.samples for c in plan(5, 1, 4, 7)] == [((0, 0, 7), (1, 0, 8), (2, 0, 9), (3, 0, 10)), ((4, 0, 11),)]
+    assert [c.samples for c in plan(2, 3, 2, 0)] == [((0, 0, 0), (0, 1, 1)), ((0, 2, 2),), ((1, 0, 3), (1, 1, 4)),
+                                                    ((1, 2, 5),)]  # a prompt with enough samples: its own chunks
+    batched, single = tmp_path / "batched", tmp_path / "single"
+    evaluate(parse_config(digits_eval(batched, digits_ckpt, prompts=5, per_prompt=1, batch=4)), progress=False)
+    evaluate(parse_config(digits_eval(single, digits_ckpt, prompts=5, per_prompt=1, batch=1)), progress=False)
+    a, b = (SampleSet.from_records(out / "teacher", verify=True) for out in (batched, single))
+    assert [(x.prompt_index, x.seed) for x in a.samples] == [(i, 7 + i) for i in range(5)]
+    for x, y in zip(a.samples, b.samples):
+        assert (a.load(x) - b.load(y)).abs().max() <= 1 / 255
+    student = SampleSet.from_records(batched / "student", verify=True)
+    assert [x.prompt for x in student.samples] == [x.prompt for x in a.samples]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

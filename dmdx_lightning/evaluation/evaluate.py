@@ -25,9 +25,11 @@ folder, then scores them and writes one table:
 **Seeds.** Sample ``j`` of prompt ``i`` starts from the noise of seed ``seed + i * N + j`` (``N``
 samples per prompt; :func:`~dmdx_lightning.rng.fixed_noise`), for every model: the teacher and
 each student start from the same noise, and no two samples of a set share it. The unit of work is
-one prompt's chunk of ``batch_size`` seeds; a multi-step sampler's fresh noise is seeded by the
-chunk's first seed. So a sample is a function of (model, prompt, seed, batch_size) alone: the same
-on 1 or 8 ranks, and the same when generated again after a kill.
+a chunk of ``batch_size`` samples drawn in one forward: one prompt's seeds, or, when a prompt has
+fewer samples than ``batch_size`` (COCO: one image per caption), consecutive prompts' samples
+together; a multi-step sampler's fresh noise is seeded by the chunk's first seed. So a sample is a
+function of the model, its prompt and seed and the chunking (``batch_size``, ``samples_per_prompt``)
+alone: the same on 1 or 8 ranks, and the same when generated again after a kill.
 
 **Resume.** Every file is written atomically (:mod:`dmdx_lightning.atomic`) and its record is
 appended after it, so a killed run leaves complete files and at most a torn last record line. The
@@ -133,8 +135,9 @@ class EvalConfig:
             init_args: {...}}`` (any ``Metric`` subclass) per metric.
         samples_per_prompt: samples of each prompt per model (``N``).
         seed: sample ``j`` of prompt ``i`` starts from the noise of seed ``seed + i * N + j``.
-        batch_size: samples of one prompt drawn in one forward (default ``N``); part of what fixes a
-            multi-step student's samples (its fresh noise is seeded per chunk).
+        batch_size: samples drawn in one forward (default ``N``): one prompt's, or several prompts'
+            when ``N`` is smaller; part of what fixes a multi-step student's samples (its fresh
+            noise is seeded per chunk).
         contact_sheet: ``prompts`` (rows), ``seeds`` (columns per model), ``size`` (cell pixels).
         fps: frames per second of the GIFs written for videos.
         device: torch device (default ``cuda:LOCAL_RANK`` when CUDA is there, else the CPU).
@@ -463,21 +466,28 @@ def ranks(stage: str) -> Ranks:
 # ---------------------------------------------------------------------------------------- generation
 @dataclass(frozen=True)
 class Chunk:
-    """One unit of work: prompt ``prompt_index``, samples ``j0 .. j0 + len(seeds) - 1``."""
+    """One unit of work, drawn in one forward: ``samples`` = ``(prompt_index, j, seed)`` each."""
 
-    prompt_index: int
-    j0: int
-    seeds: tuple[int, ...]
+    samples: tuple[tuple[int, int, int], ...]
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(s for _, _, s in self.samples)
+
+    @property
+    def prompt_indices(self) -> list[int]:
+        return [i for i, _, _ in self.samples]
 
 
 def plan(num_prompts: int, per_prompt: int, chunk: int, seed: int) -> list[Chunk]:
-    """Every chunk in canonical order: prompt by prompt, seeds ``seed + i * per_prompt + j``."""
-    chunks = []
-    for i in range(num_prompts):
-        for j0 in range(0, per_prompt, chunk):
-            j1 = min(per_prompt, j0 + chunk)
-            chunks.append(Chunk(i, j0, tuple(seed + i * per_prompt + j for j in range(j0, j1))))
-    return chunks
+    """Every chunk in canonical order, sample ``j`` of prompt ``i`` with seed ``seed + i * per_prompt + j``:
+    each prompt's samples in chunks of ``chunk`` when it has at least that many, else consecutive
+    prompts' samples packed ``chunk`` at a time (one image per COCO caption still fills a batch)."""
+    samples = [(i, j, seed + i * per_prompt + j) for i in range(num_prompts) for j in range(per_prompt)]
+    if per_prompt < chunk:
+        return [Chunk(tuple(samples[k:k + chunk])) for k in range(0, len(samples), chunk)]
+    return [Chunk(tuple(samples[i * per_prompt + j0:i * per_prompt + min(per_prompt, j0 + chunk)]))
+            for i in range(num_prompts) for j0 in range(0, per_prompt, chunk)]
 
 
 def sample_stem(prompt_index: int, prompt: str, seed: int) -> str:
@@ -668,9 +678,9 @@ def _generate(cfg: EvalConfig, spec: ModelSpec, prompts: list[str], where: Ranks
     from tqdm.auto import tqdm
 
     mine = plan(len(prompts), cfg.samples_per_prompt, cfg.chunk, cfg.seed)[where.rank::where.world]
-    wanted = {(c.prompt_index, s) for c in mine for s in c.seeds}
+    wanted = {(i, s) for c in mine for i, _, s in c.samples}
     done = read_records(folder, verify=file_is_intact(folder), wanted=wanted)
-    todo = [c for c in mine if any((c.prompt_index, s) not in done for s in c.seeds)]
+    todo = [c for c in mine if any((i, s) not in done for i, _, s in c.samples)]
     if not todo and (folder / MODEL_INFO).is_file():
         return json.loads((folder / MODEL_INFO).read_text())  # all there: the model need not even load
 
@@ -691,15 +701,15 @@ def _generate(cfg: EvalConfig, spec: ModelSpec, prompts: list[str], where: Ranks
               disable=not progress or where.rank != 0) as bar, shard.open("a", encoding="utf-8") as log:
         for c in todo:
             start = time.perf_counter()
-            x = sampler.draw(c.prompt_index, list(c.seeds), c.seeds[0])
+            x = sampler.draw(c.prompt_indices, list(c.seeds), c.seeds[0])
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             seconds = (time.perf_counter() - start) / len(c.seeds)
-            for j, (seed, item) in enumerate(zip(c.seeds, x)):
-                stem = sample_stem(c.prompt_index, prompts[c.prompt_index], seed)
+            for (i, j, seed), item in zip(c.samples, x):
+                stem = sample_stem(i, prompts[i], seed)
                 name, frames = write_sample(item, folder, stem, cfg.fps)
-                record = {"prompt_index": c.prompt_index, "prompt": prompts[c.prompt_index], "seed": seed,
-                          "j": c.j0 + j, "file": name, "sha256": sha256(folder / name), "seconds": seconds,
+                record = {"prompt_index": i, "prompt": prompts[i], "seed": seed,
+                          "j": j, "file": name, "sha256": sha256(folder / name), "seconds": seconds,
                           "nfe": info["nfe"]}
                 if frames is not None:
                     record["frames"] = frames
@@ -720,8 +730,8 @@ def merge(cfg: EvalConfig, spec: ModelSpec, prompts: list[str]) -> list[dict]:
     for partial in (folder / IMAGES).glob(".partial-*.tmp"):
         partial.unlink(missing_ok=True)
     found = read_records(folder, verify=file_is_intact(folder))
-    order = [(c.prompt_index, s) for c in plan(len(prompts), cfg.samples_per_prompt, cfg.chunk, cfg.seed)
-             for s in c.seeds]
+    order = [(i, s) for c in plan(len(prompts), cfg.samples_per_prompt, cfg.chunk, cfg.seed)
+             for i, _, s in c.samples]
     missing = [k for k in order if k not in found]
     if missing:
         i, s = missing[0]
