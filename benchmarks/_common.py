@@ -55,3 +55,13 @@ class Stopwatch:
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.start
+
+
+def random_batches(module, n: int, batch: int, seed: int = 0) -> list[dict]:
+    """``n`` training batches for ``module``: prompts plus random ODE-pair latents of its teacher's
+    shape (``x0``, ``x_T``: what the pair data would serve; methods that read neither ignore them)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = module.teacher.latent_shape(batch)
+    return [{"prompt": [f"a photo of object number {i * batch + j}" for j in range(batch)],
+             "index": torch.arange(i * batch, (i + 1) * batch),
+             "x0": torch.randn(shape, generator=g), "x_T": torch.randn(shape, generator=g)} for i in range(n)]

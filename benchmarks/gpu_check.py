@@ -57,7 +57,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import RESULTS, markdown_table  # noqa: E402
+from benchmarks._common import RESULTS, markdown_table, random_batches  # noqa: E402
 from dmdx_lightning.atomic import write_json_atomic  # noqa: E402
 
 #: the shipped config of each (family, method); every arm runs it in LoRA and in full mode
@@ -189,15 +189,6 @@ def arm_config(config: str, folder: Path, sam: Path, mode: str, tiny: bool, out:
     return path, full
 
 
-def batches(module, n: int, batch: int, seed: int = 0) -> list[dict]:
-    """``n`` batches of prompts plus random ODE-pair latents (methods that read x0 / x_T get them)."""
-    g = torch.Generator().manual_seed(seed)
-    shape = module.teacher.latent_shape(batch)
-    return [{"prompt": [f"a photo of object number {i * batch + j}" for j in range(batch)],
-             "index": torch.arange(i * batch, (i + 1) * batch),
-             "x0": torch.randn(shape, generator=g), "x_T": torch.randn(shape, generator=g)} for i in range(n)]
-
-
 def run_arm(config_path: Path, precision: str, device: str, batch: int, iterations: int, warmup: int = 1) -> dict:
     import lightning.pytorch as pl
     from torch.utils.flop_counter import FlopCounterMode
@@ -237,7 +228,7 @@ def run_arm(config_path: Path, precision: str, device: str, batch: int, iteratio
     trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision=precision, max_epochs=1,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[Measure()], num_sanity_val_steps=0)
-    trainer.fit(module, torch.utils.data.DataLoader(batches(module, warmup + counted + iterations, batch),
+    trainer.fit(module, torch.utils.data.DataLoader(random_batches(module, warmup + counted + iterations, batch),
                                                     batch_size=None))
     players = list(module.players)
     del trainer, module

@@ -156,6 +156,9 @@ class VAETeacher(nn.Module):
     def decode(self, latents):
         return self.family_class.decode(self, latents)
 
+    def enable_decode_checkpointing(self) -> bool:
+        return self.family_class.enable_decode_checkpointing(self)
+
     def _latent_stats(self):  # SDXLTeacher.decode reads it
         return self.family_class._latent_stats(self)
 

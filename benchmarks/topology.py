@@ -43,7 +43,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, markdown_table, set_threads, write_json  # noqa: E402
+from _common import RESULTS, machine, markdown_table, random_batches, set_threads, write_json  # noqa: E402
 
 #: family -> how to build its narrow-topology folder, its rank, and its shipped configs per method
 FAMILIES = {
@@ -93,25 +93,27 @@ SAM_TINY = dict(hidden_size=32, output_channels=16, num_hidden_layers=12, num_at
                 patch_size=8, window_size=2, global_attn_indexes=[2, 5, 8, 11], mlp_dim=64)
 
 
-def build_folders(families: list[str], scratch: Path, tiny: bool) -> dict:
+def sizes(family: str, tiny: bool) -> dict:
+    """The random folder's builder arguments (narrow, or ``--tiny``)."""
+    return FAMILIES[family]["tiny"] if tiny else FAMILIES[family]["build"][2]
+
+
+def build_folders(families: list[str], scratch: Path, tiny: bool) -> dict[str, Path]:
     import importlib
 
     from transformers import SamVisionConfig, SamVisionModel
 
-    folders = {"tiny": tiny}
+    folders = {}
     for family in families:
-        spec = FAMILIES[family]
-        module, name, kwargs = spec["build"]
-        kwargs = spec["tiny"] if tiny else kwargs
-        folders[family] = getattr(importlib.import_module(module), name)(scratch / family, **kwargs)
-        folders[f"{family}_latent_size"] = kwargs["latent_size"]  # SD3's random VAE downsamples by 2
+        module, name, _ = FAMILIES[family]["build"]
+        folders[family] = getattr(importlib.import_module(module), name)(scratch / family, **sizes(family, tiny))
     torch.manual_seed(0)
     SamVisionModel(SamVisionConfig(**(SAM_TINY if tiny else SAM_NARROW))).save_pretrained(scratch / "sam")
     folders["sam"] = scratch / "sam"
     return folders
 
 
-def arm_config(family: str, method: str, mode: str, folders: dict) -> dict:
+def arm_config(family: str, method: str, mode: str, folders: dict[str, Path], tiny: bool = False) -> dict:
     """The shipped config's model section with the teacher swapped for the narrow random folder."""
     from dmdx_lightning.configs_index import resolve_config
 
@@ -123,15 +125,13 @@ def arm_config(family: str, method: str, mode: str, folders: dict) -> dict:
     teacher = args["teacher"]["init_args"]
     teacher.update(pretrained_model_name_or_path=str(folders[family]), torch_dtype="float32",
                    mode=mode, lora_rank=spec["rank"], lora_alpha=float(spec["rank"]))
-    size = folders[f"{family}_latent_size"]
+    size = sizes(family, tiny)["latent_size"]
     if family == "sdxl":
         teacher["resolution"] = None  # the UNet's sample_size x 8
     elif family == "sd3":
         teacher["resolution"] = 2 * size  # the random VAE downsamples by 2
     else:  # the folder's video size and text length; tiling is for real-size decodes
-        kwargs = FAMILIES[family]["tiny" if folders["tiny"] else "build"]
-        kwargs = kwargs if isinstance(kwargs, dict) else kwargs[2]
-        teacher.update(num_frames=kwargs["num_frames"], height=4 * size, width=4 * size, vae_tiling=False,
+        teacher.update(num_frames=sizes(family, tiny)["num_frames"], height=4 * size, width=4 * size, vae_tiling=False,
                        max_sequence_length=8)
     teacher.pop("variant", None)
     teacher.pop("trainable_dtype", None)
@@ -164,18 +164,6 @@ class Clock(pl.Callback):
         self.switches.append(getattr(module.teacher, "role_switches", 0))
 
 
-def batches(module, batch_size: int, count: int) -> list[dict]:
-    """Random prompts and latents of the teacher's shape (what the ODE-pair data would serve)."""
-    prompts = list(module.teacher.example_prompts)
-    out = []
-    for i in range(count):
-        g = torch.Generator().manual_seed(i)
-        rows = [prompts[(i * batch_size + j) % len(prompts)] for j in range(batch_size)]
-        shape = module.teacher.latent_shape(batch_size)
-        out.append({"prompt": rows, "x0": torch.randn(shape, generator=g), "x_T": torch.randn(shape, generator=g)})
-    return out
-
-
 def time_arm(module, batch_size: int, iterations: int) -> dict:
     """Milliseconds per iteration and role switches per iteration over whole TTUR cycles (at least
     ``iterations`` iterations) after one warm-up cycle."""
@@ -185,7 +173,7 @@ def time_arm(module, batch_size: int, iterations: int) -> dict:
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=iterations + 1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clock])
-    data = batches(module, batch_size, iterations + 1)
+    data = random_batches(module, iterations + 1, batch_size)
     pl.seed_everything(0, verbose=False)  # both modes draw the same times and sampling depths
     loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
     trainer.fit(module, loader)
@@ -211,7 +199,7 @@ def run(args) -> dict:
                 if method not in FAMILIES[family]["configs"]:
                     continue
                 row = {"family": family, "method": method, "config": FAMILIES[family]["configs"][method]}
-                modules = {mode: build(arm_config(family, method, mode, folders), scratch) for mode in MODES}
+                modules = {mode: build(arm_config(family, method, mode, folders, args.tiny), scratch) for mode in MODES}
                 samples = {mode: [] for mode in MODES}
                 for _ in range(args.rounds):
                     for mode in MODES:  # alternating: a load on the machine hits both modes alike

@@ -30,6 +30,18 @@ class SetupError(ValueError):
     or key and the fix (e.g. a missing prompt file); printed as it is."""
 
 
+def import_class(class_path: str, key: str, fix: str = "") -> Any:
+    """The object a config's dotted ``class_path`` names; a :class:`ConfigError` on ``key`` when it
+    cannot be imported (preflight and ``dmdx evaluate`` read class paths the same way)."""
+    import importlib
+
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(key, class_path, f"cannot be imported ({e})", fix) from None
+
+
 def check_config_files(argv: list[str]) -> None:
     """Every ``--config`` file of a command exists and is valid YAML; a syntax error names the file,
     the line and the column (the parser would say ``<unicode string>``)."""

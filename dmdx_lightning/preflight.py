@@ -19,12 +19,11 @@ Each refusal is a :class:`~dmdx_lightning.errors.ConfigError` (key, value, probl
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from dmdx_lightning.errors import ConfigError, SetupError
+from dmdx_lightning.errors import ConfigError, SetupError, import_class
 
 #: ``--ckpt_path`` values Lightning resolves itself
 CKPT_ALIASES = ("last", "best", "hpc", "registry")
@@ -109,9 +108,5 @@ def check_writable(root: str | os.PathLike) -> None:
 
 
 def _import(class_path: str, key: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"{key}.class_path", class_path, f"cannot be imported ({e})",
-                          "Give a class of dmdx_lightning by its short name (e.g. ADMModule) or a full dotted path.") from None
+    return import_class(class_path, f"{key}.class_path",
+                        "Give a class of dmdx_lightning by its short name (e.g. ADMModule) or a full dotted path.")

@@ -210,10 +210,6 @@ def open_source(args) -> tuple[Any, dict]:
     if source.suffix in (".yaml", ".yml") and source.is_file():
         raise ValueError(f"{source} is a config: it holds no student weights. Pass a checkpoint or a `dmdx export` "
                          f"folder, or add --teacher to sample the teacher of {source}")
-    exported = source.is_dir() and ((source / EXPORT_INFO).is_file() or (source / "model_index.json").is_file())
-    if exported and getattr(args, "teacher_args", None):
-        raise ValueError(f"teacher options {args.teacher_args} apply to checkpoints, run folders and the teacher: "
-                         f"{source} is an exported model, which samples as it was exported")
     if source.is_dir() and (source / EXPORT_INFO).is_file():
         return _open_export(source, args, device)
     if source.is_dir() and (source / "model_index.json").is_file():

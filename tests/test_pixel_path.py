@@ -69,7 +69,7 @@ def test_decode_checkpointing_turns_on_the_vaes_own_checkpointing(tiny_sd3_dir, 
     assert not teacher.vae.decoder.gradient_checkpointing
     disc = PixelDiscriminator(SamBackbone(tiny_sam_path), layers=[0], head_channels=16, decode_checkpointing=True)
     disc.build(teacher)
-    # the VAE that decode ran, not the denoiser (which decode never runs)
+    # the VAE, not the denoiser (which decode never runs)
     assert teacher.vae.decoder.gradient_checkpointing and not disc._recompute_whole_decode
     assert not getattr(teacher.denoiser, "gradient_checkpointing", False)
 
@@ -85,6 +85,9 @@ class ConvDecoderTeacher(torch.nn.Module):
                                            torch.nn.Conv2d(8, 1, 3, padding=1)).requires_grad_(False)
 
     denoiser_device = torch.device("cpu")
+
+    def enable_decode_checkpointing(self):
+        return False  # the Teacher base's answer: a plain network has no checkpointing of its own
 
     def latent_shape(self, batch_size):
         return (batch_size, 1, 8, 8)

@@ -211,10 +211,9 @@ class PixelDiscriminator(nn.Module):
         decode_checkpointing: in the generator's pixel term (the only decode with gradient), recompute
             the VAE decoder's blocks in backward instead of keeping all their activations (at 1024 px
             the largest part of ADP's memory; see ``benchmarks/results/pixel_memory.md``). The
-            diffusers models that ``teacher.decode`` runs (found when :meth:`build` decodes) get
-            their own per-block checkpointing (``enable_gradient_checkpointing``), which acts only
-            when gradients flow; a decode that runs none (e.g. the digits teacher's) is recomputed
-            whole. Costs one more decode per generator step; losses and gradients are unchanged.
+            teacher's ``enable_decode_checkpointing`` turns on its decoder's own per-block
+            checkpointing (the diffusers families: their VAE's, which acts only when gradients
+            flow); a teacher whose decoder cannot (e.g. the digits teacher) is recomputed whole. Costs one more decode per generator step; losses and gradients are unchanged.
         decode_batch: decode this many samples at a time (``None``: the whole batch at once). With
             ``decode_checkpointing``, a block's recomputation in backward then holds one chunk's
             activations at a time instead of the whole batch's; in the discriminator's step (no
@@ -237,19 +236,11 @@ class PixelDiscriminator(nn.Module):
     @torch.no_grad()
     def build(self, teacher) -> "PixelDiscriminator":
         """Create one head per layer, sized by decoding one zero latent through the backbone (and,
-        with ``decode_checkpointing``, turn on the checkpointing of the models that decode ran)."""
+        with ``decode_checkpointing``, turn on the checkpointing of the teacher's decoder)."""
         device = teacher.denoiser_device
-        ran: set[nn.Module] = set()
-        hook = nn.modules.module.register_module_forward_pre_hook(lambda module, args: ran.add(module))
-        try:
-            images = teacher.decode(torch.zeros(teacher.latent_shape(1), device=device))
-        finally:
-            hook.remove()
+        images = teacher.decode(torch.zeros(teacher.latent_shape(1), device=device))
         if self.decode_checkpointing:
-            decoders = _checkpointable_models(teacher, ran)
-            for model in decoders:
-                model.enable_gradient_checkpointing()
-            self._recompute_whole_decode = not decoders
+            self._recompute_whole_decode = not teacher.enable_decode_checkpointing()
         self.backbone.to(device)
         maps = self.backbone(images, self.layers)
         cond_dim = teacher.encode_prompts([""]).pooled.shape[-1]
@@ -280,15 +271,3 @@ class PixelDiscriminator(nn.Module):
     def forward(self, teacher, x0: Tensor, cond) -> Tensor:
         """Logits of latents ``x0``: decoded by :meth:`decode` (differentiable) first."""
         return self.score_images(self.decode(teacher, x0), cond.pooled)
-
-
-def _checkpointable_models(teacher: nn.Module, ran: set[nn.Module]) -> list[nn.Module]:
-    """The diffusers models of ``teacher`` that support gradient checkpointing and ran (some of
-    their modules did) in the modules set ``ran``: the VAE that ``teacher.decode`` uses, whatever
-    the family names it (its ``decode`` is a method, so only its submodules' forwards are seen)."""
-    try:
-        from diffusers import ModelMixin
-    except ImportError:  # a teacher without diffusers
-        return []
-    return [m for m in teacher.modules() if isinstance(m, ModelMixin) and m._supports_gradient_checkpointing
-            and any(sub in ran for sub in m.modules())]

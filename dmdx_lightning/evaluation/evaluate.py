@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from dmdx_lightning.atomic import atomic_path, write_json_atomic, write_text_atomic
-from dmdx_lightning.errors import ConfigError, SetupError
+from dmdx_lightning.errors import ConfigError, SetupError, import_class
 
 DESCRIPTION = ("Evaluate students side by side with their teacher: generate every model's samples of a prompt set "
                "(resumable, sharded over ranks), score them, and write results.md / results.json, per-prompt "
@@ -356,7 +356,7 @@ def build_metrics(entries: list[dict]) -> list[tuple[str, Any]]:
                 raise ConfigError(f"{key}.name", entry["name"], "is no registered metric",
                                   f"The metrics: {', '.join(sorted(METRICS))}.")
         else:
-            cls = _import(entry["class_path"], f"{key}.class_path")
+            cls = import_class(entry["class_path"], f"{key}.class_path")
         try:
             metric = cls(**{name: _instantiate(value, f"{key}.init_args.{name}") for name, value in init_args.items()})
         except TypeError as e:
@@ -372,20 +372,10 @@ def build_metrics(entries: list[dict]) -> list[tuple[str, Any]]:
     return built
 
 
-def _import(class_path: str, key: str):
-    import importlib
-
-    module, _, name = str(class_path).rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(key, class_path, f"cannot be imported ({e})") from None
-
-
 def _instantiate(value, key: str):
     """An argument ``{class_path: ..., init_args: {...}}`` is built (e.g. FID's ``feature_extractor``)."""
     if isinstance(value, dict) and "class_path" in value:
-        cls = _import(value["class_path"], f"{key}.class_path")
+        cls = import_class(value["class_path"], f"{key}.class_path")
         args = value.get("init_args") or {}
         try:
             return cls(**{k: _instantiate(v, f"{key}.init_args.{k}") for k, v in args.items()})
@@ -557,11 +547,12 @@ def check_sources(models: list[ModelSpec]) -> None:
             if spec.teacher:
                 _teacher_config(source, spec.config)
                 continue
+            exported = source.is_dir() and (source / EXPORT_INFO).is_file()
             pipeline = source.is_dir() and (source / "model_index.json").is_file()
-            if spec.teacher_args and (pipeline or (source.is_dir() and (source / EXPORT_INFO).is_file())):
+            if spec.teacher_args and (pipeline or exported):
                 raise ValueError(f"teacher_args = {spec.teacher_args}: an exported model samples as it was exported "
                                  "(teacher_args apply to checkpoints, run folders and teacher: true)")
-            if source.is_dir() and (source / EXPORT_INFO).is_file():
+            if exported:
                 pipeline = read_export_info(source).get("format") in ("pipeline", "lora")
             elif not pipeline:
                 if source.suffix in (".yaml", ".yml"):

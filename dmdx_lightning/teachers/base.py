@@ -33,7 +33,8 @@ MAY
     - :meth:`block_to_map` (blocks that do not return maps), :meth:`encode` (families with an
       image encoder), :meth:`identity` (default: the family name), :meth:`unconditional` (CFG's
       unconditional branch; default: the empty prompt encoded),
-      :meth:`enable_gradient_checkpointing`, ``default_lora_targets`` (for ``mode="lora"``),
+      :meth:`enable_gradient_checkpointing`, :meth:`enable_decode_checkpointing` (ADP's pixel
+      path; diffusers families: their VAE's), ``default_lora_targets`` (for ``mode="lora"``),
       ``stop_forward_early``; :class:`RoleCheckpointing` (mixed in first) for diffusers
       transformers whose checkpointed blocks must be recomputed in the role they ran in;
     - the diffusers export: ``export_formats`` and :meth:`export_pipeline` / :meth:`export_lora`
@@ -423,6 +424,12 @@ class Teacher(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement decode")
 
     # ------------------------------------------------------------------ family hooks: MAY
+    def enable_decode_checkpointing(self) -> bool:
+        """Recompute :meth:`decode`'s blocks in backward instead of keeping their activations
+        (ADP's ``PixelDiscriminator(decode_checkpointing=True)``); ``False`` when the family's
+        decoder cannot, and the caller then recomputes the whole decode."""
+        return False
+
     def block_to_map(self, output, x_t: Tensor) -> Tensor:
         """Turn one block's output into a ``(B, C, H, W)`` (or ``(B, C, F, H, W)``) feature map."""
         return output

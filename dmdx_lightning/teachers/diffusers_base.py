@@ -50,6 +50,12 @@ class DiffusersTeacher(RoleCheckpointing, Teacher):
     variant: str | None = None
     torch_dtype: torch.dtype | None = None
 
+    def enable_decode_checkpointing(self) -> bool:
+        """diffusers' own per-block checkpointing of the VAE ``decode`` runs (it acts only when
+        gradients flow)."""
+        self.vae.enable_gradient_checkpointing()
+        return True
+
     @classmethod
     def check_scheduler(cls, config: dict) -> str | None:
         """What in the pipeline's scheduler config this family cannot train with (``None``: nothing),

@@ -71,13 +71,37 @@ class _VideoMetric(Metric):
         self.load()
         per_video, weights = [], []
         for s in samples.samples:
-            frames = samples.load(s).to(device)
+            frames = samples.load(s)
+            frames = (frames if frames.ndim == 4 else frames[None]).to(device)  # an image: a one-frame video
             per_video.append(self.video_score(frames, device))
             weights.append(float(len(frames) - 1) if self.frame_weighted else 1.0)
         return _video_result(self.name, per_video, samples, self.info(), weights)
 
 
-class SubjectConsistency(_VideoMetric):
+class _ConsistencyMetric(_VideoMetric):
+    """VBench's consistency formula (:func:`~dmdx_lightning.evaluation.metrics.functional.frame_consistency`)
+    on per-frame features (:meth:`features`), weighted by frame terms."""
+
+    frame_weighted = True
+
+    def features(self, frames: Tensor, device: torch.device) -> Tensor:
+        raise NotImplementedError
+
+    def video_score(self, frames: Tensor, device: torch.device) -> float:
+        return float(frame_consistency(self.features(frames, device)).mean())
+
+
+def clip_image_features(model, processor, frames: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """CLIP image embeddings of frames in ``[0, 1]``, through the model's own processor (resize and
+    centre crop as CLIP was trained), ``batch_size`` frames per forward."""
+    out = []
+    for chunk in to_uint8(frames).cpu().split(batch_size):
+        inputs = processor(images=list(chunk), return_tensors="pt")
+        out.append(model.get_image_features(inputs["pixel_values"].to(device)))
+    return torch.cat(out)
+
+
+class SubjectConsistency(_ConsistencyMetric):
     """VBench subject consistency: DINO class-token features of each frame; per frame ``i >= 1``
     the mean of ``max(0, cos)`` to frame ``i - 1`` and to frame 0
     (:func:`~dmdx_lightning.evaluation.metrics.functional.frame_consistency`); a video's value is
@@ -97,7 +121,6 @@ class SubjectConsistency(_VideoMetric):
     """
 
     name = "subject_consistency"
-    frame_weighted = True
 
     def __init__(self, model_name_or_path: str = "facebook/dino-vitb16", image_size: int = 224,
                  batch_size: int = 32) -> None:
@@ -125,15 +148,12 @@ class SubjectConsistency(_VideoMetric):
                for chunk in x.split(self.batch_size)]
         return torch.cat(out)
 
-    def video_score(self, frames: Tensor, device: torch.device) -> float:
-        return float(frame_consistency(self.features(frames, device)).mean())
-
     def info(self) -> dict:
         return {"package": package_info("transformers"), "model": self.model_name_or_path,
                 "definition": "VBench subject_consistency (DINO CLS features)"}
 
 
-class BackgroundConsistency(_VideoMetric):
+class BackgroundConsistency(_ConsistencyMetric):
     """VBench background consistency: :class:`SubjectConsistency`'s formula on CLIP image
     embeddings (VBench: CLIP ViT-B/32, resize 224 + centre crop, the processor's job here).
 
@@ -145,7 +165,6 @@ class BackgroundConsistency(_VideoMetric):
     """
 
     name = "background_consistency"
-    frame_weighted = True
 
     def __init__(self, model_name_or_path: str = "openai/clip-vit-base-patch32", batch_size: int = 32) -> None:
         self.model_name_or_path, self.batch_size = model_name_or_path, batch_size
@@ -158,15 +177,7 @@ class BackgroundConsistency(_VideoMetric):
             self.model, self.processor = load_clip(self.model_name_or_path, owner=type(self).__name__)
 
     def features(self, frames: Tensor, device: torch.device) -> Tensor:
-        model = self.model.to(device)
-        out = []
-        for chunk in to_uint8(frames).cpu().split(self.batch_size):
-            inputs = self.processor(images=list(chunk), return_tensors="pt")
-            out.append(model.get_image_features(inputs["pixel_values"].to(device)))
-        return torch.cat(out)
-
-    def video_score(self, frames: Tensor, device: torch.device) -> float:
-        return float(frame_consistency(self.features(frames, device)).mean())
+        return clip_image_features(self.model.to(device), self.processor, frames, self.batch_size, device)
 
     def info(self) -> dict:
         return {"package": package_info("transformers"), "model": self.model_name_or_path,
@@ -311,23 +322,8 @@ class AestheticQuality(_VideoMetric):
         self.head = head.eval().requires_grad_(False)
 
     def video_score(self, frames: Tensor, device: torch.device) -> float:
-        model, head = self.model.to(device), self.head.to(device)
-        out = []
-        for chunk in to_uint8(frames).cpu().split(self.batch_size):
-            inputs = self.processor(images=list(chunk), return_tensors="pt")
-            emb = F.normalize(model.get_image_features(inputs["pixel_values"].to(device)).float(), dim=-1)
-            out.append(head(emb).squeeze(-1) / 10)
-        return float(torch.cat(out).mean())
-
-    @torch.no_grad()
-    def score(self, samples: SampleSet, device: torch.device) -> MetricResult:
-        self.check_modality(samples)
-        self.load()
-        per_sample = []
-        for s in samples.samples:
-            pixels = samples.load(s)
-            per_sample.append(self.video_score(pixels if pixels.ndim == 4 else pixels[None], device))
-        return _video_result(self.name, per_sample, samples, self.info())
+        emb = clip_image_features(self.model.to(device), self.processor, frames, self.batch_size, device)
+        return float((self.head.to(device)(F.normalize(emb.float(), dim=-1)).squeeze(-1) / 10).mean())
 
     def info(self) -> dict:
         return {"package": package_info("transformers"), "model": self.model_name_or_path,
