@@ -204,12 +204,14 @@ def load_export(folder: str | Path):
 def resolve_checkpoint(path: str | Path, what: str = "--ckpt_path") -> Path:
     """The checkpoint file ``path`` names: the file itself, or a run folder's ``checkpoints/last.ckpt``
     (or ``last.ckpt``); an error naming what was looked for otherwise."""
+    from dmdx_lightning.sharded_checkpoint import is_checkpoint
+
     path = Path(path)
-    if path.is_file():
+    if is_checkpoint(path):  # a file, or an FSDP2 checkpoint folder
         return path
     if path.is_dir():
         for name in RUN_CHECKPOINTS:
-            if (path / name).is_file():
+            if is_checkpoint(path / name):
                 return path / name
         found = sorted(str(p.relative_to(path)) for p in path.rglob("*.ckpt"))[:5]
         hint = f" (it holds {', '.join(found)}: pass one of them)" if found else ""

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from dmdx_lightning.errors import ConfigError, SetupError, import_class
+from dmdx_lightning.sharded_checkpoint import is_checkpoint
 
 #: ``--ckpt_path`` values Lightning resolves itself
 CKPT_ALIASES = ("last", "best", "hpc", "registry")
@@ -36,13 +37,14 @@ def check_config(config: dict[str, Any], verb: str) -> None:
     if verb in ("fit", "validate"):
         check_batch_keys(config)
         init_from = (config.get("model") or {}).get("init_args", {}).get("init_from")
-        if init_from and not Path(init_from).is_file():
+        if init_from and not is_checkpoint(init_from):
             raise ConfigError("model.init_args.init_from", init_from, "no such checkpoint",
                               "Run the stage that writes it first (e.g. `dmdx fit --config configs/quickstart/adp.yaml`) "
                               "or fix the path.")
     ckpt = config.get("ckpt_path")
-    if ckpt and ckpt not in CKPT_ALIASES and not Path(ckpt).is_file():
-        raise ConfigError("ckpt_path", ckpt, "no such checkpoint", "Give a .ckpt file written by `dmdx fit`, or `last`.")
+    if ckpt and ckpt not in CKPT_ALIASES and not is_checkpoint(ckpt):
+        raise ConfigError("ckpt_path", ckpt, "no such checkpoint", "Give a .ckpt file (or, under FSDP2, a .ckpt "
+                          "folder) written by `dmdx fit`, or `last`.")
     check_writable((config.get("trainer") or {}).get("default_root_dir") or os.getcwd())
 
 

@@ -62,6 +62,34 @@ class RankReport(pl.Callback):
         (self.dir / f"{name}.json").write_text(json.dumps(report, indent=1))
 
 
+class TrainedState(pl.Callback):
+    """Each rank writes ``<dir>/rank<global_rank>.pt`` at fit end: every player's loss at every
+    iteration on that rank, the global step, and the full trainable state (FSDP2 shards gathered:
+    every rank joins each gather), so runs under different strategies can be compared.
+
+    Args:
+        dir: output folder.
+    """
+
+    def __init__(self, dir: str) -> None:
+        self.dir = Path(dir)
+        self.losses: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("/loss")})
+
+    def on_fit_end(self, trainer, pl_module):
+        from torch.distributed.tensor import DTensor
+
+        keep = pl_module.checkpoint_keys()
+        state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+                 for k, v in pl_module.state_dict().items() if k in keep}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"losses": self.losses, "global_step": trainer.global_step, "world_size": trainer.world_size,
+                    "ckpt_path": str(trainer.ckpt_path) if trainer.ckpt_path else None, "state": state},
+                   self.dir / f"rank{trainer.global_rank}.pt")
+
+
 class CPUFSDPStrategy(FSDPStrategy):
     """FSDPStrategy on CPU (tests only).
 

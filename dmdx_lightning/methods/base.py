@@ -28,7 +28,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -39,9 +39,10 @@ from torch import Tensor
 from dmdx_lightning.ema import GeneratorEMA
 from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.methods.distributed import (check_ddp_finds_unused_parameters, clean_name,
-                                                 finish_fsdp_backward, same_pass_count)
+                                                 finish_fsdp_backward, reshard_units, same_pass_count)
 from dmdx_lightning.rng import capture_rng, restore_rng
 from dmdx_lightning.schedules import student_timesteps
+from dmdx_lightning.sharded_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
 from dmdx_lightning.teachers.base import ROLES, Conditioning, Teacher
 
 
@@ -192,13 +193,53 @@ class DistillationModule(pl.LightningModule):
                 isinstance(self.trainer.strategy, pl.strategies.FSDPStrategy):
             # the EMA holds the student's parameters as they were before FSDP flattened them
             raise ValueError("model.init_args.ema_decay is set, but the generator EMA does not work with "
-                             "FSDP (trainer.strategy): remove ema_decay or use DDP")
+                             "FSDP1 (trainer.strategy FSDPStrategy): use configs/trainer/fsdp2.yaml (FSDP2 keeps the "
+                             "EMA), remove ema_decay, or use DDP")
         # init_from is resolved here, once; a --ckpt_path resume restores its own state afterwards
         if self.init_from and not self._init_from_loaded:
             self.load_student_from(self.init_from)
             if self.ema is not None:  # the shadows start from the loaded student, not the teacher
                 self.ema.restart()
             self._init_from_loaded = True
+
+    # ------------------------------------------------------------------ sharding (FSDP2)
+    def sharding_units(self) -> Iterator[torch.nn.Module]:
+        """The modules :class:`~dmdx_lightning.strategies.FSDP2Strategy` shards, inner ones first:
+        each block of every teacher network (the teacher's ``feature_blocks``), then the network
+        (its remaining parameters: embeddings, norms, output layers), then each discriminator
+        head. Every trainable parameter is in one of them; the frozen text encoders, VAE and
+        discriminator backbones are not (whole on every rank)."""
+        seen: list[torch.nn.Module] = []
+        for role in self.teacher.build_roles:
+            net = self.teacher.network(role)
+            if any(net is s for s in seen):
+                continue  # lora mode: one network for every role
+            seen.append(net)
+            yield from self.teacher.feature_blocks(net)
+            yield net
+        discriminator = self._modules.get("discriminator")  # heads on a frozen backbone, where a method has one
+        if discriminator is not None:
+            yield from discriminator.heads
+
+    def configure_model(self) -> None:
+        """Lightning's hook for model parallelism: under :class:`~dmdx_lightning.strategies.FSDP2Strategy`
+        shard :meth:`sharding_units` (after ``setup``, so an ``init_from`` student is what is sharded).
+        The EMA then tracks the sharded student (its shadows become shards too)."""
+        from dmdx_lightning.strategies import FSDP2Strategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, FSDP2Strategy):
+            return
+        self.trainer.strategy.shard(self)
+        if self.ema is not None:
+            # sharding replaced the student's parameters; the shadows equal them here (a fresh run, or
+            # restarted from init_from in setup), and a resume loads the saved ones after this hook
+            self.ema = GeneratorEMA(self.teacher.trainable_parameters("student"), self.ema.decay)
+
+    def checkpoint_keys(self) -> set[str]:
+        """State-dict keys a checkpoint holds: the trainable parameters (student, fake score,
+        heads) and the persistent buffers (EMA shadows, counters); never the frozen teacher."""
+        return {clean_name(n) for n, p in self.named_parameters() if p.requires_grad} | \
+            {clean_name(n) for n in _persistent_buffer_names(self)}
 
     # ------------------------------------------------------------------ who steps
     def players_for_step(self, iteration: int) -> list[str]:
@@ -236,6 +277,7 @@ class DistillationModule(pl.LightningModule):
             for player in players:
                 opt = by_name[player]
                 with self.toggled_optimizer(opt):
+                    reshard_units(self)  # FSDP2: gather the updated weights, frozen as toggled
                     losses = self.players[player].step(batch, cond, ctx)
                     if not self._finite(losses["loss"], player):
                         continue
@@ -250,6 +292,7 @@ class DistillationModule(pl.LightningModule):
                     self.generator_updates += 1
                     if self.ema is not None:
                         self.ema.update()
+        reshard_units(self)  # FSDP2: nothing stays gathered between iterations (checkpoints, sample grids)
         self.iteration += 1
         self.log_dict({"train/iteration": self.iteration.float(),
                        "train/generator_updates": self.generator_updates.float()}, batch_size=len(cond))
@@ -351,12 +394,11 @@ class DistillationModule(pl.LightningModule):
         elif unit != STEP_UNIT:
             raise ValueError(f"the checkpoint counts trainer.global_step in {unit!r}, this dmdx_lightning in "
                              f"{STEP_UNIT!r}s: it was written by another version, which can resume it")
-        # FSDPStrategy loads (non-strictly) and pops "state_dict" before this hook: nothing to check then
+        # the FSDP strategies load the state (non-strictly, FSDP2 checking the keys itself) and pop
+        # "state_dict" before this hook: nothing to check then
         state = checkpoint.get("state_dict")
         if state is not None:
-            expected = {clean_name(n) for n, p in self.named_parameters() if p.requires_grad} | \
-                {clean_name(n) for n in _persistent_buffer_names(self)}
-            missing = sorted(k for k in expected if k not in state)
+            missing = sorted(k for k in self.checkpoint_keys() if k not in state)
             if missing:
                 raise KeyError(f"checkpoint lacks trainable state {missing[:5]}: it was saved by a different "
                                "configuration (method, discriminator layers or LoRA settings)")
@@ -406,10 +448,10 @@ def load_student(teacher: Teacher, path: str, use_ema: bool = True, what: str = 
     heads and the optimizer states in it are never loaded into memory (``dmdx export`` of a
     full-mode SD3.5-Large checkpoint would otherwise read some 200 GB).
     """
-    ckpt = _load_checkpoint(path, what)
+    params = dict(teacher.named_trainable_parameters("student"))
+    ckpt = _load_checkpoint(path, what, [f"teacher.{n}" for n in params] + [f"ema.shadow_{i}" for i in range(len(params))])
     state = ckpt["state_dict"]
     _check_family(ckpt, teacher, path)
-    params = dict(teacher.named_trainable_parameters("student"))
     missing = [n for n in params if f"teacher.{n}" not in state]
     if missing:
         raise KeyError(f"{path} has no student weights for {missing[:3]}... (is it a checkpoint of this teacher/mode?)")
@@ -482,8 +524,12 @@ def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def _load_checkpoint(path: str, what: str = "init_from checkpoint") -> dict:
+def _load_checkpoint(path: str, what: str = "init_from checkpoint", keys: Sequence[str] = ()) -> dict:
+    """A checkpoint file, or a checkpoint folder (FSDP2's sharded checkpoints) of which only the
+    tensors named in ``keys`` are read."""
     p = Path(path)
+    if is_sharded_checkpoint(p):
+        return read_sharded_checkpoint(p, keys)
     if not p.is_file():
         hint = " (run the stage that writes it first, e.g. `dmdx fit --config configs/quickstart/adp.yaml`)" \
             if what.startswith("init_from") else ""

@@ -1,7 +1,7 @@
 """What Lightning's distributed strategies need from modules that optimize manually, several
 players per iteration: DDP must find unused parameters, FSDP must finish each manual backward,
-FSDP ranks must run the same network passes, and parameter names lose FSDP's wrapper parts before
-they meet state-dict keys.
+FSDP ranks must run the same network passes, FSDP2 units must gather afresh for each player, and
+parameter names lose FSDP's wrapper parts before they meet state-dict keys.
 """
 
 from __future__ import annotations
@@ -49,9 +49,7 @@ def same_pass_count(value: int, strategy) -> int:
     passes are local and each rank keeps its own draw. Every rank still draws, so the RNG streams
     advance as without FSDP.
     """
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    if not isinstance(strategy, FSDPStrategy) or strategy.world_size < 2:
+    if not shards_parameters(strategy) or strategy.world_size < 2:
         return value
     return int(strategy.broadcast(int(value), src=0))
 
@@ -104,12 +102,30 @@ def finish_fsdp_backward(root: torch.nn.Module) -> None:
                 handle._prefetched = False
 
 
-def shards_parameters(strategy) -> bool:
-    """Whether every forward is a collective that all ranks must join (FSDP), so work outside a
-    training step (sample grids) must run on every rank, not on rank 0 alone."""
-    from lightning.pytorch.strategies import FSDPStrategy
+def reshard_units(root: torch.nn.Module) -> None:
+    """Free every FSDP2 unit's gathered parameters, so each unit's next forward gathers afresh.
 
-    return isinstance(strategy, FSDPStrategy)
+    The units of whole networks stay gathered after their forward (see
+    :meth:`dmdx_lightning.strategies.FSDP2Strategy.shard`), and FSDP2 skips the gather of a unit
+    that is still gathered. Its next forward would then run on the values from before the last
+    optimizer step, with the ``requires_grad`` of the last gather (a player's trainable network,
+    frozen by ``toggled_optimizer`` for the next player, would still collect gradients there, which
+    the next update of its own player would add). Called before every player's step; a no-op
+    without FSDP2.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def shards_parameters(strategy) -> bool:
+    """Whether every forward is a collective that all ranks must join (FSDP, FSDP2), so work outside a
+    training step (sample grids) must run on every rank, not on rank 0 alone."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
 def outside_training_step(strategy):
@@ -124,8 +140,10 @@ def outside_training_step(strategy):
     """
     from contextlib import nullcontext
 
-    if not shards_parameters(strategy):
-        return nullcontext()
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(strategy, FSDPStrategy):
+        return nullcontext()  # FSDP2 units gather themselves in any forward; what they leave out is whole
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return FullyShardedDataParallel.summon_full_params(strategy.model, recurse=False, writeback=False)

@@ -162,12 +162,6 @@ class RoleCheckpointing:
 
         net.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_in_role)
 
-    @property
-    def stop_forward_early(self) -> bool:
-        # an FSDP unit whose forward is aborted never reshards; its next forward then overwrites
-        # parameters that autograd saved ("modified by an inplace operation")
-        return type(self.denoiser).__name__ != "FullyShardedDataParallel"
-
 
 class Teacher(nn.Module):
     """Base class of every teacher family.
@@ -212,8 +206,9 @@ class Teacher(nn.Module):
     #: module names the LoRA adapters wrap by default (``mode="lora"`` needs them or
     #: ``lora_target_modules``)
     default_lora_targets: tuple[str, ...] = ()
-    #: feature_maps skips the blocks after the deepest one needed; a family turns this off where an
-    #: aborted forward breaks a wrapper's state (e.g. FSDP units that never reshard)
+    #: feature_maps skips the blocks after the deepest one needed (never on a sharded network: an
+    #: FSDP unit whose forward is aborted never reshards, and its next gather overwrites parameters
+    #: autograd saved); a family turns it off where an aborted forward breaks its own state
     stop_forward_early: bool = True
     #: the ``dmdx export --format`` values this family implements (``"pipeline"``, ``"lora"``:
     #: diffusers; ``"safetensors"``: the student's network and the config that loads it back), the
@@ -576,13 +571,14 @@ class Teacher(nn.Module):
             raise ValueError(f"{type(self).__name__} has {len(blocks)} feature blocks; layers {bad} do not exist")
         wanted = sorted({i % len(blocks) for i in wanted})
         captured: dict[int, Tensor] = {}
+        stop_early = self.stop_forward_early and not _sharded(net)
 
         def hook_for(i: int):
             def hook(_module, _inputs, output):
                 if i in captured:  # recomputation under gradient checkpointing
                     return
                 captured[i] = self.block_to_map(output, x_t)
-                if len(captured) == len(wanted) and self.stop_forward_early:
+                if len(captured) == len(wanted) and stop_early:
                     raise _StopForward
 
             return hook
@@ -632,6 +628,13 @@ class Teacher(nn.Module):
             eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = self.schedule.add_noise(x0, eps, torch.full_like(tt, timesteps[i + 1]))
         raise ValueError("timesteps must not be empty")
+
+
+def _sharded(net: nn.Module) -> bool:
+    """Whether ``net`` is an FSDP unit (FSDP1's wrapper or a module FSDP2's ``fully_shard`` sharded)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return isinstance(net, (FSDPModule, FullyShardedDataParallel))
 
 
 def merged_student_network(teacher: Teacher) -> nn.Module:

@@ -1,0 +1,156 @@
+"""FSDP2 (configs/trainer/fsdp2.yaml, dmdx_lightning.strategies.FSDP2Strategy) on CPU processes (gloo).
+
+The reference of a sharded run is the same run without sharding: N processes under FSDP2 train as
+N DDP processes (the same prompts and noise on every rank; only the gradients' reduction differs:
+reduce-scatter of shards vs all-reduce), to float tolerance; with one process DDP is the plain run
+(both strategies reseed at setup, which a run without a strategy does not, so that is the reference). ADM and DMD2, full and LoRA mode, on the
+digits teacher; a real diffusers family (tiny SD3) in full and LoRA mode.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, dmdx_env, dmdx_fit
+
+TINY = "tests/configs/adm_tiny.yaml"
+LR = 1e-3  # every player's in TINY
+FSDP2 = "configs/trainer/fsdp2.yaml"
+#: fp32 on CPU: no compute cast, so the sharded run is comparable with the plain one to float rounding
+FP32 = ["--trainer.strategy.init_args.param_dtype", "null", "--trainer.strategy.init_args.reduce_dtype", "null"]
+METHODS = {
+    "adm": [],
+    # DMD2: the GAN head on the fake score's features, TTUR 5 (iteration 0 steps every player,
+    # iteration 1 the fake score and the discriminator)
+    "dmd2": ["--model.init_args.loss", "dmd2", "--model.init_args.update_ratio", "5",
+             "--model.init_args.discriminator.init_args.backbone_role", "fake"],
+}
+MODES = {"full": [], "lora": ["--model.init_args.teacher.init_args.mode", "lora"]}
+
+
+@pytest.fixture(scope="module")
+def digits_pairs(tmp_path_factory):
+    """A config overlay that trains on 64 digits ODE pairs (DMD2's GAN head needs real latents)."""
+    root = tmp_path_factory.mktemp("pairs")
+    result = subprocess.run([sys.executable, "-m", "dmdx_lightning.cli", "predict", "--config",
+                             "configs/quickstart/ode_pairs.yaml", "--model.init_args.num_steps", "2",
+                             "--data.init_args.num_pairs", "64", "--data.init_args.shard_size", "32",
+                             "--trainer.default_root_dir", str(root / "pairs")],
+                            cwd=ROOT, env=dmdx_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    overlay = root / "pairs.yaml"
+    overlay.write_text(f"data:\n  class_path: dmdx_lightning.data.ode_pairs.ODEPairDataModule\n"
+                       f"  init_args: {{path: {root / 'pairs'}, batch_size: 4}}\n")
+    return ["--config", str(overlay)]
+
+
+def run(tmp_path, name: str, *args: str, devices: int = 1, timeout: float = 600) -> list[dict]:
+    out = tmp_path / name
+    result = dmdx_fit("--config", TINY, *args, "--trainer.devices", str(devices),
+                      "--trainer.default_root_dir", str(out),
+                      "--trainer.callbacks+=tests.helpers.TrainedState", f"--trainer.callbacks.dir={out / 'report'}",
+                      timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(out / "report" / f"rank{r}.pt", weights_only=True) for r in range(devices)]
+
+
+def assert_same_training(runs: list[dict], references: list[dict]) -> None:
+    """Every loss to 0.1% (an iteration changes them by 1-60%); the weights to a few optimizer steps' size.
+
+    The weights get the looser check because AdamW's first steps move each weight by about ``lr``
+    whatever its gradient's size: where a gradient is near zero (the discriminator's last bias sees
+    the real and fake halves cancel at the start), a rounding-level difference between all-reduce and
+    reduce-scatter flips the step's sign. The losses of the later iterations are computed from the
+    updated weights, so a wrong gradient (unreduced, reduced twice, on the wrong rank) shows there;
+    the same sign flips make them differ by up to 1e-4 relative on four ranks.
+    """
+    for run_, ref in zip(runs, references, strict=True):
+        assert run_["global_step"] == ref["global_step"] and run_["world_size"] == ref["world_size"]
+        assert len(run_["losses"]) == len(ref["losses"]) and run_["losses"][0]
+        for i, (a, b) in enumerate(zip(run_["losses"], ref["losses"])):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-6), f"rank {runs.index(run_)}, iteration {i}, {k}"
+    state, ref = runs[0]["state"], references[0]["state"]
+    assert state.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(state[k], ref[k], rtol=0, atol=5 * LR, msg=k)
+
+
+#: (processes, method, mode): one process, every method x mode on two, and two on four
+CASES = [(1, "adm", "lora"), (2, "adm", "full"), (2, "adm", "lora"), (2, "dmd2", "full"), (2, "dmd2", "lora"),
+         (4, "adm", "lora"), (4, "dmd2", "full")]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("devices,method,mode", CASES)
+def test_fsdp2_trains_as_ddp(devices, method, mode, tmp_path, request):
+    """Every player's loss at every iteration on every rank, and the trained state, as under DDP."""
+    data = request.getfixturevalue("digits_pairs") if method == "dmd2" else []
+    args = [*data, *METHODS[method], *MODES[mode], "--trainer.max_steps", "3"]
+    ddp = run(tmp_path, "ddp", "--config", "configs/trainer/ddp_cpu.yaml", *args, devices=devices)
+    sharded = run(tmp_path, "fsdp2", "--config", FSDP2, *FP32, *args, devices=devices)
+    assert_same_training(sharded, ddp)
+
+
+def checkpoint_run(tmp_path, name: str, *args: str, devices: int) -> tuple:
+    out = tmp_path / name
+    ranks = run(tmp_path, name, "--config", FSDP2, *FP32, *args,
+                "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                f"--trainer.callbacks.dirpath={out / 'ckpt'}", "--trainer.callbacks.every_n_train_steps=1",
+                "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename={step}", devices=devices)
+    return out, ranks
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_fsdp2_sharded_checkpoints_resume_exactly_reshard_and_export(tmp_path):
+    """Full-mode ADM with EMA on 2 processes writes checkpoint folders of the trainable state alone;
+    a resume on 2 processes ends bitwise where the uninterrupted run ends; 1 and 4 processes load
+    them (resharded); `dmdx export` and init_from read them in one process."""
+    from dmdx_lightning.methods.base import load_student
+    from dmdx_lightning.sharded_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
+    from dmdx_lightning.teachers.digits import DigitsTeacher
+
+    reference, ref = checkpoint_run(tmp_path, "reference", "--trainer.max_steps", "3", devices=2)
+    folder = reference / "ckpt" / "step=2.ckpt"
+    assert is_sharded_checkpoint(folder) and len(list(folder.glob("*.distcp"))) == 2
+    assert not list((reference / "ckpt").glob(".partial-*"))  # written aside, then renamed into place
+    saved = read_sharded_checkpoint(folder, ref[0]["state"])
+    # exactly the trainable state and the buffers: no frozen teacher weight
+    assert saved["state_dict"].keys() == ref[0]["state"].keys()
+    assert not any(k.startswith("teacher.denoiser.") for k in saved["state_dict"])
+    assert saved["global_step"] == 2 and saved["dmdx"]["rng"]["torch_per_rank"].shape[0] == 2
+
+    # the same world size: bitwise the uninterrupted run, every rank (weights, losses of iteration 3)
+    _, resumed = checkpoint_run(tmp_path, "resumed", "--trainer.max_steps", "3", "--ckpt_path", str(folder), devices=2)
+    for r in range(2):
+        assert resumed[r]["ckpt_path"].endswith("step=2.ckpt") and resumed[r]["global_step"] == 3
+        assert resumed[r]["losses"] == ref[r]["losses"][2:]
+    for k, v in ref[0]["state"].items():
+        torch.testing.assert_close(resumed[0]["state"][k], v, rtol=0, atol=0, msg=k)
+
+    # another world size: the shards are redistributed (4 ranks load the state as saved; 1 rank trains on)
+    _, four = checkpoint_run(tmp_path, "four", "--trainer.max_steps", "2", "--ckpt_path", str(folder), devices=4)
+    for k, v in saved["state_dict"].items():
+        torch.testing.assert_close(four[0]["state"][k], v, rtol=0, atol=0, msg=k)
+    _, one = checkpoint_run(tmp_path, "one", "--trainer.max_steps", "3", "--ckpt_path", str(folder), devices=1)
+    assert one[0]["global_step"] == 3 and len(one[0]["losses"]) == 1
+
+    # one process reads the student (its EMA) from the folder: init_from, export
+    last = reference / "ckpt" / "step=3.ckpt"
+    teacher = DigitsTeacher(mode="full", sample_steps=4)
+    assert load_student(teacher, str(last))
+    shadows = [ref[0]["state"][f"ema.shadow_{i}"] for i in range(len(teacher.trainable_parameters("student")))]
+    for p, shadow in zip(teacher.trainable_parameters("student"), shadows):
+        torch.testing.assert_close(p.detach(), shadow, rtol=0, atol=0)
+    result = subprocess.run([sys.executable, "-m", "dmdx_lightning.cli", "export", "--ckpt_path", str(last),
+                             "--config", str(reference / "config.yaml"), "--output", str(tmp_path / "export")],
+                            cwd=ROOT, env=dmdx_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "export" / "student.safetensors").is_file()
