@@ -167,32 +167,61 @@ class FSDP2Strategy(ModelParallelStrategy):
         full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in state.items()}
         return full if self.global_rank == 0 else {}
 
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        """A player's optimizer state keyed by parameter name: this rank's shards for a checkpoint
+        folder; gathered on rank 0 for a single file (Lightning's own single-file path renumbers
+        states by position in the whole model, which several optimizers over parts of it do not fit)."""
+        if self._save_distributed_checkpoint:
+            return super().optimizer_state(optimizer)
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        state = get_optimizer_state_dict(self.model, optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.global_rank == 0 else {}
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         # every rank writes into the same hidden sibling folder, which rank 0 then renames into place
         target = Path(self.broadcast(str(filepath)))
         tmp = target.with_name(self.broadcast(f".partial-{uuid.uuid4().hex}.tmp"))
-        super().save_checkpoint(checkpoint, tmp, storage_options)
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+        except BaseException:
+            # torch.distributed.checkpoint raises on every rank when one fails (a full disk)
+            if self.global_rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.barrier("dmdx_checkpoint_written")
         if self.global_rank == 0:
             _replace(tmp, target)
         self.barrier("dmdx_checkpoint_renamed")
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        path = Path(self.broadcast(str(checkpoint_path)))
-        if not is_sharded_checkpoint(path):
-            return super().load_checkpoint(path, weights_only)  # a consolidated file
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                             set_optimizer_state_dict)
+                                                             set_model_state_dict, set_optimizer_state_dict)
 
-        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        path = Path(self.broadcast(str(checkpoint_path)))
         keep = self.lightning_module.checkpoint_keys()
-        missing = sorted(k for k in keep if f"state_dict.{k}" not in saved)
+        sharded = is_sharded_checkpoint(path)
+        if sharded:
+            saved = {k.removeprefix("state_dict.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
+        else:  # a consolidated file: every rank reads it (memory-mapped) and keeps its shards
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            saved = checkpoint["state_dict"]
+        missing = sorted(k for k in keep if k not in saved)
         if missing:
             raise KeyError(f"checkpoint {path} lacks trainable state {missing[:5]}: it was saved by a different "
                            "configuration (method, discriminator layers or LoRA settings)")
+        if not sharded:
+            full = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(self.model, checkpoint.pop("state_dict"), options=full)
+            for optimizer, state in zip(self.optimizers, checkpoint.pop("optimizer_states")):
+                set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state, options=full)
+            return checkpoint
         state = {k: v for k, v in self.model.state_dict().items() if k in keep}
         dcp.load({"state_dict": state}, checkpoint_id=path)  # reshards to this world size
         self.model.load_state_dict(state, strict=False)

@@ -20,9 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def state_fingerprint(module: pl.LightningModule) -> dict[str, str]:
-    """sha256 of each player's trainable state (bitwise: the raw bytes of every tensor)."""
+    """sha256 of each player's trainable state (bitwise: the raw bytes of every tensor; FSDP2's shards
+    gathered, so every rank must call this)."""
+    from torch.distributed.tensor import DTensor
+
     groups: dict[str, hashlib._Hash] = {}
     for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         group = name.split(".")[0] if not name.startswith("teacher.roles.") else ".".join(name.split(".")[:3])
         groups.setdefault(group, hashlib.sha256()).update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
     return {k: v.hexdigest() for k, v in groups.items()}

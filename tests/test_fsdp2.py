@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, dmdx_env, dmdx_fit
+from tests.test_configs import COGVIDEOX_TINY, SD3_TINY, SDXL_TINY, TINY_HEADS
 
 TINY = "tests/configs/adm_tiny.yaml"
 LR = 1e-3  # every player's in TINY
@@ -154,3 +155,115 @@ def test_fsdp2_sharded_checkpoints_resume_exactly_reshard_and_export(tmp_path):
                             cwd=ROOT, env=dmdx_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "export" / "student.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp2_save_that_fails_midway_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """A full disk while the shards are written: the error reaches the caller, the checkpoint of
+    that name is still the previous one, and no partial folder is left behind."""
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    from dmdx_lightning.sharded_checkpoint import read_sharded_checkpoint
+    from dmdx_lightning.training_cli import DMDXCLI
+
+    monkeypatch.chdir(ROOT)
+    try:
+        cli = DMDXCLI(args=["--config", TINY, "--config", FSDP2, *FP32, "--trainer.max_steps", "1",
+                            "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", str(tmp_path)],
+                      run=False)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        target = tmp_path / "last.ckpt"
+        cli.trainer.save_checkpoint(target)
+        good = read_sharded_checkpoint(target, cli.model.checkpoint_keys())
+        assert good["global_step"] == 1 and good["state_dict"]
+
+        real_save = dcp.save
+
+        def full_disk(state, checkpoint_id, **kwargs):
+            real_save(state, checkpoint_id=checkpoint_id, **kwargs)  # the shards are on disk ...
+            raise OSError(errno.ENOSPC, "No space left on device")  # ... and the last write fails
+
+        monkeypatch.setattr(dcp, "save", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            cli.trainer.save_checkpoint(target)
+        again = read_sharded_checkpoint(target, cli.model.checkpoint_keys())
+        assert again["global_step"] == good["global_step"]
+        for k, v in good["state_dict"].items():
+            torch.testing.assert_close(again["state_dict"][k], v, rtol=0, atol=0)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".partial-")) == []
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+#: shipped configs of the diffusers families under FSDP2 on 2 processes (tiny random weights):
+#: LoRA on one shared network and full mode with three copies; the student's step count
+FAMILY_CONFIGS = {"sd3/adm_4step.yaml": ("tiny_sd3_dir", SD3_TINY + TINY_HEADS, 4),
+                  "sd3/adm_sd35_large_4step.yaml": ("tiny_sd3_dir", SD3_TINY + TINY_HEADS, 4),
+                  "sdxl/adm_4step.yaml": ("tiny_sdxl_dir", SDXL_TINY, 4),
+                  "cogvideox/adm_2b_8step.yaml": ("tiny_cogvideox_dir", COGVIDEOX_TINY + TINY_HEADS, 8)}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("config", list(FAMILY_CONFIGS))
+def test_fsdp2_trains_every_family_as_ddp(config, tmp_path, request):
+    """Each diffusers family's shipped config, sharded per transformer / UNet block, trains as DDP.
+
+    The multi-step student's backward simulation runs its first steps without gradient, then trains
+    one: under FSDP2 every rank runs rank 0's draw (every forward is a collective), under DDP each
+    its own, so here the trained step is fixed at the last one (``first_trained_step``) and both
+    strategies run all the student's steps on every rank.
+    """
+    fixture, tiny, steps = FAMILY_CONFIGS[config]
+    folder = request.getfixturevalue(fixture)
+    placeholder = "{" + fixture.removesuffix("_dir") + "}"
+    args = ["--config", f"configs/{config}", *[a.replace(placeholder, str(folder)) for a in tiny],
+            "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", "2",
+            "--trainer.logger", "false", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks", "[]", "--data.init_args.batch_size", "1",
+            "--model.init_args.first_trained_step", str(steps - 1)]
+
+    def fit(name, *overlay):
+        out = tmp_path / name
+        result = dmdx_fit(*args, *overlay, "--trainer.devices", "2", "--trainer.default_root_dir", str(out),
+                          "--trainer.callbacks+=tests.helpers.TrainedState", f"--trainer.callbacks.dir={out / 'report'}",
+                          timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return [torch.load(out / "report" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    ddp = fit("ddp", "--trainer.strategy", "ddp_find_unused_parameters_true")
+    sharded = fit("fsdp2", "--config", FSDP2, *FP32)
+    assert_same_training(sharded, ddp)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_fsdp2_single_file_checkpoint_resumes_exactly(tmp_path):
+    """``sharded_checkpoint: false``: rank 0 writes one consolidated file (the trainable state only),
+    which a 2-process run resumes to the uninterrupted run's weights and which export reads."""
+    single = ["--trainer.strategy.init_args.sharded_checkpoint", "false"]
+    reference, ref = checkpoint_run(tmp_path, "reference", *single, "--trainer.max_steps", "3", devices=2)
+    path = reference / "ckpt" / "step=2.ckpt"
+    assert path.is_file()
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    assert saved["state_dict"].keys() == ref[0]["state"].keys()
+    _, resumed = checkpoint_run(tmp_path, "resumed", *single, "--trainer.max_steps", "3", "--ckpt_path", str(path),
+                                devices=2)
+    for r in range(2):
+        assert resumed[r]["global_step"] == 3 and resumed[r]["losses"] == ref[r]["losses"][2:]
+    for k, v in ref[0]["state"].items():
+        torch.testing.assert_close(resumed[0]["state"][k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_fsdp2_with_compiled_blocks_trains_as_without(tmp_path):
+    """``compile`` under FSDP2 (2 processes, LoRA): the blocks are compiled after sharding, FSDP2's
+    gathers stay outside the graphs, and training is unchanged (aot_eager: the same kernels)."""
+    args = ["--config", FSDP2, *FP32, *MODES["lora"], "--trainer.max_steps", "3"]
+    plain = run(tmp_path, "plain", *args, devices=2)
+    compiled = run(tmp_path, "compiled", *args, "--model.init_args.compile", "{backend: aot_eager}", devices=2)
+    assert_same_training(compiled, plain)

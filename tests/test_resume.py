@@ -213,10 +213,32 @@ def test_loader_state_resumes_mid_epoch_and_refuses_another_split():
     full = loader()
     full.sampler.set_epoch(2)
     assert batches + rest == [batch["index"].tolist() for batch in full]
-    c = loader(batch_size=3)
+    c = loader(batch_size=3)  # another batch size: the position means nothing there
     with pytest.warns(UserWarning, match="restarts from its first batch"):
         c.load_state_dict(state)
     assert len(list(c)) == 4
+
+
+@pytest.mark.parametrize("saved_world,world", [(2, 4), (4, 2), (2, 1)])
+def test_loader_position_carries_over_to_another_world_size(saved_world, world):
+    """A checkpoint of W ranks resumed on W' ranks: together the new ranks see the rest of the epoch's
+    order, each prompt once (FSDP2 checkpoints load at any world size)."""
+    ds = PromptDataset([f"p{i}" for i in range(16)])
+
+    def loader(rank, replicas):
+        return ResumableDataLoader(ds, sampler=ResumableDistributedSampler(ds, num_replicas=replicas, rank=rank, seed=1),
+                                   batch_size=1, drop_last=True, collate_fn=collate_prompts)
+
+    order = list(ResumableDistributedSampler(ds, num_replicas=1, rank=0, seed=1))  # the epoch's order
+    state = {"epoch": 0, "batches_consumed": 2, "num_replicas": saved_world, "batch_size": 1, "seed": 1}
+    rest = []
+    for rank in range(world):
+        resumed = loader(rank, world)
+        with pytest.warns(UserWarning, match=f"written by {saved_world} processes.*after its first {2 * saved_world} "
+                                             "prompts \\(exactly\\)"):
+            resumed.load_state_dict(state)
+        rest += [i for batch in resumed for i in batch["index"].tolist()]
+    assert sorted(rest) == sorted(order[2 * saved_world:])
 
 
 def test_rng_capture_and_restore_round_trip():

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from dmdx_lightning.sharded_checkpoint import is_sharded_checkpoint
 from tests.helpers import ROOT, dmdx_env, dmdx_fit
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess, pytest.mark.slow]
@@ -68,7 +69,13 @@ def _overrides(tmp: Path, name: str, sleep: float = 0.0) -> list[str]:
             "--trainer.default_root_dir", str(tmp / name / "root")]
 
 
-def test_two_node_job_survives_sigusr1_requeue_and_resumes_exactly(slurm_env, tmp_path):
+#: the strategy overlays a 2-node job runs under (its config's DDP, and FSDP2 in fp32 on CPU)
+STRATEGIES = {"ddp": [], "fsdp2": ["--config", "configs/trainer/fsdp2.yaml", "--trainer.strategy.init_args.param_dtype",
+                                   "null", "--trainer.strategy.init_args.reduce_dtype", "null"]}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_two_node_job_survives_sigusr1_requeue_and_resumes_exactly(strategy, slurm_env, tmp_path):
     # submit first; the uninterrupted reference runs while the cluster job queues and starts
     env = dict(slurm_env, **{k: v for k, v in dmdx_env().items() if k == "PYTHONPATH"},
                HF_HUB_OFFLINE="1", DMDX_PYTHON=sys.executable,
@@ -76,7 +83,7 @@ def test_two_node_job_survives_sigusr1_requeue_and_resumes_exactly(slurm_env, tm
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     submitted = subprocess.run(
         ["sbatch", "--parsable", "--chdir", str(ROOT), "--output", str(tmp_path / "slurm-%j.out"),
-         str(ROOT / "configs/slurm/digits_cpu.sbatch"), *_overrides(tmp_path, "job", sleep=0.3)],
+         str(ROOT / "configs/slurm/digits_cpu.sbatch"), *STRATEGIES[strategy], *_overrides(tmp_path, "job", sleep=0.3)],
         env=env, capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
@@ -110,7 +117,7 @@ def test_two_node_job_survives_sigusr1_requeue_and_resumes_exactly(slurm_env, tm
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, timeout=30)
 
         reference = dmdx_fit("--config", "configs/quickstart/adm.yaml", "--config", "configs/trainer/ddp_cpu.yaml",
-                             *_overrides(tmp_path, "reference"), timeout=600)
+                             *STRATEGIES[strategy], *_overrides(tmp_path, "reference"), timeout=600)
         assert reference.returncode == 0, reference.stderr[-4000:]
 
         deadline = time.time() + 300
@@ -125,7 +132,8 @@ def test_two_node_job_survives_sigusr1_requeue_and_resumes_exactly(slurm_env, tm
     text = log.read_text()
     # Lightning saved the checkpoint on the signal, SLURM requeued the job, the job resumed from it
     assert re.search(r"Signal SIGUSR1: saving .*hpc_ckpt_1\.ckpt at global step \d+", text), text[-3000:]
-    assert (root / "hpc_ckpt_1.ckpt").is_file()
+    # one file under DDP, a checkpoint folder (one file per rank) under FSDP2
+    assert (root / "hpc_ckpt_1.ckpt").is_file() if strategy == "ddp" else is_sharded_checkpoint(root / "hpc_ckpt_1.ckpt")
     assert "restart 0 on" in text and "restart 1 on" in text
     ranks = [json.loads((report / f"rank{r}_restart1.json").read_text()) for r in range(2)]
     assert all(r["ckpt_path"] == str(root / "hpc_ckpt_1.ckpt") for r in ranks)

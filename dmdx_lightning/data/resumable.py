@@ -80,23 +80,33 @@ class ResumableDataLoader(DataLoader):
                 "seed": int(self.sampler.seed)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        from lightning.pytorch.utilities import rank_zero_warn
+
         mine = {"num_replicas": self.sampler.num_replicas, "batch_size": self.batch_size, "seed": self.sampler.seed}
         changed = {k: (state[k], v) for k, v in mine.items() if k in state and state[k] != v}
-        if changed:
-            # the saved position means nothing under another split: restart the epoch instead
-            from lightning.pytorch.utilities import rank_zero_warn
-
+        if set(changed) - {"num_replicas"}:
+            # another order or batch: the saved position means nothing, restart the epoch instead
             rank_zero_warn(f"train loader changed since the checkpoint ({changed}, saved vs now): the "
                            "resumed epoch restarts from its first batch, so resume is not exact")
             return
-        epoch, consumed = state["epoch"], state["batches_consumed"]
-        if consumed >= len(self):
+        epoch, skip = state["epoch"], state["batches_consumed"] * self.batch_size
+        if changed:
+            # another world size (a resume on more or fewer GPUs): the ranks together had used the
+            # epoch order's first `seen` items (rank r takes items r, r+W, ...), so each rank of the
+            # new world skips its share of them: exact when `seen` divides by the new world size
+            seen = skip * changed["num_replicas"][0]
+            skip = seen // self.sampler.num_replicas
+            rank_zero_warn(f"the checkpoint was written by {changed['num_replicas'][0]} processes, this run has "
+                           f"{self.sampler.num_replicas}: the epoch goes on after its first {seen} prompts "
+                           f"({'exactly' if seen % self.sampler.num_replicas == 0 else 'to within one prompt per rank'}); "
+                           "each rank's noise stream restarts")
+        if skip // self.batch_size >= len(self):
             # saved after the epoch's last batch: Lightning counts that epoch as done and trains the
             # next one on the iterator it opens right after this call, so start the next epoch here
-            epoch, consumed = epoch + 1, 0
+            epoch, skip = epoch + 1, 0
         self.sampler.set_epoch(epoch)
-        self.sampler.skip = consumed * self.batch_size
-        self.batches_consumed = consumed
+        self.sampler.skip = skip
+        self.batches_consumed = skip // self.batch_size
 
 
 class ResumableTrainData:

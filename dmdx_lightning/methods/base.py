@@ -60,6 +60,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+#: the ``torch.compile`` options ``compile`` may set (:func:`dmdx_lightning.compile.compile_blocks`)
+COMPILE_OPTIONS = {"backend", "mode", "dynamic", "fullgraph"}
+
+
 #: what ``trainer.global_step`` counts in our checkpoints (``checkpoint["dmdx"]["step_unit"]``);
 #: checkpoints without it were written while it counted optimizer steps
 STEP_UNIT = "iteration"
@@ -109,6 +113,11 @@ class DistillationModule(pl.LightningModule):
             pure-noise step's prediction to look like data: a teacher-initialised student
             predicts the conditional mean there, and training it as a sample collapses it onto one
             mode that every later step then inherits (measured on the mixture testbed, docs/reports/adm_study.md).
+        compile: ``torch.compile`` every block of the teacher's networks
+            (:func:`dmdx_lightning.compile.compile_blocks`) when training starts, after any
+            sharding: ``true`` (inductor), or its options, e.g. ``{backend: inductor, mode:
+            max-autotune}``. The first iterations compile (one graph per block class and state);
+            benchmarks/results/compile.md measures it.
     """
 
     def __init__(
@@ -122,6 +131,7 @@ class DistillationModule(pl.LightningModule):
         max_nonfinite_steps: int = 10,
         lr_warmup: dict[str, int] | None = None,
         first_trained_step: int = 0,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -132,7 +142,7 @@ class DistillationModule(pl.LightningModule):
                              f"trains with all roles {ROLES} (fewer are for `dmdx export`); remove build_roles")
         DistillationModule.check_options(dict(
             student_steps=student_steps, student_timesteps=student_timesteps, first_trained_step=first_trained_step,
-            max_nonfinite_steps=max_nonfinite_steps, lr_warmup=lr_warmup, ema_decay=ema_decay))
+            max_nonfinite_steps=max_nonfinite_steps, lr_warmup=lr_warmup, ema_decay=ema_decay, compile=compile))
         self.teacher = teacher
         self.student_timesteps = resolve_student_timesteps(student_steps, student_timesteps, teacher.schedule)
         self.first_trained_step = first_trained_step
@@ -140,6 +150,7 @@ class DistillationModule(pl.LightningModule):
         self.init_from = init_from
         self.max_nonfinite_steps = max_nonfinite_steps
         self.lr_warmup = dict(lr_warmup or {})
+        self.compile_options = ({} if compile is True else dict(compile)) if compile else None
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("generator_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("nonfinite_streak", torch.zeros((), dtype=torch.long))
@@ -179,6 +190,10 @@ class DistillationModule(pl.LightningModule):
         decay = get("ema_decay")
         if decay is not None and not 0.0 < decay < 1.0:
             raise ConfigError(f"{key}.ema_decay", decay, "an EMA decay is in (0, 1)", "e.g. 0.999, or null for no EMA.")
+        compile_ = get("compile", False)
+        if isinstance(compile_, Mapping) and set(compile_) - COMPILE_OPTIONS:
+            raise ConfigError(f"{key}.compile", dict(compile_), f"unknown option(s) {sorted(set(compile_) - COMPILE_OPTIONS)}",
+                              f"torch.compile's options here are {sorted(COMPILE_OPTIONS)}; true takes the defaults.")
 
     @classmethod
     def batch_keys(cls, options: Mapping[str, Any]) -> dict[str, str]:
@@ -222,18 +237,22 @@ class DistillationModule(pl.LightningModule):
             yield from discriminator.heads
 
     def configure_model(self) -> None:
-        """Lightning's hook for model parallelism: under :class:`~dmdx_lightning.strategies.FSDP2Strategy`
-        shard :meth:`sharding_units` (after ``setup``, so an ``init_from`` student is what is sharded).
-        The EMA then tracks the sharded student (its shadows become shards too)."""
+        """Lightning's hook for model parallelism, run under every strategy after ``setup`` (so an
+        ``init_from`` student is what is sharded): under :class:`~dmdx_lightning.strategies.FSDP2Strategy`
+        shard :meth:`sharding_units`, the EMA then tracking the sharded student (its shadows become
+        shards too); then ``compile`` the blocks (outside FSDP2's per-unit hooks)."""
         from dmdx_lightning.strategies import FSDP2Strategy
 
-        if self._trainer is None or not isinstance(self.trainer.strategy, FSDP2Strategy):
-            return
-        self.trainer.strategy.shard(self)
-        if self.ema is not None:
-            # sharding replaced the student's parameters; the shadows equal them here (a fresh run, or
-            # restarted from init_from in setup), and a resume loads the saved ones after this hook
-            self.ema = GeneratorEMA(self.teacher.trainable_parameters("student"), self.ema.decay)
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDP2Strategy):
+            self.trainer.strategy.shard(self)
+            if self.ema is not None:
+                # sharding replaced the student's parameters; the shadows equal them here (a fresh run,
+                # or restarted from init_from in setup), and a resume loads the saved ones after this hook
+                self.ema = GeneratorEMA(self.teacher.trainable_parameters("student"), self.ema.decay)
+        if self.compile_options is not None:
+            from dmdx_lightning.compile import compile_blocks
+
+            compile_blocks(self.teacher, **self.compile_options)
 
     def checkpoint_keys(self) -> set[str]:
         """State-dict keys a checkpoint holds: the trainable parameters (student, fake score,
