@@ -147,6 +147,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             # network's output, where FSDP hangs the hook that would gather them again
             network = any(isinstance(m, FSDPModule) for m in unit.modules() if m is not unit)
             fully_shard(unit, **{**options, "reshard_after_forward": False if network else self.reshard_after_forward})
+        # full-mode copies made on the meta device (dmdx fit under FSDP2): each rank's shards get
+        # storage now, filled from the real score's shards
+        module.teacher.fill_role_copies(torch.device("cpu") if self.cpu_offload else self.root_device)
         loose = [n for n, p in module.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
         if loose:
             raise TypeError(f"{type(module).__name__}.sharding_units() leaves trainable parameters outside every "

@@ -52,6 +52,20 @@ class DMDXCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         place_run_outputs(self.config[self.subcommand] if self.subcommand else self.config)
 
+    def instantiate_classes(self) -> None:
+        """Build the classes; under FSDP2 a full-mode teacher makes its trainable copies on the meta
+        device (:func:`~dmdx_lightning.teachers.base.meta_role_copies`): each rank loads the weights
+        once and gives storage to its own shards only, never to three whole networks."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        strategy = config.get("trainer", {}).get("strategy")
+        class_path = strategy.get("class_path") if hasattr(strategy, "get") else None
+        if class_path is None or not _is_fsdp2(class_path):
+            return super().instantiate_classes()
+        from dmdx_lightning.teachers.base import meta_role_copies
+
+        with meta_role_copies():
+            super().instantiate_classes()
+
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
@@ -129,3 +143,12 @@ def place_run_outputs(config: Namespace) -> None:
         if is_checkpoint and callback.init_args.get("dirpath") is None:
             callback.init_args.dirpath = os.path.join(root, "checkpoints")
     add_progress_bar(trainer)
+
+
+def _is_fsdp2(class_path: str) -> bool:
+    """Whether a config's ``trainer.strategy`` class is (a subclass of) FSDP2Strategy."""
+    from dmdx_lightning.errors import import_class
+    from dmdx_lightning.strategies import FSDP2Strategy
+
+    cls = import_class(class_path, "trainer.strategy.class_path")
+    return isinstance(cls, type) and issubclass(cls, FSDP2Strategy)

@@ -139,3 +139,40 @@ def test_topology_smoke(tmp_path):
     (row,) = report["rows"]
     assert row["full"]["ms"] > 0 and row["lora"]["ms"] > 0 and row["lora"]["switches"] > 0 == row["full"]["switches"]
     assert "| sdxl | dmd2 |" in (tmp_path / "topology.md").read_text()
+
+
+@pytest.mark.slow
+def test_compile_smoke(tmp_path):
+    """Both arms, eager vs compiled, one round at the smallest widths with dynamo's ``eager`` backend
+    (tracing without code generation): the benchmark's code path end to end (the numbers are
+    benchmarks/results/compile.md's job)."""
+    report = load("compile").main(["--tiny", "--backend", "eager", "--rounds", "1", "--warmup", "2",
+                                   "--iterations", "1", "--out", str(tmp_path)])
+    rows = {row["arm"]: row for row in report["rows"]}
+    assert rows.keys() == {"digits", "sd3"}
+    assert rows["digits"]["blocks"] == 12 and rows["sd3"]["blocks"] == 24
+    for row in rows.values():
+        assert row["eager"]["ms"] > 0 and row["compiled"]["ms"] > 0 and row["graphs"] > 0 == row["not_compiled"]
+        assert row["compiled"]["compiles_timed"] == 0 == row["eager"]["compiles_timed"]
+    assert "| sd3 | `configs/sd3/adm_4step.yaml` |" in (tmp_path / "compile.md").read_text()
+
+
+@pytest.mark.slow
+def test_scale_plan_subset_rows_and_sharding(tmp_path):
+    """One config, both modes, every strategy x GPU count; FSDP2 on 8 GPUs holds 1/8 of the sharded
+    parameter bytes DDP holds (text encoders and VAE stay whole on every rank); the SD3-Medium
+    transformer built on meta from the stored architecture has its published 2.03B parameters."""
+    plan = load("scale_plan")
+    plan.main(["--configs", "sdxl/dmd_1step.yaml", "--no_check", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "scale_plan.json").read_text())
+    rows = {(r["mode"], r["strategy"], r["gpus"]): r for r in saved["rows"]}
+    assert set(rows) == {(m, s, n) for m in ("lora", "full") for s in ("DDP", "FSDP2", "HSDP") for n in (1, 8, 64)}
+    for mode in ("lora", "full"):
+        ddp, fsdp = rows[mode, "DDP", 8]["memory"], rows[mode, "FSDP2", 8]["memory"]
+        assert fsdp["sharded_params"] == pytest.approx(ddp["sharded_params"] / 8, rel=1e-6)
+        assert fsdp["whole_params"] == ddp["whole_params"] > 0
+        assert rows[mode, "HSDP", 64]["memory"]["total"] == pytest.approx(fsdp["total"])  # HSDP shards within a node
+    assert rows["lora", "DDP", 1]["memory"]["total"] < rows["full", "DDP", 1]["memory"]["total"]
+    assert "| `dmd_1step.yaml` | lora | DDP | 8 |" in (tmp_path / "scale_plan.md").read_text()
+    transformer = plan.build(plan.architecture("sd3_medium")["components"]["transformer"])
+    assert plan.count(transformer) == pytest.approx(2.03e9, rel=0.03)

@@ -49,9 +49,9 @@ def digits_pairs(tmp_path_factory):
     return ["--config", str(overlay)]
 
 
-def run(tmp_path, name: str, *args: str, devices: int = 1, timeout: float = 600) -> list[dict]:
+def run(tmp_path, name: str, *args: str, devices: int = 1, timeout: float = 600, config: str = TINY) -> list[dict]:
     out = tmp_path / name
-    result = dmdx_fit("--config", TINY, *args, "--trainer.devices", str(devices),
+    result = dmdx_fit("--config", config, *args, "--trainer.devices", str(devices),
                       "--trainer.default_root_dir", str(out),
                       "--trainer.callbacks+=tests.helpers.TrainedState", f"--trainer.callbacks.dir={out / 'report'}",
                       timeout=timeout)
@@ -196,6 +196,18 @@ def test_fsdp2_save_that_fails_midway_leaves_the_last_good_checkpoint(tmp_path, 
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_fsdp2_adp_trains_as_ddp(tmp_path, digits_pairs):
+    """ADP (latent and pixel discriminators: the pixel heads are units of their own, the digits
+    classifier standing in for SAM stays whole) on 2 processes, full mode."""
+    args = ["--config", "configs/trainer/ddp_cpu.yaml", *digits_pairs, "--trainer.max_steps", "3",
+            "--trainer.callbacks", "[]", "--trainer.logger", "false"]
+    ddp = run(tmp_path, "ddp", *args, devices=2, config="configs/quickstart/adp.yaml")
+    sharded = run(tmp_path, "fsdp2", *args, "--config", FSDP2, *FP32, devices=2, config="configs/quickstart/adp.yaml")
+    assert_same_training(sharded, ddp)
 
 
 #: shipped configs of the diffusers families under FSDP2 on 2 processes (tiny random weights):

@@ -46,11 +46,13 @@ class LatentDiscriminator(nn.Module):
 
     @torch.no_grad()
     def build(self, teacher: Teacher) -> "LatentDiscriminator":
-        """Create one head per layer, sized by probing the teacher's feature maps once."""
+        """Create one head per layer, sized by probing the teacher's feature maps once (on the real
+        score, whose maps are shaped as the fake score's: under FSDP2 the fake score's copy has no
+        storage yet when the method is built)."""
         x = torch.zeros(teacher.latent_shape(1), device=teacher.denoiser_device)
         t = torch.full((1,), 0.5, device=x.device)
         cond = teacher.encode_prompts([""])
-        maps = teacher.feature_maps(self.backbone_role, x, t, cond, self.layers)
+        maps = teacher.feature_maps("real", x, t, cond, self.layers)
         self.heads = nn.ModuleList(head_for(m, cond.pooled.shape[-1], self.head_channels, self.num_down)
                                    for m in maps)
         return self

@@ -107,6 +107,12 @@ class ADPModule(DistillationModule):
             self.players["discriminator"] = Player(self.discriminator_step, self._head_parameters,
                                                    discriminator_optimizer)
 
+    def sharding_units(self):
+        """The base's units and the pixel discriminator's heads (its backbone is frozen, whole on every rank)."""
+        yield from super().sharding_units()
+        if self.pixel_discriminator is not None:
+            yield from self.pixel_discriminator.heads
+
     # ------------------------------------------------------------------ who steps
     @classmethod
     def check_options(cls, options: Mapping[str, Any], key: str = "model.init_args") -> None:

@@ -210,7 +210,12 @@ class DistillationModule(pl.LightningModule):
             raise ValueError("model.init_args.ema_decay is set, but the generator EMA does not work with "
                              "FSDP1 (trainer.strategy FSDPStrategy): use configs/trainer/fsdp2.yaml (FSDP2 keeps the "
                              "EMA), remove ema_decay, or use DDP")
-        # init_from is resolved here, once; a --ckpt_path resume restores its own state afterwards
+        # init_from is resolved here, once; a --ckpt_path resume restores its own state afterwards.
+        # Role copies still on the meta device (FSDP2) get it in configure_model, once they hold values
+        if not self.teacher.has_meta_roles:
+            self._load_init_from()
+
+    def _load_init_from(self) -> None:
         if self.init_from and not self._init_from_loaded:
             self.load_student_from(self.init_from)
             if self.ema is not None:  # the shadows start from the loaded student, not the teacher
@@ -249,6 +254,9 @@ class DistillationModule(pl.LightningModule):
                 # sharding replaced the student's parameters; the shadows equal them here (a fresh run,
                 # or restarted from init_from in setup), and a resume loads the saved ones after this hook
                 self.ema = GeneratorEMA(self.teacher.trainable_parameters("student"), self.ema.decay)
+        elif self.teacher.has_meta_roles:  # built for FSDP2, trained without it: whole copies after all
+            self.teacher.fill_role_copies(self.teacher.denoiser_device)
+        self._load_init_from()  # where setup left it to now (no-op otherwise)
         if self.compile_options is not None:
             from dmdx_lightning.compile import compile_blocks
 
@@ -475,9 +483,14 @@ def load_student(teacher: Teacher, path: str, use_ema: bool = True, what: str = 
     if missing:
         raise KeyError(f"{path} has no student weights for {missing[:3]}... (is it a checkpoint of this teacher/mode?)")
     shadows = GeneratorEMA.stored_shadows(state, "ema.", len(params)) if use_ema else None
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     with torch.no_grad():
         for i, (n, p) in enumerate(params.items()):
-            p.copy_(shadows[i] if shadows is not None else state[f"teacher.{n}"])
+            value = shadows[i] if shadows is not None else state[f"teacher.{n}"]
+            if isinstance(p, DTensor):  # sharded (FSDP2): every rank read the whole tensor and keeps its shard
+                value = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(value)
     return shadows is not None
 
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
@@ -107,6 +108,34 @@ class Conditioning:
     def cat(items: Sequence["Conditioning"]) -> "Conditioning":
         keys = items[0].tensors.keys()
         return Conditioning(**{k: torch.cat([c.tensors[k] for c in items]) for k in keys})
+
+
+#: whether full-mode role copies are made on the meta device (see :func:`meta_role_copies`)
+_META_ROLE_COPIES = ContextVar("meta_role_copies", default=False)
+
+
+@contextmanager
+def meta_role_copies():
+    """Within this context a full-mode teacher makes its trainable copies (student, fake score) on
+    the meta device: their structure, no storage. A sharding strategy then gives each rank storage
+    for its own shards only and fills them from the loaded real score's shards
+    (:meth:`Teacher.fill_role_copies`), so the weights are loaded once and the full copies never
+    exist. ``dmdx fit`` enters it when the trainer's strategy is FSDP2."""
+    token = _META_ROLE_COPIES.set(True)
+    try:
+        yield
+    finally:
+        _META_ROLE_COPIES.reset(token)
+
+
+def _structure_copy(net: nn.Module) -> nn.Module:
+    """``copy.deepcopy(net)`` with every parameter and buffer replaced by a meta tensor of its shape and dtype."""
+    memo: dict[int, Any] = {}
+    for p in net.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in net.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(net, memo)
 
 
 class _StopForward(Exception):
@@ -268,9 +297,10 @@ class Teacher(nn.Module):
         self.roles = nn.ModuleDict()
         trainable = [role for role in TRAINABLE_ROLES if role in self.build_roles]
         if self.mode == "full":
+            meta = _META_ROLE_COPIES.get() and "real" in self.build_roles
             for role in trainable:
                 # without the real score nothing else needs the loaded weights: they become the role's
-                net = copy.deepcopy(denoiser) if "real" in self.build_roles else denoiser
+                net = (_structure_copy if meta else copy.deepcopy)(denoiser) if "real" in self.build_roles else denoiser
                 self.roles[role] = net.requires_grad_(True).train()
         else:
             from peft import LoraConfig, inject_adapter_in_model
@@ -297,6 +327,29 @@ class Teacher(nn.Module):
         if self.gradient_checkpointing:
             for role in trainable:
                 self.enable_gradient_checkpointing(self.network(role))
+
+    @property
+    def has_meta_roles(self) -> bool:
+        """Whether the trainable copies are still structure only (made under :func:`meta_role_copies`)."""
+        return self.mode == "full" and any(p.is_meta for role in self.roles.values() for p in role.parameters())
+
+    @torch.no_grad()
+    def fill_role_copies(self, device: torch.device) -> None:
+        """Give meta-device role copies storage on ``device`` and the real score's values, tensor by
+        tensor. Sharded alike (the same units on the same mesh), a copy's shards are the real
+        score's local shards, so each rank copies only its own part."""
+        from torch.distributed.tensor import DTensor
+
+        def local(t: Tensor) -> Tensor:
+            return t.to_local() if isinstance(t, DTensor) else t
+
+        source = dict(self.denoiser.named_parameters()) | dict(self.denoiser.named_buffers())
+        for net in self.roles.values():
+            if not any(p.is_meta for p in net.parameters()):
+                continue
+            net.to_empty(device=device)
+            for name, tensor in [*net.named_parameters(), *net.named_buffers()]:
+                local(tensor).copy_(local(source[name]))
 
     def check_contract(self) -> None:
         """Raise a ``TypeError`` naming what a family left out of the contract (module docstring).
