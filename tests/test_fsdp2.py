@@ -279,3 +279,30 @@ def test_fsdp2_with_compiled_blocks_trains_as_without(tmp_path):
     plain = run(tmp_path, "plain", *args, devices=2)
     compiled = run(tmp_path, "compiled", *args, "--model.init_args.compile", "{backend: aot_eager}", devices=2)
     assert_same_training(compiled, plain)
+
+
+def test_fsdp2_full_mode_builds_role_copies_on_meta_and_fills_them_from_the_real_score(tmp_path, monkeypatch):
+    """`dmdx fit` under FSDP2 never holds three whole networks: the student's and fake score's copies
+    are structure only until sharding, then get this rank's shards of the loaded real score."""
+    from dmdx_lightning.training_cli import DMDXCLI
+
+    monkeypatch.chdir(ROOT)
+
+    def build(*overlay):
+        return DMDXCLI(args=["--config", TINY, *overlay, "--trainer.default_root_dir", str(tmp_path)], run=False).model
+
+    sharded, plain = build("--config", FSDP2, *FP32), build("--config", "configs/trainer/ddp_cpu.yaml")
+    assert sharded.teacher.has_meta_roles and not plain.teacher.has_meta_roles
+
+    def stored_bytes(module):
+        return sum(p.numel() * p.element_size() for p in module.parameters() if not p.is_meta)
+
+    # one network's parameters stored (plus heads), where the DDP build stores three
+    assert stored_bytes(sharded.teacher) == stored_bytes(sharded.teacher.denoiser)
+    assert stored_bytes(plain.teacher) == 3 * stored_bytes(plain.teacher.denoiser)
+    # without sharding (no FSDP2 after all) the copies are filled whole, equal to the real score
+    sharded.teacher.fill_role_copies(torch.device("cpu"))
+    for role in ("student", "fake"):
+        for (name, p), (_, q) in zip(sharded.teacher.roles[role].named_parameters(),
+                                     plain.teacher.roles[role].named_parameters()):
+            assert torch.equal(p, q), name
