@@ -103,8 +103,10 @@ class DistillationModule(pl.LightningModule):
         init_from: a checkpoint (ours, e.g. from ADP) whose student weights start the student.
             Read when the run starts (``setup``), not at construction, so a config can name the
             checkpoint of an earlier stage before that stage has run.
-        max_nonfinite_steps: consecutive non-finite losses tolerated (each such step is skipped
-            and counted as ``train/nonfinite_skipped``) before the run stops with an error.
+        max_nonfinite_steps: steps in a row of one player with a non-finite loss or gradient on
+            any rank tolerated (each is skipped on every rank and counted as
+            ``train/nonfinite_skipped``) before the run stops with an error naming the player,
+            iteration and ranks.
         lr_warmup: linear learning-rate warm-up per player, in that player's own optimizer steps,
             e.g. ``{generator: 500, fake_score: 100}`` (players not named start at full rate).
             Schedulers are stepped by the player loop and saved in checkpoints.
@@ -153,7 +155,9 @@ class DistillationModule(pl.LightningModule):
         self.compile_options = ({} if compile is True else dict(compile)) if compile else None
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("generator_updates", torch.zeros((), dtype=torch.long))
+        #: the longest run of skipped steps of one player so far (checkpointed); per player in ``_streaks``
         self.register_buffer("nonfinite_streak", torch.zeros((), dtype=torch.long))
+        self._streaks: dict[str, int] = {}
         self.ema = GeneratorEMA(teacher.trainable_parameters("student"), ema_decay) if ema_decay else None
         self._init_from_loaded = False
         #: the player table, in optimizer order (checkpoints store the optimizers in this order);
@@ -306,9 +310,12 @@ class DistillationModule(pl.LightningModule):
                 with self.toggled_optimizer(opt):
                     reshard_units(self)  # FSDP2: gather the updated weights, frozen as toggled
                     losses = self.players[player].step(batch, cond, ctx)
-                    if not self._finite(losses["loss"], player):
-                        continue
+                    # every rank runs its backward, finite or not (under DDP and FSDP it is a
+                    # collective: a rank that skipped it alone would leave the others waiting)
                     self.manual_backward(losses["loss"])
+                    if not self._finite_everywhere(losses["loss"], opt, player):
+                        opt.zero_grad(set_to_none=True)
+                        continue
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     if player in schedulers:
@@ -344,17 +351,41 @@ class DistillationModule(pl.LightningModule):
         sample fixed prompts and seeds at the end of the validation epoch. Defining this step
         turns Lightning's validation loop on when the data module has validation prompts."""
 
-    def _finite(self, loss: Tensor, player: str) -> bool:
-        if torch.isfinite(loss).item():
-            self.nonfinite_streak.zero_()
+    def _finite_everywhere(self, loss: Tensor, optimizer, player: str) -> bool:
+        """Whether ``player``'s loss and gradients are finite on EVERY rank (one gather of a flag per
+        rank), so all ranks skip the same steps and the weights stay equal (a rank that stepped
+        alone would drift; under FSDP each rank holds other gradients' shards). A skipped step is
+        counted; ``max_nonfinite_steps`` in a row stop the run, naming the player, the iteration
+        and the ranks, with the last saved checkpoint intact."""
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                 for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # per rank: (loss finite, gradients finite); a NaN loss on one rank makes every rank's
+        # gradients NaN under DDP (all-reduced), so the loss says where it started
+        local = torch.stack([torch.isfinite(loss.detach()).all(),
+                             torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads
+                             else torch.ones((), dtype=torch.bool, device=loss.device)]).float()
+        flags = (self.all_gather(local) if self._trainer is not None else local).reshape(-1, 2)
+        if not self._streaks:  # a resumed run: every player goes on from the saved (longest) streak
+            self._streaks = dict.fromkeys(self.players, int(self.nonfinite_streak))
+        finite = bool(flags.all())
+        self._streaks[player] = 0 if finite else self._streaks[player] + 1
+        self.nonfinite_streak.fill_(max(self._streaks.values()))
+        if finite:
             return True
-        self.nonfinite_streak += 1
-        self.log("train/nonfinite_skipped", self.nonfinite_streak.float())
-        if int(self.nonfinite_streak) >= self.max_nonfinite_steps:
+        column, what = (0, "loss") if not bool(flags[:, 0].all()) else (1, "gradients")
+        ranks = [r for r, ok in enumerate(flags[:, column].tolist()) if not ok]
+        streak = self._streaks[player]
+        self.log("train/nonfinite_skipped", float(streak))
+        rank_zero_warn(f"iteration {int(self.iteration)}: non-finite {player} {what} on rank(s) {ranks}: the "
+                       f"{player} step is skipped on every rank ({streak} in a row; the run stops at "
+                       f"{self.max_nonfinite_steps})")
+        if streak >= self.max_nonfinite_steps:
             raise NonFiniteLossError(
-                f"{int(self.nonfinite_streak)} consecutive non-finite losses (last: {player} at iteration "
-                f"{int(self.iteration)}); the last saved checkpoint is intact. Lower the learning rate or "
-                f"raise max_nonfinite_steps.")
+                f"{streak} consecutive non-finite losses or gradients of the {player} (the last at iteration "
+                f"{int(self.iteration)}, on rank(s) {ranks}); the last saved checkpoint is intact. Lower the "
+                f"learning rate or raise max_nonfinite_steps.")
         return False
 
     # ------------------------------------------------------------------ the student
