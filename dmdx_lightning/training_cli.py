@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
+from dmdx_lightning.callbacks.collectives import CollectiveFailureReport
 from dmdx_lightning.callbacks.preemption import RequeueOnSignal
 from dmdx_lightning.callbacks.progress import add_progress_bar
 from dmdx_lightning.cli import DESCRIPTION, LIGHT_VERBS
@@ -90,7 +91,8 @@ class DMDXCLI(LightningCLI):
         # top-level --optimizer / --lr_scheduler would replace configure_optimizers with a single one
         kwargs.setdefault("auto_configure_optimizers", False)
         # always on; does nothing outside SLURM (see RequeueOnSignal for why it replaces Lightning's handler)
-        kwargs.setdefault("trainer_defaults", {"callbacks": [RequeueOnSignal()]})
+        # and on a failed collective, say which rank died and how to resume (CollectiveFailureReport)
+        kwargs.setdefault("trainer_defaults", {"callbacks": [RequeueOnSignal(), CollectiveFailureReport()]})
         super().__init__(pl.LightningModule, *args, **kwargs)
 
     @staticmethod

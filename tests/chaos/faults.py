@@ -35,3 +35,23 @@ class InjectNaN(pl.Callback):
             return out
 
         player.step = poisoned
+
+
+class KillRank(pl.Callback):
+    """SIGKILL global rank ``rank`` (no cleanup, as the kernel's OOM killer or a node failure) when
+    iteration ``iteration`` starts.
+
+    Args:
+        rank: the global rank killed.
+        iteration: the iteration (``trainer.global_step``) at whose start it dies.
+    """
+
+    def __init__(self, rank: int = 1, iteration: int = 3) -> None:
+        self.rank, self.iteration = rank, iteration
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.iteration:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
