@@ -48,6 +48,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from dmdx_lightning.dtypes import parse_dtype
+from dmdx_lightning.atomic import write_json_atomic
+from dmdx_lightning.checksums import (SHARDED_MANIFEST, CorruptCheckpointError, sha256_file, verify_file,
+                                      verify_sharded)
 from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.methods.distributed import reshard_units
 from dmdx_lightning.sharded_checkpoint import METADATA_FILE, is_sharded_checkpoint
@@ -192,6 +195,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         tmp = target.with_name(self.broadcast(f".partial-{uuid.uuid4().hex}.tmp"))
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+            self._record_checksums(tmp)
         except BaseException:
             # torch.distributed.checkpoint raises on every rank when one fails (a full disk)
             if self.global_rank == 0:
@@ -202,6 +206,20 @@ class FSDP2Strategy(ModelParallelStrategy):
             _replace(tmp, target)
         self.barrier("dmdx_checkpoint_renamed")
 
+    def _record_checksums(self, folder: Path) -> None:
+        """``checksums.json`` in the folder before it is renamed into place: each rank hashes the files
+        it wrote (torch.distributed.checkpoint names them ``__<rank>_<n>.distcp``), rank 0 the index
+        and the metadata too."""
+        import torch.distributed as dist
+
+        mine = {p.name: sha256_file(p) for p in folder.glob(f"__{self.global_rank}_*.distcp")}
+        if self.global_rank == 0:
+            mine |= {name: sha256_file(folder / name) for name in (".metadata", METADATA_FILE)}
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        if self.global_rank == 0:
+            write_json_atomic(folder / SHARDED_MANIFEST, {k: v for part in gathered for k, v in part.items()})
+
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
@@ -211,8 +229,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         keep = self.lightning_module.checkpoint_keys()
         sharded = is_sharded_checkpoint(path)
         if sharded:
+            _agree_intact(lambda: verify_sharded(path, self.global_rank, self.world_size), self)
             saved = {k.removeprefix("state_dict.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
         else:  # a consolidated file: every rank reads it (memory-mapped) and keeps its shards
+            _agree_intact(lambda: verify_file(path) if self.global_rank == 0 else None, self)
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             saved = checkpoint["state_dict"]
         missing = sorted(k for k in keep if k not in saved)
@@ -234,6 +254,18 @@ class FSDP2Strategy(ModelParallelStrategy):
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[f"optimizer_{i}"],
                                      options=StateDictOptions(cpu_offload=True))
         return torch.load(path / METADATA_FILE, map_location="cpu", weights_only=True)
+
+
+def _agree_intact(check, strategy) -> None:
+    """Run this rank's part of a checksum check; if any rank found damage, every rank raises
+    (the damaged rank its own message), so none waits alone in the next collective."""
+    try:
+        check()
+        damaged = None
+    except CorruptCheckpointError as e:
+        damaged = e
+    if bool(strategy.reduce(torch.tensor(float(damaged is not None), device=strategy.root_device), reduce_op="max")):
+        raise damaged or CorruptCheckpointError("another rank found the checkpoint damaged (its output names the file)")
 
 
 def _replace(tmp: Path, target: Path) -> None:

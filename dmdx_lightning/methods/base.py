@@ -36,6 +36,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from dmdx_lightning.checksums import verify_file, verify_sharded
 from dmdx_lightning.ema import GeneratorEMA
 from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.methods.distributed import (check_ddp_finds_unused_parameters, clean_name,
@@ -592,11 +593,13 @@ def _load_checkpoint(path: str, what: str = "init_from checkpoint", keys: Sequen
     tensors named in ``keys`` are read."""
     p = Path(path)
     if is_sharded_checkpoint(p):
+        verify_sharded(p)
         return read_sharded_checkpoint(p, keys)
     if not p.is_file():
         hint = " (run the stage that writes it first, e.g. `dmdx fit --config configs/quickstart/adp.yaml`)" \
             if what.startswith("init_from") else ""
         raise FileNotFoundError(f"{what} {path} does not exist{hint}")
+    verify_file(p)  # a damaged file is an error naming it (dmdx_lightning.checksums), not wrong weights
     # weights_only: never unpickle arbitrary objects (our checkpoints hold tensors and plain types only);
     # mmap: a tensor is read from disk only when it is used (the caller takes the student's)
     return torch.load(p, map_location="cpu", weights_only=True, mmap=True)

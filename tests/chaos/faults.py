@@ -55,3 +55,33 @@ class KillRank(pl.Callback):
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillDuringSave(pl.Callback):
+    """SIGKILL this process half-way through writing the checkpoint of iteration ``iteration``
+    (AtomicCheckpointIO's writer), as a preemption without warning or a power loss would.
+
+    Args:
+        iteration: the ``trainer.global_step`` whose checkpoint is cut.
+        after_bytes: how far the write gets.
+    """
+
+    def __init__(self, iteration: int = 2, after_bytes: int = 4096) -> None:
+        self.iteration, self.after_bytes = iteration, after_bytes
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import os
+        import signal
+
+        from dmdx_lightning import checksums
+
+        write, callback = checksums.HashingWriter.write, self
+
+        def cut(writer, data):
+            written = getattr(writer, "written", 0) + len(data)
+            writer.written = written
+            if trainer.global_step == callback.iteration and written > callback.after_bytes:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return write(writer, data)
+
+        checksums.HashingWriter.write = cut
