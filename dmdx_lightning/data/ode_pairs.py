@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from dmdx_lightning.atomic import atomic_path, write_text_atomic
+from dmdx_lightning.checksums import sha256_file
 from dmdx_lightning.data.prompts import dedupe, read_prompts
 from dmdx_lightning.dtypes import DTYPES
 from dmdx_lightning.rng import fixed_noise
@@ -73,14 +74,6 @@ def shard_ranges(num_pairs: int, shard_size: int) -> list[tuple[int, int]]:
 def pair_noise(shape: Sequence[int], indices: Sequence[int], seed: int) -> Tensor:
     """Start noise of pairs ``indices`` (:data:`SEED_RULE`): a function of the pair index alone."""
     return fixed_noise((len(indices), *shape), [seed + int(i) for i in indices])
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def prompts_sha256(prompts: Sequence[str]) -> str:

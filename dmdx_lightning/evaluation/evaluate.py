@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from dmdx_lightning.atomic import atomic_path, write_json_atomic, write_text_atomic
+from dmdx_lightning.checksums import sha256_file
 from dmdx_lightning.errors import ConfigError, SetupError, import_class
 
 DESCRIPTION = ("Evaluate students side by side with their teacher: generate every model's samples of a prompt set "
@@ -486,14 +487,6 @@ def sample_stem(prompt_index: int, prompt: str, seed: int) -> str:
     return f"{prompt_index:05d}_{_slug(prompt, 32)}_seed{seed}"
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_records(folder: Path, verify: Callable[[dict], bool] | None = None,
                  wanted: set[tuple[int, int]] | None = None) -> dict[tuple[int, int], dict]:
     """Every usable record of a model folder (all ``records*.jsonl``: rank shards of any world size and
@@ -529,7 +522,7 @@ def _whole_lines(path: Path) -> list[str]:
 def file_is_intact(folder: Path) -> Callable[[dict], bool]:
     def check(record: dict) -> bool:
         path = folder / record.get("file", "")
-        return path.is_file() and sha256(path) == record.get("sha256")
+        return path.is_file() and sha256_file(path) == record.get("sha256")
 
     return check
 
@@ -700,7 +693,7 @@ def _generate(cfg: EvalConfig, spec: ModelSpec, prompts: list[str], where: Ranks
                 stem = sample_stem(i, prompts[i], seed)
                 name, frames = write_sample(item, folder, stem, cfg.fps)
                 record = {"prompt_index": i, "prompt": prompts[i], "seed": seed,
-                          "j": j, "file": name, "sha256": sha256(folder / name), "seconds": seconds,
+                          "j": j, "file": name, "sha256": sha256_file(folder / name), "seconds": seconds,
                           "nfe": info["nfe"]}
                 if frames is not None:
                     record["frames"] = frames
