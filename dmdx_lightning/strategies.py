@@ -17,8 +17,9 @@
   names (no ``_fsdp_wrapped_module.``), and follows Lightning's ``toggled_optimizer`` (a unit
   re-reads ``requires_grad`` each time it gathers). The generator EMA works (its shadows become
   shards of the student's parameters).
-- **Mixed precision**: ``param_dtype`` (bf16) for compute, ``reduce_dtype`` (fp32) for gradient
-  reduction, and ``master_dtype`` (fp32): trainable parameters (full-mode copies loaded in bf16)
+- **Mixed precision**: ``param_dtype`` for compute (``auto``: bf16 under ``trainer.precision:
+  bf16-mixed``, as the GPU configs run), ``reduce_dtype`` (fp32) for gradient reduction, and
+  ``master_dtype`` (fp32): trainable parameters (full-mode copies loaded in bf16)
   are the optimizer's master weights, so they are cast up before sharding, as the LoRA adapters
   already are.
 - **HSDP**: ``replicate_size`` > 1 (or ``"nodes"``) shards within a group of ranks (a node) and
@@ -65,8 +66,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         replicate_size: 1 shards over every rank (FSDP); ``n`` > 1 shards within groups of
             ``world_size / n`` ranks and replicates across the ``n`` groups (HSDP); ``"nodes"`` makes
             one group per node.
-        param_dtype: dtype the units gather their parameters in for forward and backward
-            (``null``: the stored dtype, no cast).
+        param_dtype: dtype the units gather their parameters in for forward and backward:
+            ``auto`` follows ``trainer.precision`` (bf16 under ``bf16-mixed``, fp16 under
+            ``16-mixed``, else no cast); a dtype name needs a ``*-mixed`` precision, whose autocast
+            casts what a network computes outside its parameters (timestep embeddings); ``null``:
+            the stored dtype, no cast.
         reduce_dtype: dtype gradients are reduced in (``null``: ``param_dtype``).
         master_dtype: dtype of the trainable parameters the optimizers own, cast before sharding
             (``null``: as loaded).
@@ -84,7 +88,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     def __init__(
         self,
         replicate_size: int | Literal["nodes"] = 1,
-        param_dtype: str | None = "bfloat16",
+        param_dtype: str | None = "auto",
         reduce_dtype: str | None = "float32",
         master_dtype: str | None = "float32",
         cpu_offload: bool = False,
@@ -100,7 +104,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             raise ConfigError(f"{_KEY}.replicate_size", replicate_size, "must be an integer >= 1 or 'nodes'",
                               "1 shards over all ranks (FSDP); 'nodes' shards within each node (HSDP).")
         self.replicate_size = replicate_size
-        self.param_dtype = parse_dtype(param_dtype, f"{_KEY}.param_dtype")
+        self.param_dtype = param_dtype if param_dtype == "auto" else parse_dtype(param_dtype, f"{_KEY}.param_dtype")
         self.reduce_dtype = parse_dtype(reduce_dtype, f"{_KEY}.reduce_dtype")
         self.master_dtype = parse_dtype(master_dtype, f"{_KEY}.master_dtype")
         self.cpu_offload = cpu_offload
@@ -141,7 +145,8 @@ class FSDP2Strategy(ModelParallelStrategy):
             for p in module.parameters():
                 if p.requires_grad and p.is_floating_point():
                     p.data = p.data.to(self.master_dtype)
-        options = dict(mesh=self.fsdp_mesh, mp_policy=MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype),
+        options = dict(mesh=self.fsdp_mesh, mp_policy=MixedPrecisionPolicy(param_dtype=self._compute_dtype(),
+                                                                           reduce_dtype=self.reduce_dtype),
                        offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy())
         for unit in module.sharding_units():
             # a unit that holds units is a whole network: its own layers (input projection, time
@@ -158,6 +163,20 @@ class FSDP2Strategy(ModelParallelStrategy):
             raise TypeError(f"{type(module).__name__}.sharding_units() leaves trainable parameters outside every "
                             f"FSDP unit ({loose[:3]}...): each rank would train its own copy of them. Add the "
                             "modules that hold them to sharding_units")
+
+    def _compute_dtype(self) -> torch.dtype | None:
+        """``param_dtype`` resolved against ``trainer.precision`` (see the class docstring)."""
+        precision = getattr(self.precision_plugin, "precision", "32-true")
+        mixed = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+        if self.param_dtype == "auto":
+            return mixed
+        if self.param_dtype is not None and self.param_dtype != torch.float32 and mixed is None:
+            raise ConfigError(f"{_KEY}.param_dtype", str(self.param_dtype).removeprefix("torch."),
+                              f"gathers the parameters in a lower precision, but trainer.precision is {precision!r}: "
+                              "nothing would cast what a network computes outside its parameters (timestep "
+                              "embeddings) to match", "Use trainer.precision: bf16-mixed (the GPU configs do), or "
+                              "param_dtype: auto (follows the precision) or null.")
+        return self.param_dtype
 
     # ------------------------------------------------------------------ checkpoints
     def lightning_module_state_dict(self) -> dict[str, Any]:
