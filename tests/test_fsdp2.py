@@ -306,3 +306,14 @@ def test_fsdp2_full_mode_builds_role_copies_on_meta_and_fills_them_from_the_real
         for (name, p), (_, q) in zip(sharded.teacher.roles[role].named_parameters(),
                                      plain.teacher.roles[role].named_parameters()):
             assert torch.equal(p, q), name
+
+
+@pytest.mark.slow
+def test_fsdp2_as_the_gpu_configs_run_it_bf16_mixed(tmp_path):
+    """The overlay as shipped (``param_dtype: auto``) under ``trainer.precision: bf16-mixed``, as every
+    GPU config: the units gather in bf16, autocast covers what they compute outside their
+    parameters, and master weights stay fp32."""
+    ranks = run(tmp_path, "bf16", "--config", FSDP2, "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "2")
+    assert ranks[0]["global_step"] == 2
+    assert all(torch.isfinite(torch.tensor(v)) for step in ranks[0]["losses"] for v in step.values())
+    assert all(v.dtype == torch.float32 for k, v in ranks[0]["state"].items() if k.startswith("teacher.roles."))

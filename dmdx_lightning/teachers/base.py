@@ -37,6 +37,7 @@ MAY
       path; diffusers families: their VAE's), ``default_lora_targets`` (for ``mode="lora"``),
       ``stop_forward_early``; :class:`RoleCheckpointing` (mixed in first) for diffusers
       transformers whose checkpointed blocks must be recomputed in the role they ran in;
+      :meth:`check_setup` (a setting the built components show cannot work);
     - the diffusers export: ``export_formats`` and :meth:`export_pipeline` / :meth:`export_lora`
       (default: a ``NotImplementedError`` naming the family);
     - the plain export (``"safetensors"`` in ``export_formats``, for families without a diffusers
@@ -472,6 +473,14 @@ class Teacher(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement decode")
 
     # ------------------------------------------------------------------ family hooks: MAY
+    def check_setup(self) -> None:
+        """Refuse a setting that the built teacher's own components show cannot work and that would
+        otherwise fail late (e.g. at the first sample grid, after training): raise a
+        :class:`~dmdx_lightning.errors.ConfigError` naming the option, its value and the fix. Called
+        once per stage on every rank before the first step, by
+        :class:`~dmdx_lightning.callbacks.setup_checks.SetupChecks` (``dmdx fit`` / ``validate`` /
+        ``predict``); reads what is loaded, loads nothing. Default: nothing to check."""
+
     def enable_decode_checkpointing(self) -> bool:
         """Recompute :meth:`decode`'s blocks in backward instead of keeping their activations
         (ADP's ``PixelDiscriminator(decode_checkpointing=True)``); ``False`` when the family's
@@ -603,7 +612,7 @@ class Teacher(nn.Module):
             raise RuntimeError(
                 f"{type(self).__name__}.model_output returned shape {tuple(output.shape)} for x_t of "
                 f"shape {tuple(x_t.shape)}: check the family's output unpacking")
-        if output.dtype != x_t.dtype and not torch.is_autocast_enabled():
+        if output.dtype != x_t.dtype and not torch.is_autocast_enabled(output.device.type):
             raise RuntimeError(
                 f"{type(self).__name__}.model_output returned {output.dtype} for x_t in {x_t.dtype}")
         return output
