@@ -41,7 +41,7 @@ def test_nan_on_one_rank_is_skipped_on_every_rank(strategy, tmp_path):
     assert int(ranks[0]["state"]["nonfinite_streak"]) == 0  # the next finite step reset the streak
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("strategy", ["fsdp2"])  # the stop is the same code under DDP (test_bad_input.py: one process)
 def test_nan_that_persists_stops_every_rank_with_the_last_checkpoint_intact(strategy, tmp_path):
     out, result = fit(tmp_path, "persistent", *STRATEGIES[strategy], "--model.init_args.max_nonfinite_steps", "2",
                       "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
