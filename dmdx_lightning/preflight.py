@@ -11,7 +11,12 @@ sample grid after training. :func:`check_config` runs on the parsed config inste
    run in ``__init__``, so a module built in Python is refused the same way;
 2. combinations across classes: the batch keys a method needs (``batch_keys``) against those the
    data module serves (``provides``);
-3. files: ``init_from``, ``--ckpt_path``, and that ``trainer.default_root_dir`` can be written.
+3. files: ``init_from``, ``--ckpt_path``, and that the output folders can be written:
+   ``trainer.default_root_dir``, a checkpoint callback's ``dirpath`` and a logger's ``save_dir``.
+
+What only the built run can tell (the teacher's loaded components, the scoring networks a run will
+load, free disk for a checkpoint) is checked at setup, on every rank, before the first step:
+:class:`~dmdx_lightning.callbacks.setup_checks.SetupChecks`.
 
 Each refusal is a :class:`~dmdx_lightning.errors.ConfigError` (key, value, problem, fix) or a
 :class:`~dmdx_lightning.errors.SetupError`, which ``dmdx`` prints as one paragraph with exit status 2.
@@ -45,7 +50,9 @@ def check_config(config: dict[str, Any], verb: str) -> None:
     if ckpt and ckpt not in CKPT_ALIASES and not is_checkpoint(ckpt):
         raise ConfigError("ckpt_path", ckpt, "no such checkpoint", "Give a .ckpt file (or, under FSDP2, a .ckpt "
                           "folder) written by `dmdx fit`, or `last`.")
-    check_writable((config.get("trainer") or {}).get("default_root_dir") or os.getcwd())
+    trainer = config.get("trainer") or {}
+    check_writable(trainer.get("default_root_dir") or os.getcwd())
+    check_output_folders(trainer, verb)
 
 
 def class_nodes(tree: Any, key: str = "") -> Iterator[tuple[str, type, dict]]:
@@ -94,19 +101,78 @@ def check_batch_keys(config: dict) -> None:
                           "(configs/quickstart/adp.yaml shows one).")
 
 
-def check_writable(root: str | os.PathLike) -> None:
-    """``trainer.default_root_dir`` (created by the run) must be creatable and writable; nothing is
-    created here."""
+def check_output_folders(trainer: dict, verb: str | None) -> None:
+    """The folders a run writes besides its root, where a config pins them: a checkpoint callback's
+    ``dirpath`` (``fit`` writes there; unset, it lies under the root, checked already) and a
+    logger's ``save_dir``. Found by option name, so any checkpoint callback or logger class counts."""
+    for key, _cls, options in class_nodes(trainer, "trainer"):
+        for option, verbs in (("dirpath", ("fit", None)), ("save_dir", ("fit", "validate", None))):
+            if options.get(option) and verb in verbs:
+                check_writable(options[option], f"{key}.init_args.{option}",
+                               "runs/my_run/checkpoints" if option == "dirpath" else "runs/my_run")
+
+
+def check_writable(root: str | os.PathLike, key: str = "trainer.default_root_dir",
+                   example: str = "runs/my_run") -> None:
+    """The output folder ``root`` of ``key`` (created by the run) must be creatable and writable;
+    nothing is created here."""
     path = Path(root).expanduser().absolute()
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
-        raise ConfigError("trainer.default_root_dir", str(root), f"{existing} is a file, not a folder",
-                          "Choose a folder for the run's outputs (e.g. runs/my_run).")
+        raise ConfigError(key, str(root), f"{existing} is a file, not a folder",
+                          f"Choose a folder for the run's outputs (e.g. {example}).")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError("trainer.default_root_dir", str(root), f"{existing} is not writable",
-                          "Choose a folder you can write (e.g. runs/my_run).")
+        raise ConfigError(key, str(root), f"{existing} is not writable",
+                          f"Choose a folder you can write (e.g. {example}).")
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub is switched off (``HF_HUB_OFFLINE``), read when asked (a test or a
+    launcher may set it after ``huggingface_hub`` was imported). ``dmdx`` takes it as the machine's
+    offline switch for every download a run would make later (torchvision's LPIPS backbones too)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def looks_like_path(source: str) -> bool:
+    """A local path rather than a Hub id ``owner/name`` (which may not exist locally)."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def check_model_source(key: str, source: str, *, revision: str | None = None, marker: str = "config.json",
+                       what: str = "model", offline: bool = False) -> None:
+    """A model a config names by Hub id or local folder (``save_pretrained`` output with ``marker``).
+
+    Refused: a path that does not exist or lacks ``marker``; with ``offline`` (callers pass it where
+    the model will certainly be loaded, :func:`hub_offline` on), a Hub id whose ``marker`` is not in the
+    local Hugging Face cache: loading it later would fail, after the run has trained.
+    """
+    source = str(source)
+    local = Path(source).expanduser()
+    if local.exists():
+        if not (local / marker).is_file():
+            raise ConfigError(key, source, f"{local} has no {marker}: not a save_pretrained folder of a {what}",
+                              f"Give the folder `save_pretrained` wrote for the {what}, or a Hub id.")
+        return
+    if looks_like_path(source):
+        raise ConfigError(key, source, "no such folder", f"Give a local folder with the {what} "
+                          "(`save_pretrained` output) or a Hub id such as openai/clip-vit-large-patch14.")
+    if offline and hub_offline() and not hub_cached(source, marker, revision):
+        raise ConfigError(key, source, "is not in the local Hugging Face cache and the Hub is offline "
+                          "(HF_HUB_OFFLINE=1)", f"Download it where there is network (`hf download {source}`) "
+                          f"into the cache this machine reads (HF_HOME), or set {key} to a folder the {what}'s "
+                          "`save_pretrained` wrote.")
+
+
+def hub_cached(repo_id: str, filename: str, revision: str | None = None) -> bool:
+    """Whether ``filename`` of the Hub repository ``repo_id`` is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
+    except ValueError:  # not a valid repository id: loading it would fail as well
+        return False
 
 
 def _import(class_path: str, key: str) -> type:

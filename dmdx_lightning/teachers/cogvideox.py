@@ -86,6 +86,27 @@ def tiled_decode_size(latent: int, tile_sample: int, scale: int, overlap_factor:
     return sum(min(keep, min(tile_latent, latent - i) * scale) for i in range(0, latent, stride))
 
 
+def check_vae_tiling(key: str, sides: dict[str, int], tiles: dict[str, int], overlaps: dict[str, float],
+                     scale: int, vae_size: dict[str, int] | None = None) -> None:
+    """Refuse ``vae_tiling`` (a :class:`ConfigError` on ``key``) when diffusers' tiled decode of a
+    video of ``sides`` pixels (``height``, ``width``) in tiles of ``tiles`` pixels (the VAE's
+    ``tile_sample_min_*``) would not give back that size. A video no larger than one tile is decoded
+    whole by diffusers and passes."""
+    latent = {side: sides[side] // scale for side in sides}
+    if not any(latent[side] > int(tiles[side] / scale) for side in sides):
+        return  # diffusers decodes it in one piece
+    for side in ("height", "width"):
+        decoded = tiled_decode_size(latent[side], tiles[side], scale, overlaps[side])
+        if decoded != sides[side]:
+            sized = f", sized for {vae_size['height']}x{vae_size['width']} px videos" if vae_size else ""
+            raise ConfigError(key, True, f"diffusers' tiled VAE decode of a {sides[side]} px {side} gives {decoded} px "
+                              f"(a {sides['height']}x{sides['width']} px video, height x width, in the VAE's "
+                              f"{tiles['height']}x{tiles['width']} px tiles: tile_sample_min_height x "
+                              f"tile_sample_min_width{sized})", "Set vae_tiling: false: a video this small "
+                              "decodes in one piece (tiling saves memory on videos many tiles large, as "
+                              "CogVideoX's 480x720).")
+
+
 class CogVideoXTeacher(DiffusersTeacher):
     """CogVideoX-2b / -5b (``CogVideoXPipeline`` layout) as a distillation teacher.
 
@@ -155,16 +176,23 @@ class CogVideoXTeacher(DiffusersTeacher):
             return  # not readable yet: loading the teacher reports that with its own message
         scale = 2 ** (len(vae["block_out_channels"]) - 1)
         sides = {side: int(options.get(side) or transformer[f"sample_{side}"] * scale) for side in ("height", "width")}
-        tiles = {side: vae[f"sample_{side}"] // 2 for side in sides}  # diffusers' tile_sample_min_*
-        if not any(sides[side] // scale > int(tiles[side] / scale) for side in sides):
-            return  # smaller than one tile: diffusers decodes it whole
-        for side, factor in (("height", 1 / 6), ("width", 1 / 5)):  # diffusers' tile_overlap_factor_*
-            decoded = tiled_decode_size(sides[side] // scale, tiles[side], scale, factor)
-            if decoded != sides[side]:
-                raise ConfigError(f"{key}.vae_tiling", True, f"diffusers' tiled VAE decode of a {sides[side]} px "
-                                  f"{side} gives {decoded} px (its tiles are {tiles[side]} px, sized for "
-                                  f"{vae[f'sample_{side}']} px videos)", "Set vae_tiling: false: videos this small "
-                                  "decode in one piece.")
+        # diffusers' defaults (AutoencoderKLCogVideoX.__init__): tile_sample_min_* and tile_overlap_factor_*
+        tiles = {side: vae[f"sample_{side}"] // 2 for side in sides}
+        check_vae_tiling(f"{key}.vae_tiling", sides, tiles, {"height": 1 / 6, "width": 1 / 5}, scale,
+                         {side: vae[f"sample_{side}"] for side in sides})
+
+    def check_setup(self, key: str = "model.init_args.teacher.init_args") -> None:
+        """:meth:`check_options`' tiling check again on the built VAE, with the tile sizes and
+        overlaps ``enable_tiling`` gave it (whatever the diffusers version): it also covers a teacher
+        built in Python and a pipeline whose config files could not be read before loading."""
+        vae = self.vae
+        if not getattr(vae, "use_tiling", False):
+            return
+        sides = {"height": self.height, "width": self.width}
+        tiles = {side: int(getattr(vae, f"tile_sample_min_{side}")) for side in sides}
+        overlaps = {side: float(getattr(vae, f"tile_overlap_factor_{side}")) for side in sides}
+        check_vae_tiling(f"{key}.vae_tiling", sides, tiles, overlaps, self.vae_scale_factor,
+                         {side: vae.config[f"sample_{side}"] for side in sides})
 
     def __init__(
         self,
