@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from dmdx_lightning.callbacks.collectives import CollectiveFailureReport
 from dmdx_lightning.callbacks.preemption import RequeueOnSignal
 from dmdx_lightning.callbacks.progress import add_progress_bar
+from dmdx_lightning.callbacks.setup_checks import SetupChecks
 from dmdx_lightning.cli import DESCRIPTION, LIGHT_VERBS
 from dmdx_lightning.configs_index import packaged_path
 from dmdx_lightning.options import known_classes
@@ -92,7 +93,9 @@ class DMDXCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         # always on; does nothing outside SLURM (see RequeueOnSignal for why it replaces Lightning's handler)
         # and on a failed collective, say which rank died and how to resume (CollectiveFailureReport)
-        kwargs.setdefault("trainer_defaults", {"callbacks": [RequeueOnSignal(), CollectiveFailureReport()]})
+        # and what can fail late is checked at setup, before the first step (SetupChecks)
+        kwargs.setdefault("trainer_defaults", {"callbacks": [RequeueOnSignal(), CollectiveFailureReport(),
+                                                             SetupChecks()]})
         super().__init__(pl.LightningModule, *args, **kwargs)
 
     @staticmethod

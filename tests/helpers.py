@@ -183,3 +183,62 @@ def load_benchmark(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+class CallbackProbe(pl.Callback):
+    """What the callbacks of a run did on this rank, for tests/test_callbacks_distributed.py: every file
+    written through ``torchvision.utils.save_image`` or ``write_json_atomic`` (sample grids, the summary
+    and its grid), the ``val/`` scalars after each validation (sanity check included), this rank's
+    training diagnostics at each iteration (``TrainingDiagnostics.TRACKED``), whether each progress bar
+    is disabled, the global step; written to ``<dir>/rank<global_rank>.json`` at teardown, after every
+    callback's ``on_fit_end``.
+
+    Args:
+        dir: output folder.
+    """
+
+    def __init__(self, dir: str) -> None:
+        self.dir = Path(dir)
+        self.writes: list[str] = []
+        self.validations: list[dict] = []
+        self.diagnostics: list[dict] = []
+
+    def setup(self, trainer, pl_module, stage):
+        import torchvision
+
+        import dmdx_lightning.evaluation.digits as digits
+
+        def recorded(fn, path_arg: int):
+            if getattr(fn, "probed", False):
+                return fn
+
+            def write(*args, **kwargs):
+                self.writes.append(str(args[path_arg]))
+                return fn(*args, **kwargs)
+            write.probed = True
+            return write
+
+        torchvision.utils.save_image = recorded(torchvision.utils.save_image, 1)  # (tensor, fp)
+        digits.write_json_atomic = recorded(digits.write_json_atomic, 0)  # (path, data)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from dmdx_lightning.callbacks.summary import TrainingDiagnostics
+
+        metrics = trainer.callback_metrics
+        self.diagnostics.append({name: float(metrics[key]) for name, key in TrainingDiagnostics.TRACKED.items()
+                                 if key in metrics})
+
+    def on_validation_end(self, trainer, pl_module):
+        self.validations.append({"step": trainer.global_step, "sanity": trainer.sanity_checking,
+                                 "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()
+                                             if k.startswith("val/")}})
+
+    def teardown(self, trainer, pl_module, stage):
+        from lightning.pytorch.callbacks import ProgressBar
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        report = {"global_step": trainer.global_step, "world_size": trainer.world_size, "writes": self.writes,
+                  "validations": self.validations, "diagnostics": self.diagnostics,
+                  "progress_bars": {type(c).__name__: c.is_disabled for c in trainer.callbacks
+                                    if isinstance(c, ProgressBar)}}
+        (self.dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(report, indent=1))

@@ -16,6 +16,7 @@ import torchvision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.methods.distributed import outside_training_step, shards_parameters
 from dmdx_lightning.rng import fixed_noise
 
@@ -93,12 +94,35 @@ class SampleGrid(pl.Callback):
         progress: show a progress bar while the teacher's many-step samples render.
     """
 
+    @classmethod
+    def check_options(cls, options, key: str = "trainer.callbacks[0].init_args") -> None:
+        """The grid's prompts and cadence, before anything is built (the first grid is drawn after
+        training has run: a bad value here would surface only then)."""
+        prompts = options.get("prompts")
+        if prompts is not None:
+            check_prompt_list(prompts, f"{key}.prompts", "Leave prompts out to draw the teacher's example prompts.")
+        for name, least in (("samples_per_prompt", 1), ("every_n_steps", 0), ("fps", 1)):
+            value = options.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                why = {"every_n_steps": "iterations between grids, 0 = only at the end of fit"}.get(name, "a count")
+                raise ConfigError(f"{key}.{name}", value, f"must be an integer >= {least} ({why})",
+                                  "The shipped configs use samples_per_prompt 2, every_n_steps 500, fps 8.")
+        steps = options.get("teacher_steps")
+        if steps is not None and (not isinstance(steps, int) or steps < 1):
+            raise ConfigError(f"{key}.teacher_steps", steps, "the teacher's sampler needs >= 1 step",
+                              "Leave it out for the teacher's own sample_steps.")
+        if options.get("video_format", "gif") not in ("gif", "mp4"):
+            raise ConfigError(f"{key}.video_format", options.get("video_format"), "choose one of gif | mp4",
+                              "gif needs nothing extra; mp4 needs PyAV (`pip install av`).")
+
     def __init__(self, prompts: list[str] | None = None, samples_per_prompt: int = 8, seed: int = 0,
                  every_n_steps: int = 0, teacher_steps: int | None = None,
                  teacher_cfg_scale: float | None = None, log_teacher: bool = True, fps: int = 8,
                  video_format: str = "gif", progress: bool = True) -> None:
         if video_format not in ("gif", "mp4"):
             raise ValueError(f"video_format must be 'gif' or 'mp4', got {video_format!r}")
+        if prompts is not None:
+            check_prompt_list(prompts, "SampleGrid prompts", "Leave prompts out to draw the teacher's example prompts.")
         self.fps, self.video_format, self.progress = fps, video_format, progress
         self.prompts = prompts
         self.samples_per_prompt = samples_per_prompt
@@ -116,6 +140,9 @@ class SampleGrid(pl.Callback):
         # alone, before) the broadcast waited for ranks already in the next step's gradient
         # all-reduce, and a multi-process run hung at its first grid
         self._dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        if stage == "fit" and self.every_n_steps and trainer.max_steps >= 0 and self.every_n_steps > trainer.max_steps:
+            rank_zero_warn(f"SampleGrid every_n_steps={self.every_n_steps} is more than trainer.max_steps="
+                           f"{trainer.max_steps}: only the grid at the end of fit is drawn", category=UserWarning)
 
     def _inputs(self, module):
         teacher = module.teacher
@@ -187,7 +214,23 @@ class SampleGrid(pl.Callback):
             self.draw(trainer, module)
 
     def on_fit_end(self, trainer, module) -> None:
-        self.draw(trainer, module)
+        # not again where the last interval's grid was just drawn (the same file, a second image at
+        # that step in TensorBoard); every rank knows _last_step, so under FSDP all ranks agree
+        if self._last_step != trainer.global_step:
+            self.draw(trainer, module)
+
+
+def check_prompt_list(prompts, key: str, fix: str) -> None:
+    """A config's list of prompts: non-empty, each a non-empty string (an empty prompt is CFG's
+    unconditional branch, never a prompt to show)."""
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise ConfigError(key, prompts, "expected a list of prompts", 'e.g. ["a cat", "a dog"]. ' + fix)
+    if not prompts:
+        raise ConfigError(key, prompts, "an empty list of prompts", fix)
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise ConfigError(key, prompts, f"prompt(s) {bad} are empty or not text",
+                          "Give each prompt as a non-empty string.")
 
 
 def _has_moviepy() -> bool:

@@ -42,7 +42,9 @@ class TrainingDiagnostics(pl.Callback):
     moves; the ADM issue expects it to grow with d) and ``dmd_alignment`` (the cosine between the
     directions ADM and DMD move the student's samples), each the mean of the latest logged value
     at the last ``window`` iterations; :meth:`diagnostics` gives those present (the last two: ADM
-    runs only).
+    runs only). Each rank logs the diagnostics of its own share of the batch: in a multi-process run
+    the means are averaged over the ranks at the end of training (:meth:`on_train_end`, which every
+    rank runs), so the row describes the whole batch, not rank 0's share.
     """
 
     TRACKED = {"logit_gap": "train/discriminator/logit_gap", "dmd_alignment": "train/generator/dmd_alignment"}
@@ -51,6 +53,7 @@ class TrainingDiagnostics(pl.Callback):
         self.window = window
         self._recent: dict[str, list[float]] = {name: [] for name in self.TRACKED}
         self._length: dict[str, int] = {}
+        self._over_ranks: dict[str, float] | None = None
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._length = {"iterations": trainer.global_step}
@@ -61,8 +64,27 @@ class TrainingDiagnostics(pl.Callback):
             if value is not None and math.isfinite(float(value)):
                 self._recent[name] = (self._recent[name] + [float(value)])[-self.window:]
 
+    def _local_means(self) -> dict[str, float]:
+        return {name: sum(v) / len(v) for name, v in self._recent.items() if v}
+
+    def on_train_end(self, trainer, module) -> None:
+        # every rank runs this hook at the same point, so the one collective is safe here (not in the
+        # reports' on_fit_end, which under DDP runs on rank 0 alone)
+        if trainer.world_size < 2:
+            return
+        import torch
+
+        local = self._local_means()
+        # per name: (sum of the ranks' means, ranks that have one); a rank whose values were all
+        # non-finite has none
+        pairs = torch.tensor([[local.get(name, 0.0), float(name in local)] for name in self.TRACKED],
+                             dtype=torch.float64, device=module.device)
+        total = trainer.strategy.reduce(pairs, reduce_op="sum").tolist()
+        self._over_ranks = {name: s / n for name, (s, n) in zip(self.TRACKED, total) if n}
+
     def diagnostics(self) -> dict[str, float | int]:
-        return {**self._length, **{name: sum(v) / len(v) for name, v in self._recent.items() if v}}
+        means = self._over_ranks if self._over_ranks is not None else self._local_means()
+        return {**self._length, **means}
 
 
 def update_summary(path: str | Path, arm: str, row: dict) -> None:

@@ -23,7 +23,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -35,6 +34,7 @@ from dmdx_lightning.rng import fixed_noise
 from dmdx_lightning.atomic import write_json_atomic
 from dmdx_lightning.callbacks.summary import TrainingDiagnostics, arm_name, format_table
 from dmdx_lightning.discriminators.pixel import PixelBackbone
+from dmdx_lightning.methods.distributed import outside_training_step, shards_parameters
 from dmdx_lightning.teachers.base import Conditioning
 from dmdx_lightning.teachers.digits import (DIGIT_PROMPTS, NUM_CLASSES, DigitsClassifier, load_classifier,
                                             load_digits_data)
@@ -69,8 +69,11 @@ def digits_metrics(samples: Tensor, labels: Tensor, classifier: DigitsClassifier
     samples = samples.detach().float().cpu().clamp(-1, 1)
     labels = labels.cpu()
     classifier = classifier.cpu()
+    # these samples alone (sync_on_compute=False): in a multi-process run torchmetrics would otherwise
+    # gather and sum every rank's feature statistics at compute, a collective that deadlocked (or
+    # crashed) the summary scoring on rank 0 alone and counted the digits metrics' samples once per rank
     fd = FrechetInceptionDistance(feature=_ClassifierFeatures(classifier), normalize=True,
-                                  input_img_size=(1, 8, 8))
+                                  input_img_size=(1, 8, 8), sync_on_compute=False)
     real, _ = load_digits_data("all")
     fd.update(unit_range(real), real=True)
     fd.update(unit_range(samples), real=False)
@@ -216,6 +219,8 @@ class DigitsSummary(TrainingDiagnostics):
     Writes ``{arm: {nfe, fd, precision, recall, class_accuracy, class_coverage, seconds_per_sample}}``
     (plus ADM's ``logit_gap`` and ``dmd_alignment``, :class:`TrainingDiagnostics`)
     into ``path``, keeping the other arms already there (so several runs fill one table).
+    In a multi-process run rank 0 scores and writes (once); under FSDP / FSDP2 every rank samples
+    with it, since every forward is a collective.
 
     Args:
         path: the summary JSON file.
@@ -238,18 +243,31 @@ class DigitsSummary(TrainingDiagnostics):
         self.teacher_steps, self.teacher_cfg_scale = teacher_steps, teacher_cfg_scale
         super().__init__()
 
-    @rank_zero_only
     def on_fit_end(self, trainer, module) -> None:
-        summary = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        # rank 0 scores and writes. Under FSDP / FSDP2 every forward is a collective, so every rank
+        # samples with it (rank 0 alone waited forever for the others) and rank 0's file decides
+        # whether the teacher is scored; under DDP the other ranks have nothing to do
+        strategy = trainer.strategy
+        everyone = trainer.world_size > 1 and shards_parameters(strategy)
+        if not trainer.is_global_zero and not everyone:
+            return
+        summary = json.loads(self.path.read_text()) if trainer.is_global_zero and self.path.is_file() else {}
+        score_teacher = self.score_teacher and "teacher" not in summary
+        if everyone:
+            score_teacher = bool(strategy.broadcast(score_teacher, src=0))
         classifier = load_classifier()
         module.eval()
-        if self.score_teacher and "teacher" not in summary:
-            sample, nfe = teacher_sampler(module.teacher, self.teacher_steps, self.teacher_cfg_scale)
-            summary["teacher"], _ = evaluate_digits(module.teacher, sample, nfe, self.samples_per_digit,
-                                                    classifier=classifier)
-            summary["teacher"]["cfg_scale"] = self.teacher_cfg_scale or module.teacher.cfg_scale
-        sample, nfe = student_sampler(module)
-        row, grid = evaluate_digits(module.teacher, sample, nfe, self.samples_per_digit, self.diversity_k, classifier)
+        with outside_training_step(strategy):
+            if score_teacher:
+                sample, nfe = teacher_sampler(module.teacher, self.teacher_steps, self.teacher_cfg_scale)
+                summary["teacher"], _ = evaluate_digits(module.teacher, sample, nfe, self.samples_per_digit,
+                                                        classifier=classifier)
+                summary["teacher"]["cfg_scale"] = self.teacher_cfg_scale or module.teacher.cfg_scale
+            sample, nfe = student_sampler(module)
+            row, grid = evaluate_digits(module.teacher, sample, nfe, self.samples_per_digit, self.diversity_k,
+                                        classifier)
+        if not trainer.is_global_zero:
+            return
         summary[self.arm or arm_name(module)] = {**row, **self.diagnostics()}
         if self.grid is not None:
             save_digit_grid(grid.cpu(), self.grid)
