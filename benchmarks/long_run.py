@@ -1,7 +1,7 @@
 """Long-run health: resident memory and time per iteration over thousands of `dmdx fit` iterations.
 
     python benchmarks/long_run.py                        # both arms, 2000 iterations each
-    python benchmarks/long_run.py --arms digits --iterations 30 --every 10 --objects-every 10 --out /tmp/lr   # smoke
+    python benchmarks/long_run.py --arms digits --iterations 30 --every 10 --objects-every 10 --out OUT   # smoke
     python benchmarks/long_run.py --reanalyse benchmarks/results/long_run.json   # fit the recorded samples again
 
 A leak that costs a few KiB per iteration is invisible in a 600-iteration quickstart and fatal in
