@@ -28,7 +28,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dmdx_lightning.atomic import atomic_path
-from dmdx_lightning.checksums import FOLDER_MANIFEST, CorruptCheckpointError, HashingWriter, record, verify_file
+from dmdx_lightning.checksums import (FOLDER_MANIFEST, CorruptCheckpointError, HashingWriter, read_manifest, record,
+                                      verify_file)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -55,12 +56,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
         target = Path(path)
         manifest = target.parent / FOLDER_MANIFEST
+        previous = read_manifest(manifest).get(target.name)
         record(manifest, target.name, None)  # the entry of the file being replaced (last.ckpt) goes first
-        with atomic_path(target) as tmp, open(tmp, "wb") as f:
-            hashing = HashingWriter(f)
-            torch.save(checkpoint, hashing)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with atomic_path(target) as tmp, open(tmp, "wb") as f:
+                hashing = HashingWriter(f)
+                torch.save(checkpoint, hashing)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            if previous is not None:  # the file it would have replaced is still there: keep checking it
+                record(manifest, target.name, previous)
+            raise
         # recorded after the rename: a crash in between leaves a file without an entry (loaded
         # unverified), never an entry that does not match its file
         record(manifest, target.name, hashing.sha256.hexdigest())

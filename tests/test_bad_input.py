@@ -5,6 +5,8 @@ One test per row of the README's "Failure modes" table (section "Running at scal
 
 from __future__ import annotations
 
+import json
+
 import pickle
 from functools import partial
 from pathlib import Path
@@ -167,7 +169,9 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_and_no_partial_file(t
     big = {"state_dict": {"w": torch.zeros(1 << 20)}, "step": 2, "boom": ExplodesWhenPickled()}
     with pytest.raises(RuntimeError, match="simulated crash"):
         io.save_checkpoint(big, target)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    # the previous file and its checksum (dmdx_lightning.checksums), still checked when it is loaded
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".checksums.json", "last.ckpt"]
+    assert "last.ckpt" in json.loads((tmp_path / ".checksums.json").read_text())
     assert io.load_checkpoint(target)["step"] == 1
 
 
