@@ -6,7 +6,6 @@ One test per row of the README's "Failure modes" table (section "Running at scal
 from __future__ import annotations
 
 import json
-
 import pickle
 from functools import partial
 from pathlib import Path
