@@ -78,6 +78,7 @@ def main(args: list[str] | None = None) -> None:
         from dmdx_lightning.training_cli import DMDXCLI
 
         DMDXCLI(args=args)  # None from the command line: it reads sys.argv (see _pass_on)
+        _close_process_group()
     except (ConfigError, SetupError) as e:  # preflight: key, value, problem and fix in one paragraph
         fail(str(e), e)
     except ArgumentError as e:  # the parser's: a misspelt key, a value of the wrong type
@@ -144,6 +145,18 @@ def config_error(error: BaseException) -> str | None:
             if any(mark in line for mark in _CONFIG_KEY_MARKS) and not line.startswith("Given value"):
                 return line
     return None
+
+
+def _close_process_group() -> None:
+    """End a multi-process run's process group before the interpreter exits. Left open, its
+    transport threads can outlive Python's teardown and abort the process after a successful run
+    ("terminate called without an active exception", exit code -6; seen with FSDP2 on gloo)."""
+    import sys
+
+    torch = sys.modules.get("torch")  # only if the run imported it (light verbs do not)
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
