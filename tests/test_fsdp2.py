@@ -317,3 +317,14 @@ def test_fsdp2_as_the_gpu_configs_run_it_bf16_mixed(tmp_path):
     assert ranks[0]["global_step"] == 2
     assert all(torch.isfinite(torch.tensor(v)) for step in ranks[0]["losses"] for v in step.values())
     assert all(v.dtype == torch.float32 for k, v in ranks[0]["state"].items() if k.startswith("teacher.roles."))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_hsdp_two_groups_of_two_train_as_ddp(tmp_path):
+    """HSDP (``replicate_size: 2`` on 4 processes: shards within each pair, replicas across the pairs)."""
+    args = [*MODES["lora"], "--trainer.max_steps", "3"]
+    ddp = run(tmp_path, "ddp", "--config", "configs/trainer/ddp_cpu.yaml", *args, devices=4)
+    hsdp = run(tmp_path, "hsdp", "--config", FSDP2, *FP32, "--trainer.strategy.init_args.replicate_size", "2", *args,
+               devices=4)
+    assert_same_training(hsdp, ddp)
