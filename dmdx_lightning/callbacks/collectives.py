@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 
 import lightning.pytorch as pl
 
@@ -46,8 +47,10 @@ class CollectiveFailureReport(pl.Callback):
         if trainer.world_size < 2 or not _is_peer_failure(exception):
             return
         children = getattr(trainer.strategy.launcher, "procs", None) or []
-        for proc in children:
-            proc.poll()
+        # the peer's sockets close while it is being torn down, a moment before it has exited
+        deadline = time.monotonic() + 3.0
+        while children and not any(proc.poll() is not None for proc in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
         dead = {rank: proc.returncode for rank, proc in enumerate(children, start=1) if proc.returncode is not None}
         if dead:
             cause = "; ".join(f"rank {rank} {_how(code)}" for rank, code in dead.items())
