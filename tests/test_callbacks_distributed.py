@@ -164,3 +164,27 @@ def test_callbacks_on_two_processes(strategy, tmp_path, scoring_models, single):
     teacher = {k: v for k, v in summary["teacher"].items() if k not in TIMING}
     assert teacher == pytest.approx({k: v for k, v in reference_summary["teacher"].items() if k not in TIMING},
                                     rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_mixture_summary_under_fsdp2_scores_on_every_rank_and_writes_once(tmp_path):
+    """MixtureSummary samples on every rank under FSDP2 (rank 0 alone waited forever for the others)
+    and writes the one-process rows: the teacher's and the untrained student's do not depend on the
+    world size."""
+
+    def fit(name, *args):
+        out = tmp_path / name
+        result = dmdx_fit("--config", "configs/mixture/adm.yaml", "--trainer.default_root_dir", str(out),
+                          "--trainer.max_steps", "2", "--trainer.logger", "false", "--data.init_args.batch_size", "4",
+                          "--trainer.callbacks.init_args.samples_per_class", "50", *args, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return json.loads((out / "summary.json").read_text())
+
+    one = fit("one")
+    two = fit("fsdp2", *FSDP2, "--trainer.devices", "2")
+    assert set(two) == set(one) == {"teacher", "adm_1step@init", "adm_1step"}
+    for row in ("teacher", "adm_1step@init"):
+        scalars = {k for k, v in one[row].items() if isinstance(v, (int, float))}
+        assert {k: two[row][k] for k in scalars} == pytest.approx({k: one[row][k] for k in scalars}, rel=1e-5,
+                                                                    abs=1e-6), row

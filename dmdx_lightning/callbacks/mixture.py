@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_only
-
 from dmdx_lightning.rng import fixed_noise
 from dmdx_lightning.callbacks.summary import TrainingDiagnostics, arm_name, update_summary
+from dmdx_lightning.methods.distributed import outside_training_step, shards_parameters
 from dmdx_lightning.teachers.mixture import MixtureTeacher, class_prompt, mixture_metrics
 
 
@@ -71,16 +70,37 @@ class MixtureSummary(TrainingDiagnostics):
     def _arm(self, module) -> str:
         return self.arm or arm_name(module)
 
-    @rank_zero_only
-    def on_train_start(self, trainer, module) -> None:
-        if self.score_initial:
-            update_summary(self.path, f"{self._arm(module)}@init", evaluate_mixture(module, self.samples_per_class))
+    @staticmethod
+    def _scorers(trainer) -> tuple[bool, bool]:
+        """(whether this rank samples, whether every rank does). Rank 0 scores and writes; under FSDP /
+        FSDP2 every forward is a collective, so every rank samples with it (rank 0 alone would wait
+        forever for the others); under DDP the other ranks have nothing to do."""
+        everyone = trainer.world_size > 1 and shards_parameters(trainer.strategy)
+        return trainer.is_global_zero or everyone, everyone
 
-    @rank_zero_only
+    def on_train_start(self, trainer, module) -> None:
+        samples, _ = self._scorers(trainer)
+        if not (self.score_initial and samples):
+            return
+        with outside_training_step(trainer.strategy):
+            row = evaluate_mixture(module, self.samples_per_class)
+        if trainer.is_global_zero:
+            update_summary(self.path, f"{self._arm(module)}@init", row)
+
     def on_fit_end(self, trainer, module) -> None:
-        if self.score_teacher and not _has_row(self.path, "teacher"):
-            update_summary(self.path, "teacher", evaluate_mixture(module, self.samples_per_class, teacher=True))
-        row = evaluate_mixture(module, self.samples_per_class)
+        samples, everyone = self._scorers(trainer)
+        if not samples:
+            return
+        score_teacher = self.score_teacher and trainer.is_global_zero and not _has_row(self.path, "teacher")
+        if everyone:
+            score_teacher = bool(trainer.strategy.broadcast(score_teacher, src=0))
+        with outside_training_step(trainer.strategy):
+            teacher = evaluate_mixture(module, self.samples_per_class, teacher=True) if score_teacher else None
+            row = evaluate_mixture(module, self.samples_per_class)
+        if not trainer.is_global_zero:
+            return
+        if teacher is not None:
+            update_summary(self.path, "teacher", teacher)
         row.update(self.diagnostics())
         update_summary(self.path, self._arm(module), row)
         if module.logger is not None:

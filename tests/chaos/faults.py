@@ -85,3 +85,32 @@ class KillDuringSave(pl.Callback):
             return write(writer, data)
 
         checksums.HashingWriter.write = cut
+
+
+class HangRank(pl.Callback):
+    """Make global rank ``rank`` stop answering (alive, but never reaching its next collective: a
+    deadlock, a stuck filesystem) inside ``player``'s step of iteration ``iteration``.
+
+    Args:
+        rank: the global rank that hangs.
+        iteration: the iteration (``trainer.global_step`` when it starts) in which it hangs.
+        player: the player whose step never returns.
+    """
+
+    def __init__(self, rank: int = 1, iteration: int = 3, player: str = "generator") -> None:
+        self.rank, self.iteration, self.player = rank, iteration, player
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank != self.rank:
+            return
+        player = pl_module.players[self.player]
+        step, callback = player.step, self
+
+        def stuck(batch, cond, ctx):
+            if int(pl_module.iteration) == callback.iteration:
+                import time
+
+                time.sleep(3600)
+            return step(batch, cond, ctx)
+
+        player.step = stuck
