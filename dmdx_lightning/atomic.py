@@ -33,6 +33,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename not in (None, str(tmp)):
+            raise
+        # a write error names no file (or the hidden one): name the file the reader would look for
+        raise OSError(e.errno, e.strerror or str(e), str(target)) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -58,15 +58,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         manifest = target.parent / FOLDER_MANIFEST
         previous = read_manifest(manifest).get(target.name)
         record(manifest, target.name, None)  # the entry of the file being replaced (last.ckpt) goes first
+        hashing = None
         try:
             with atomic_path(target) as tmp, open(tmp, "wb") as f:
                 hashing = HashingWriter(f)
                 torch.save(checkpoint, hashing)
                 f.flush()
                 os.fsync(f.fileno())
-        except BaseException:
+        except BaseException as e:
             if previous is not None:  # the file it would have replaced is still there: keep checking it
                 record(manifest, target.name, previous)
+            error = hashing.error if hashing is not None and hashing.error is not None else e
+            if isinstance(error, OSError):
+                raise OSError(error.errno, f"could not write checkpoint {target}: {error.strerror or error}; nothing "
+                              "of it was kept and the checkpoints written before it are intact (free space or "
+                              "move the checkpoint folder, then resume from the last one)") from e
             raise
         # recorded after the rename: a crash in between leaves a file without an entry (loaded
         # unverified), never an entry that does not match its file

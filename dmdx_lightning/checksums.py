@@ -35,10 +35,17 @@ class HashingWriter:
 
     def __init__(self, f: BinaryIO) -> None:
         self.f, self.sha256 = f, hashlib.sha256()
+        #: the first error of the file system (torch's zip writer replaces it with its own "unexpected
+        #: pos" error, which says nothing of a full disk): the saver raises this one instead
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         self.sha256.update(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
