@@ -77,8 +77,10 @@ def main(args: list[str] | None = None) -> None:
 
         from dmdx_lightning.training_cli import DMDXCLI
 
-        DMDXCLI(args=args)  # None from the command line: it reads sys.argv (see _pass_on)
+        cli = DMDXCLI(args=args)  # None from the command line: it reads sys.argv (see _pass_on)
         _close_process_group()
+        if _stopped_by_sigterm(cli):
+            sys.exit(128 + 15)  # as a process killed by SIGTERM reports itself: the run did not finish
     except (ConfigError, SetupError) as e:  # preflight: key, value, problem and fix in one paragraph
         fail(str(e), e)
     except ArgumentError as e:  # the parser's: a misspelt key, a value of the wrong type
@@ -145,6 +147,17 @@ def config_error(error: BaseException) -> str | None:
             if any(mark in line for mark in _CONFIG_KEY_MARKS) and not line.startswith("Given value"):
                 return line
     return None
+
+
+def _stopped_by_sigterm(cli) -> bool:
+    """Whether the run stopped early on SIGTERM (it saved its state first: ``RequeueOnSignal``)."""
+    import signal
+
+    from dmdx_lightning.callbacks.preemption import RequeueOnSignal
+
+    trainer = getattr(cli, "trainer", None)
+    return any(isinstance(cb, RequeueOnSignal) and cb.stopped_by == signal.SIGTERM
+               for cb in getattr(trainer, "callbacks", []))
 
 
 def _close_process_group() -> None:

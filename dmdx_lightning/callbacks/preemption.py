@@ -1,10 +1,12 @@
-"""SLURM preemption that resumes exactly: checkpoint at a step boundary, requeue, stop."""
+"""Signals that end a run early, handled at an iteration boundary: SLURM's preemption warning
+(checkpoint, requeue, stop) and SIGTERM (checkpoint, stop), so the run resumes exactly."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -26,19 +28,30 @@ class RequeueOnSignal(pl.Callback):
     file Lightning resumes from by itself when the requeued job starts under SLURM - then global
     rank 0 runs ``scontrol requeue $SLURM_JOB_ID`` and training stops.
 
-    Active only when Lightning's cluster environment is SLURM with ``auto_requeue`` on (it is
-    whenever the job runs under ``srun``); it listens for that environment's ``requeue_signal``
-    (``SIGUSR1``, sent by ``#SBATCH --signal=SIGUSR1@90``). ``dmdx`` adds it to every run.
+    The requeue is active only when Lightning's cluster environment is SLURM with ``auto_requeue``
+    on (it is whenever the job runs under ``srun``); it listens for that environment's
+    ``requeue_signal`` (``SIGUSR1``, sent by ``#SBATCH --signal=SIGUSR1@90``).
+
+    SIGTERM (``scancel``, a preemption without warning, ``kill``, a container stopping) is handled
+    the same way on every run, SLURM or not: Lightning's own SIGTERM handler runs a broadcast INSIDE
+    the handler (a collective that can cross the one a rank is in) and ends the run wherever the
+    signal landed; here the handler raises a flag, the ranks agree at the end of the iteration, every
+    rank joins saving ``<default_root_dir>/hpc_ckpt_<n>.ckpt``, and the run stops, without a requeue;
+    ``dmdx fit`` then exits with status 143 (128 + SIGTERM) so that scripts see the run did not
+    finish. A signal that lands while a checkpoint is being written only sets the flag: that write
+    completes. ``dmdx`` adds this callback to every run.
 
     Args:
-        requeue: run ``scontrol requeue`` after saving (``False``: save and stop only).
+        requeue: run ``scontrol requeue`` after saving on SLURM's signal (``False``: save and stop only).
     """
 
     def __init__(self, requeue: bool = True) -> None:
         self.requeue = requeue
         self.signal: int | None = None
-        self._received = False
-        self._previous = None
+        self._received: set[int] = set()
+        self._previous: dict[int, object] = {}
+        #: the signal that stopped the run (``None``: it was not stopped by one)
+        self.stopped_by: int | None = None
 
     @staticmethod
     def _slurm_signal(trainer: pl.Trainer) -> int | None:
@@ -49,36 +62,53 @@ class RequeueOnSignal(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.signal = self._slurm_signal(trainer)
-        if self.signal is None:
-            return
-        self._received = False
-        self._previous = signal.signal(self.signal, self._handle)
+        self._received, self.stopped_by = set(), None
+        for signum in {self.signal, signal.SIGTERM} - {None}:
+            self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
         # only a flag: the state is saved where every player of the iteration has stepped
-        self._received = True
+        self._received.add(signum)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.signal is None:
+        decide = trainer.strategy.reduce_boolean_decision
+        # every rank makes the same collectives in the same order, whatever it received
+        terminate = decide(signal.SIGTERM in self._received, all=False)
+        requeue = self.signal is not None and decide(self.signal in self._received, all=False)
+        if not (terminate or requeue):
             return
-        if not trainer.strategy.reduce_boolean_decision(self._received, all=False):
-            return
+        signum = signal.SIGTERM if terminate else self.signal
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
-        rank_zero_info(f"Signal {signal.Signals(self.signal).name}: saving {path} at global step "
-                       f"{trainer.global_step}, then requeueing")
+        then = "then requeueing" if not terminate else "then stopping (no requeue)"
+        rank_zero_info(f"Signal {signal.Signals(signum).name}: saving {path} at global step "
+                       f"{trainer.global_step}, {then}")
         trainer.save_checkpoint(path)
-        if self.requeue and trainer.is_global_zero:
-            job = os.environ.get("SLURM_JOB_ID")
-            if array := os.environ.get("SLURM_ARRAY_JOB_ID"):
-                job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-            result = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True)
-            if result.returncode != 0:
-                rank_zero_warn(f"scontrol requeue {job} failed ({result.returncode}): {result.stderr.strip()}; "
-                               f"resubmit the job to resume from {path}")
+        if not terminate and self.requeue and trainer.is_global_zero:
+            self._requeue(path)
+        if terminate and trainer.is_global_zero:
+            print(f"dmdx: stopped by SIGTERM at iteration {trainer.global_step}; the state is saved in {path}. "
+                  f"Resume with `--ckpt_path {path}` (under SLURM a requeued job finds it by itself).",
+                  file=sys.stderr, flush=True)
         trainer.should_stop = True
-        self._received = False
+        self.stopped_by = signum
+        self._received.clear()
+
+    @staticmethod
+    def _requeue(path) -> None:
+        job = os.environ.get("SLURM_JOB_ID")
+        if array := os.environ.get("SLURM_ARRAY_JOB_ID"):
+            job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        try:
+            result = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True)
+        except FileNotFoundError:
+            rank_zero_warn(f"no scontrol on this node: job {job} is not requeued; resubmit it to resume from {path}")
+            return
+        if result.returncode != 0:
+            rank_zero_warn(f"scontrol requeue {job} failed ({result.returncode}): {result.stderr.strip()}; "
+                           f"resubmit the job to resume from {path}")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.signal is not None and self._previous is not None:
-            signal.signal(self.signal, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+        self._previous = {}

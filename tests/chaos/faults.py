@@ -114,3 +114,66 @@ class HangRank(pl.Callback):
             return step(batch, cond, ctx)
 
         player.step = stuck
+
+
+class SignalDuringSave(pl.Callback):
+    """Send ``signal`` to this process half-way through writing the checkpoint of iteration
+    ``iteration`` (AtomicCheckpointIO's writer), as ``scancel`` or SLURM's preemption warning
+    landing mid-save would; the write goes on.
+
+    Args:
+        signal: the signal's name (``SIGTERM``, ``SIGUSR1``).
+        iteration: the ``trainer.global_step`` whose checkpoint write it lands in.
+        after_bytes: how far the write has got.
+    """
+
+    def __init__(self, signal: str = "SIGTERM", iteration: int = 2, after_bytes: int = 4096) -> None:
+        self.signal, self.iteration, self.after_bytes = signal, iteration, after_bytes
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import os
+        import signal
+
+        from dmdx_lightning import checksums
+
+        write, callback, signum = checksums.HashingWriter.write, self, signal.Signals[self.signal]
+
+        def interrupted(writer, data):
+            before = getattr(writer, "written", 0)
+            writer.written = before + len(data)
+            if trainer.global_step == callback.iteration and before <= callback.after_bytes < writer.written:
+                os.kill(os.getpid(), signum)
+            return write(writer, data)
+
+        checksums.HashingWriter.write = interrupted
+
+
+class SignalRank(pl.Callback):
+    """Send ``signal`` to global rank ``rank`` alone, inside ``player``'s step of iteration
+    ``iteration`` (the other ranks learn of it only through the run).
+
+    Args:
+        signal: the signal's name (``SIGTERM``, ``SIGUSR1``).
+        rank: the global rank that gets it.
+        iteration: the iteration (``trainer.global_step`` when it starts).
+        player: the player in whose step it lands.
+    """
+
+    def __init__(self, signal: str = "SIGTERM", rank: int = 1, iteration: int = 2, player: str = "generator") -> None:
+        self.signal, self.rank, self.iteration, self.player = signal, rank, iteration, player
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank != self.rank:
+            return
+        import os
+        import signal
+
+        player = pl_module.players[self.player]
+        step, callback, signum = player.step, self, signal.Signals[self.signal]
+
+        def signalled(batch, cond, ctx):
+            if int(pl_module.iteration) == callback.iteration:
+                os.kill(os.getpid(), signum)
+            return step(batch, cond, ctx)
+
+        player.step = signalled
