@@ -98,6 +98,12 @@ class DMDXCLI(LightningCLI):
                                                              SetupChecks()]})
         super().__init__(pl.LightningModule, *args, **kwargs)
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand == "fit" and kwargs.get("ckpt_path") is None:
+            kwargs["ckpt_path"] = restart_checkpoint(self.trainer)
+        return kwargs
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         # no `test`: the distillation modules have no test set (no test_step); `dmdx validate`
@@ -111,6 +117,39 @@ class DMDXCLI(LightningCLI):
             # jsonargparse keeps the one subcommands action of a parser here (add_subcommands runs once)
             for verb, (_, text) in LIGHT_VERBS.items():
                 self.parser._subcommands_action.add_subcommand(verb, ArgumentParser(description=text), help=text)
+
+
+def restart_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The checkpoint a requeued SLURM job resumes from when no ``--ckpt_path`` is given: the newest
+    of the preemption checkpoints (``<default_root_dir>/hpc_ckpt_<n>.ckpt``) and the checkpoint
+    callbacks' ``last*.ckpt``; ``None`` on a first attempt (``SLURM_RESTART_COUNT`` unset or 0) or
+    when there is none yet (the job starts afresh).
+
+    Lightning by itself resumes a requeued job only from a preemption checkpoint, and from the
+    highest-numbered one even when a later ``last.ckpt`` exists; a job requeued after a crash (a
+    rank killed, a lost node: ``configs/slurm/*.sbatch`` requeue on a failed step) has only
+    ``last.ckpt``.
+    """
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if restarts == 0:
+        return None
+    from pathlib import Path
+
+    candidates = list(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            candidates += [p for p in Path(callback.dirpath).glob("last*.ckpt") if not p.name.startswith(".")]
+    say = os.environ.get("SLURM_PROCID", "0") == "0"  # once per job, not per task
+    if not candidates:
+        if say:
+            print(f"dmdx: SLURM restart {restarts}: no checkpoint in {trainer.default_root_dir} yet; starting afresh",
+                  flush=True)
+        return None
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    if say:
+            print(f"dmdx: SLURM restart {restarts}: resuming from {newest} (the newest of {len(candidates)} "
+              "checkpoint(s))", flush=True)
+    return str(newest)
 
 
 def parent_folder(path: str) -> str:

@@ -144,3 +144,56 @@ def test_two_node_job_survives_sigusr1_requeue_and_resumes_exactly(strategy, slu
     assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"] == ref[0]["fingerprint"] == ref[1]["fingerprint"]
     resumed_batches = ranks[0]["indices"]
     assert resumed_batches == ref[0]["indices"][-len(resumed_batches):]
+
+
+def test_a_killed_rank_requeues_the_job_which_resumes_from_last_ckpt_exactly(slurm_env, tmp_path):
+    """A rank SIGKILLed mid-run (the OOM killer, a lost node): srun stops the step, the batch script
+    requeues the job (no preemption checkpoint exists), the requeued job resumes from the newest
+    ``last.ckpt`` by itself and ends bitwise where an uninterrupted run ends."""
+    env = dict(slurm_env, **{k: v for k, v in dmdx_env().items() if k == "PYTHONPATH"},
+               HF_HUB_OFFLINE="1", DMDX_PYTHON=sys.executable, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    checkpoints = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                   f"--trainer.callbacks.dirpath={tmp_path / 'job' / 'root' / 'checkpoints'}",
+                   "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_last=true"]
+    kill = ["--trainer.callbacks+=tests.chaos.faults.KillRank", "--trainer.callbacks.rank=1",
+            "--trainer.callbacks.iteration=6", "--trainer.callbacks.first_attempt_only=true"]
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--chdir", str(ROOT), "--output", str(tmp_path / "slurm-%j.out"),
+         str(ROOT / "configs/slurm/digits_cpu.sbatch"), *_overrides(tmp_path, "job"), *checkpoints, *kill],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    log = tmp_path / f"slurm-{job_id}.out"
+    report = tmp_path / "job" / "report"
+    try:
+        deadline = time.time() + 240
+        while int(_job(job_id, env).get("Restarts", 0)) < 1:
+            assert _job(job_id, env).get("JobState") != "COMPLETED", log.read_text()[-3000:]
+            assert time.time() < deadline, "job was not requeued:\n" + (log.read_text()[-3000:] if log.exists() else "")
+            time.sleep(0.5)
+        while _job(job_id, env).get("JobState") not in ("PENDING", "RUNNING", "COMPLETED"):
+            time.sleep(0.5)
+        if _job(job_id, env).get("JobState") == "PENDING":  # SLURM holds a requeued job ~2 min: release it
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, timeout=30)
+
+        reference = dmdx_fit("--config", "configs/quickstart/adm.yaml", "--config", "configs/trainer/ddp_cpu.yaml",
+                             *_overrides(tmp_path, "reference"), timeout=600)
+        assert reference.returncode == 0, reference.stderr[-4000:]
+
+        deadline = time.time() + 300
+        while (state := _job(job_id, env).get("JobState")) != "COMPLETED":
+            assert state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"), \
+                (state, log.read_text()[-3000:])
+            assert time.time() < deadline, "requeued job did not finish:\n" + log.read_text()[-3000:]
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
+
+    text = log.read_text()
+    assert "dmdx: job step failed" in text and "requeueing job" in text, text[-3000:]
+    last = tmp_path / "job" / "root" / "checkpoints" / "last.ckpt"
+    assert f"dmdx: SLURM restart 1: resuming from {last}" in text, text[-3000:]
+    ranks = [json.loads((report / f"rank{r}_restart1.json").read_text()) for r in range(2)]
+    assert all(r["ckpt_path"] == str(last) and r["global_step"] == ITERATIONS for r in ranks)
+    ref = [json.loads((tmp_path / "reference" / "report" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"] == ref[0]["fingerprint"]

@@ -44,14 +44,18 @@ class KillRank(pl.Callback):
     Args:
         rank: the global rank killed.
         iteration: the iteration (``trainer.global_step``) at whose start it dies.
+        first_attempt_only: only in a job's first attempt (not once SLURM has requeued it).
     """
 
-    def __init__(self, rank: int = 1, iteration: int = 3) -> None:
-        self.rank, self.iteration = rank, iteration
+    def __init__(self, rank: int = 1, iteration: int = 3, first_attempt_only: bool = False) -> None:
+        self.rank, self.iteration, self.first_attempt_only = rank, iteration, first_attempt_only
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import os
+
+        if self.first_attempt_only and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+            return  # a requeued SLURM job runs on
         if trainer.global_rank == self.rank and trainer.global_step == self.iteration:
-            import os
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
