@@ -25,6 +25,10 @@ tokenizers, ``scheduler/``). Only what differs from the
   optional separate VAE (e.g. ``madebyollin/sdxl-vae-fp16-fix``);
 - the diffusers export (``dmdx export``): a ``StableDiffusionXLPipeline`` folder or the student's
   LoRA, with an ``LCMScheduler`` that replays the student's sampler (:func:`student_lcm_scheduler`).
+
+Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline``) is the same UNet family with one text
+encoder and no added conditioning: :class:`StableDiffusionTeacher` overrides only the steps that
+differ (text encoders, the UNet check, prompt encoding, the added conditioning, the pipeline class).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.schedules import VPSchedule
 from dmdx_lightning.teachers.base import Conditioning
 from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, IMAGE_EXAMPLE_PROMPTS, DiffusersTeacher,
@@ -93,7 +98,9 @@ def student_lcm_scheduler(schedule: VPSchedule, prediction_type: str, timesteps:
     scheduler = LCMScheduler(
         num_train_timesteps=schedule.num_train_timesteps, beta_start=schedule.beta_start, beta_end=schedule.beta_end,
         beta_schedule=schedule.beta_schedule, prediction_type=prediction_type, original_inference_steps=len(indices),
-        timestep_scaling=_NO_BOUNDARY_CONDITION, clip_sample=False, thresholding=False, set_alpha_to_one=True)
+        timestep_scaling=_NO_BOUNDARY_CONDITION, clip_sample=False, thresholding=False, set_alpha_to_one=True,
+        # unused by LCMScheduler; StableDiffusionPipeline rewrites any other value, with a deprecation warning
+        steps_offset=1)
     probe = LCMScheduler.from_config(scheduler.config)
     probe.set_timesteps(len(indices))
     return scheduler, indices, probe.timesteps.tolist() == indices
@@ -164,45 +171,11 @@ class SDXLTeacher(DiffusersTeacher):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.pretrained_model_name_or_path = str(pretrained_model_name_or_path)
-        self.revision, self.variant = revision, variant
-        self.torch_dtype = parse_dtype(torch_dtype, "torch_dtype")
-        self.trainable_dtype = parse_dtype(trainable_dtype, "trainable_dtype")
-        self.vae_source = vae
-        self.sample_steps, self.cfg_scale = int(sample_steps), float(cfg_scale)
-
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        self.schedule, self.prediction_type = self._schedule(
-            dict(self.load_component(DDPMScheduler, "scheduler", model=False).config))
-        self.tokenizer = self.load_component(CLIPTokenizer, "tokenizer", model=False)
-        self.tokenizer_2 = self.load_component(CLIPTokenizer, "tokenizer_2", model=False)
-        self.text_encoder = self.load_component(CLIPTextModel, "text_encoder").requires_grad_(False).eval()
-        self.text_encoder_2 = self.load_component(CLIPTextModelWithProjection, "text_encoder_2")
-        self.text_encoder_2.requires_grad_(False).eval()
-        if vae is None:
-            self.vae = self.load_component(AutoencoderKL, "vae")
-            if self.torch_dtype == torch.float16 and self.vae.config.force_upcast:
-                self.vae.to(torch.float32)  # as the pipeline does before decoding
-        else:
-            self.vae = self.load_component(AutoencoderKL, None, source=str(vae), source_key=VAE_KEY)
-        self.vae.requires_grad_(False).eval()
+        unet = self._load_pipeline(pretrained_model_name_or_path, revision, variant, torch_dtype, trainable_dtype, vae,
+                                   resolution, sample_steps, cfg_scale)
         if force_zeros_for_empty_prompt is None:
             force_zeros_for_empty_prompt = bool(self._pipeline_config().get("force_zeros_for_empty_prompt", True))
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
-
-        unet = self.load_component(UNet2DConditionModel, "unet")
-        if unet.config.addition_embed_type != "text_time":
-            raise ValueError(f"{self.pretrained_model_name_or_path}/unet has addition_embed_type="
-                             f"{unet.config.addition_embed_type!r}, not SDXL's 'text_time' ({CONFIG_KEY} must name an "
-                             "SDXL pipeline)")
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if resolution is None:
-            resolution = unet.config.sample_size * self.vae_scale_factor
-        if resolution % self.vae_scale_factor:
-            raise ValueError(f"resolution {resolution} must be a multiple of the VAE's factor {self.vae_scale_factor}")
-        self.resolution = int(resolution)
         size = (self.resolution, self.resolution)
         self.original_size = tuple(original_size or size)
         self.crops_coords_top_left = tuple(crops_coords_top_left)
@@ -217,21 +190,95 @@ class SDXLTeacher(DiffusersTeacher):
         self.setup_roles(unet)
 
     # ------------------------------------------------------------------ loading
+    def _load_pipeline(self, pretrained_model_name_or_path: str, revision: str | None, variant: str | None,
+                       torch_dtype: str, trainable_dtype: str | None, vae: str | None, resolution: int | None,
+                       sample_steps: int, cfg_scale: float) -> nn.Module:
+        """What every pipeline of this file loads alike (SDXL, and SD 1.x / 2.x in
+        :class:`StableDiffusionTeacher`): the schedule and prediction type of ``scheduler/``, the
+        text encoders (:meth:`_load_text_encoders`), the VAE, the resolution; returns the UNet,
+        checked by :meth:`_check_unet`, for ``setup_roles``."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        self.pretrained_model_name_or_path = str(pretrained_model_name_or_path)
+        self.revision, self.variant = revision, variant
+        self.torch_dtype = parse_dtype(torch_dtype, "torch_dtype")
+        self.trainable_dtype = parse_dtype(trainable_dtype, "trainable_dtype")
+        self.vae_source = vae
+        self.sample_steps, self.cfg_scale = int(sample_steps), float(cfg_scale)
+        self.schedule, self.prediction_type = self._schedule(
+            dict(self.load_component(DDPMScheduler, "scheduler", model=False).config))
+        self._load_text_encoders()
+        if vae is None:
+            self.vae = self.load_component(AutoencoderKL, "vae")
+            if self.torch_dtype == torch.float16 and self.vae.config.force_upcast:
+                self.vae.to(torch.float32)  # as the pipeline does before decoding
+        else:
+            self.vae = self.load_component(AutoencoderKL, None, source=str(vae), source_key=VAE_KEY)
+        self.vae.requires_grad_(False).eval()
+        unet = self.load_component(UNet2DConditionModel, "unet")
+        self._check_unet(unet)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if resolution is None:
+            resolution = unet.config.sample_size * self.vae_scale_factor
+        if resolution % self.vae_scale_factor:
+            raise ValueError(f"resolution {resolution} must be a multiple of the VAE's factor {self.vae_scale_factor}")
+        self.resolution = int(resolution)
+        return unet
+
+    def _load_text_encoders(self) -> None:
+        """SDXL's two CLIPs: ViT-L (``text_encoder``) and OpenCLIP bigG with projection (``text_encoder_2``)."""
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        one = "; a pipeline with one text encoder (SD 1.x / 2.x) is StableDiffusionTeacher's"
+        self.tokenizer = self.load_component(CLIPTokenizer, "tokenizer", model=False)
+        self.tokenizer_2 = self.load_component(CLIPTokenizer, "tokenizer_2", model=False, missing_hint=one)
+        self.text_encoder = self.load_component(CLIPTextModel, "text_encoder").requires_grad_(False).eval()
+        self.text_encoder_2 = self.load_component(CLIPTextModelWithProjection, "text_encoder_2", missing_hint=one)
+        self.text_encoder_2.requires_grad_(False).eval()
+
+    @classmethod
+    def unet_problem(cls, addition_embed_type: str | None) -> str | None:
+        """What makes a UNet with this ``addition_embed_type`` another family's (``None``: nothing)."""
+        if addition_embed_type != "text_time":
+            return (f"has addition_embed_type={addition_embed_type!r}, not SDXL's 'text_time' (SD 1.x / 2.x "
+                    "pipelines are StableDiffusionTeacher's)")
+        return None
+
+    @classmethod
+    def check_options(cls, options, key: str = "model.init_args.teacher.init_args") -> None:
+        """A local pipeline folder whose UNet is the other family's (SDXL vs SD 1.x / 2.x), from its
+        ``unet/config.json`` alone, before any weight loads."""
+        source = options.get("pretrained_model_name_or_path")
+        config = Path(str(source)).expanduser() / "unet" / "config.json" if source else None
+        if config is None or not config.is_file():
+            return  # a Hub id (checked when loaded), or a folder DiffusersTeacher.check_options reports
+        problem = cls.unet_problem(json.loads(config.read_text()).get("addition_embed_type"))
+        if problem:
+            raise ConfigError(f"{key}.pretrained_model_name_or_path", str(source), f"its unet/ {problem}",
+                              f"{cls.__name__} trains {cls.pipeline_name} pipelines: use the teacher class of this "
+                              "pipeline's family, or another folder.")
+
+    def _check_unet(self, unet: nn.Module) -> None:
+        problem = self.unet_problem(unet.config.addition_embed_type)
+        if problem:
+            raise ValueError(f"{self.pretrained_model_name_or_path}/unet {problem}: {CONFIG_KEY} must name a "
+                             f"{self.pipeline_name} pipeline")
+
     @classmethod
     def check_scheduler(cls, config: dict) -> str | None:
         if "FlowMatch" in config.get("_class_name", ""):
-            return f"is a {config['_class_name']}; SDXLTeacher trains discrete-time (DDPM-family) pipelines"
+            return f"is a {config['_class_name']}; {cls.__name__} trains discrete-time (DDPM-family) pipelines"
         if config.get("trained_betas") is not None or config.get("rescale_betas_zero_snr"):
-            return ("sets trained_betas or rescale_betas_zero_snr; SDXLTeacher reads beta_start / beta_end / "
+            return (f"sets trained_betas or rescale_betas_zero_snr; {cls.__name__} reads beta_start / beta_end / "
                     "beta_schedule only")
         if config.get("prediction_type", "epsilon") not in _PREDICTION_TYPES:
             return f"has prediction_type {config['prediction_type']!r}, not one of {sorted(_PREDICTION_TYPES)}"
         return None
 
-    @staticmethod
-    def _schedule(config: dict) -> tuple[VPSchedule, str]:
+    @classmethod
+    def _schedule(cls, config: dict) -> tuple[VPSchedule, str]:
         """The training schedule and prediction type of the pipeline's scheduler config."""
-        problem = SDXLTeacher.check_scheduler(config)
+        problem = cls.check_scheduler(config)
         if problem:
             raise ValueError(f"the scheduler {problem}")
         kind = config.get("prediction_type", "epsilon")
@@ -293,10 +340,14 @@ class SDXLTeacher(DiffusersTeacher):
             # float32 timesteps (bf16 cannot tell 998 from 999); 1000 t - 1 (VPSchedule "trailing")
             self.schedule.model_timestep(t).float(),
             encoder_hidden_states=cond.prompt_embeds.to(dtype),
-            added_cond_kwargs={"text_embeds": cond.pooled.to(dtype), "time_ids": cond.time_ids.to(dtype)},
+            added_cond_kwargs=self._added_cond_kwargs(cond, dtype),
             return_dict=False,
         )[0]
         return out.to(x_t.dtype)
+
+    def _added_cond_kwargs(self, cond: Conditioning, dtype: torch.dtype) -> dict | None:
+        """SDXL's added conditioning: the pooled projection and the micro-conditioning numbers."""
+        return {"text_embeds": cond.pooled.to(dtype), "time_ids": cond.time_ids.to(dtype)}
 
     def feature_blocks(self, net: nn.Module) -> Sequence[nn.Module]:
         """``down_blocks``, ``mid_block``, ``up_blocks`` in forward order (module docstring)."""
@@ -328,16 +379,21 @@ class SDXLTeacher(DiffusersTeacher):
         size = (self.resolution, self.resolution)
         if size != (self.denoiser.config.sample_size * self.vae_scale_factor,) * 2:
             call.update(height=self.resolution, width=self.resolution)
-        # micro-conditioning other than the pipeline's defaults must be passed too
+        call.update(self._conditioning_call())
+        return scheduler, {
+            **self.pipeline_info(), "timesteps": indices, "default_call_exact": exact, "call": call,
+            "scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")}}
+
+    def _conditioning_call(self) -> dict:
+        """Pipeline arguments for SDXL's micro-conditioning where it differs from the pipeline's defaults."""
+        call, size = {}, (self.resolution, self.resolution)
         if self.original_size != size:
             call["original_size"] = list(self.original_size)
         if self.crops_coords_top_left != (0, 0):
             call["crops_coords_top_left"] = list(self.crops_coords_top_left)
         if self.target_size != size:
             call["target_size"] = list(self.target_size)
-        return scheduler, {
-            **self.pipeline_info(), "timesteps": indices, "default_call_exact": exact, "call": call,
-            "scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")}}
+        return call
 
     @property
     def pipeline_prediction_type(self) -> str:
@@ -390,3 +446,112 @@ class SDXLTeacher(DiffusersTeacher):
             return z * scale
         mean, std = (s.to(z) for s in stats)
         return (z - mean) * scale / std
+
+
+class StableDiffusionTeacher(SDXLTeacher):
+    """Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline``) as a distillation teacher: SDXL's
+    UNet family with one text encoder and no added conditioning.
+
+    What differs from :class:`SDXLTeacher`, and nothing else: one CLIP text encoder whose last
+    hidden state (after its final layer norm) is ``prompt_embeds``, as
+    ``StableDiffusionPipeline.encode_prompt`` without ``clip_skip`` (SD 2.x's "penultimate layer" is
+    built into its checkpoint: its OpenCLIP-H text encoder has 23 of 24 layers); its pooled output
+    (the end-of-text token) conditions the discriminator heads; CFG's unconditional branch is the
+    encoded empty prompt (the pipeline's without a negative prompt); the UNet has no added
+    embedding. Epsilon (SD 1.5, SD 2.1-base, 512 px) and v-prediction (SD 2.1, 768 px) are read from
+    the scheduler config. The export is a ``StableDiffusionPipeline`` without a safety checker (the
+    teacher never loads one), or a LoRA for its ``load_lora_weights``.
+
+    Args:
+        pretrained_model_name_or_path: hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``,
+            the mirror of the removed ``runwayml/stable-diffusion-v1-5``;
+            ``stabilityai/stable-diffusion-2-1``, ...) or a local pipeline folder with ``unet/``,
+            ``vae/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/`` subfolders (a
+            ``safety_checker/`` is not read).
+        revision: hub revision (branch, tag or commit) of the pipeline's components.
+        variant: weight file variant of the pipeline's models (``fp16`` for the half files);
+            ``None`` for the default files.
+        torch_dtype: ``float32 | bfloat16 | float16``: dtype every frozen part is loaded in (the VAE
+            stays float32 under ``float16`` when its config says ``force_upcast``).
+        trainable_dtype: dtype of the trainable copies in ``full`` mode (``None``: ``torch_dtype``);
+            ``float32`` keeps fp32 master weights while the frozen teacher stays in ``torch_dtype``.
+        vae: a separately stored ``AutoencoderKL`` (hub id or folder) used instead of the
+            pipeline's ``vae/`` (e.g. ``stabilityai/sd-vae-ft-mse``); written into the export.
+        resolution: image size in pixels (``None``: the UNet's ``sample_size`` times the VAE's
+            downsampling: 512 for SD 1.5 and 2.1-base, 768 for SD 2.1, as the pipeline's default).
+        sample_steps: steps of the teacher's own ODE sampler (DDIM, "trailing" timesteps, ending at
+            the data): ODE pairs, reference grids. 50 = the pipeline's default.
+        cfg_scale: the teacher's default guidance scale (7.5 = the pipeline's default).
+        **kwargs: :class:`~dmdx_lightning.teachers.base.Teacher` options: ``mode`` (``full`` or
+            ``lora``), ``lora_rank``, ``lora_alpha``, ``lora_target_modules`` (default:
+            ``to_q, to_k, to_v, to_out.0``, as diffusers' LoRA scripts), ``gradient_checkpointing``.
+    """
+
+    family = "sd"
+    pipeline_name = "Stable Diffusion 1.x / 2.x"
+    pipeline_layout = "unet/, vae/, text_encoder/, tokenizer/, scheduler/"
+    #: the pipeline has no zeroed unconditional branch: CFG's is the encoded empty prompt
+    force_zeros_for_empty_prompt = False
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        revision: str | None = None,
+        variant: str | None = None,
+        torch_dtype: str = "float32",
+        trainable_dtype: str | None = None,
+        vae: str | None = None,
+        resolution: int | None = None,
+        sample_steps: int = 50,
+        cfg_scale: float = 7.5,
+        **kwargs,
+    ) -> None:
+        # SDXLTeacher.__init__ is skipped: its options (micro-conditioning, zeroed CFG branch) do not
+        # apply, and `super(SDXLTeacher, ...)` keeps them out of this class's --help
+        super(SDXLTeacher, self).__init__(**kwargs)
+        self.setup_roles(self._load_pipeline(pretrained_model_name_or_path, revision, variant, torch_dtype,
+                                             trainable_dtype, vae, resolution, sample_steps, cfg_scale))
+
+    def _load_text_encoders(self) -> None:
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.tokenizer = self.load_component(CLIPTokenizer, "tokenizer", model=False)
+        self.text_encoder = self.load_component(CLIPTextModel, "text_encoder").requires_grad_(False).eval()
+
+    @classmethod
+    def unet_problem(cls, addition_embed_type: str | None) -> str | None:
+        if addition_embed_type is not None:
+            return (f"has addition_embed_type={addition_embed_type!r}; SD 1.x / 2.x UNets have none (SDXL "
+                    "pipelines are SDXLTeacher's)")
+        return None
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """``StableDiffusionPipeline.encode_prompt`` (no ``clip_skip``) for one prompt per sample."""
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        device = self.denoiser_device
+        # as the pipeline: an attention mask only for text encoders configured to take one
+        mask = tokens.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        prompt_embeds, pooled = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask, return_dict=False)[:2]
+        return Conditioning(prompt_embeds=prompt_embeds.to(self.text_encoder.dtype), pooled=pooled.to(self.text_encoder.dtype))
+
+    def _added_cond_kwargs(self, cond: Conditioning, dtype: torch.dtype) -> None:
+        return None
+
+    def _conditioning_call(self) -> dict:
+        return {}
+
+    @property
+    def pipeline_class(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    def diffusers_pipeline(self, unet: nn.Module, scheduler):
+        """A ``StableDiffusionPipeline`` of this teacher's components around ``unet``; no safety
+        checker (the teacher loads none; a user adds the original's back with
+        ``safety_checker=..., feature_extractor=...`` when loading)."""
+        return self.pipeline_class(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
