@@ -208,10 +208,22 @@ def free_port() -> int:
 @pytest.mark.multiprocess
 def test_two_ranks_give_what_one_rank_gives(digits_ckpt, tmp_path):
     """`dmdx evaluate` in 2 processes (RANK / WORLD_SIZE / MASTER_ADDR as torchrun sets them, gloo):
-    each generates its chunks, rank 0 merges and scores: the same records, files and table as 1 process."""
-    one = digits_eval(tmp_path / "one", digits_ckpt, prompts=3, per_prompt=3)
+    each generates its chunks, rank 0 merges and scores: the same records, files and table as 1 process.
+    FID and KID (torchmetrics, which syncs its states over an open process group unless told not to)
+    score on rank 0 alone after the other rank has left: before the fix rank 0 waited for it."""
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(reference / f"{k}.png")
+    features = {"class_path": "tests.test_evaluate.TinyFeatures"}
+    metrics = [{"class_path": "tests.test_evaluate.MeanPixel"},
+               {"name": "fid", "init_args": {"reference": str(reference), "batch_size": 4, "feature_extractor": features}},
+               {"name": "kid", "init_args": {"reference": str(reference), "batch_size": 4, "subsets": 4,
+                                             "subset_size": 4, "feature_extractor": features}}]
+    one = digits_eval(tmp_path / "one", digits_ckpt, prompts=3, per_prompt=3, metrics=metrics)
     evaluate(parse_config(one), progress=False)
-    two = digits_eval(tmp_path / "two", digits_ckpt, prompts=3, per_prompt=3)
+    two = digits_eval(tmp_path / "two", digits_ckpt, prompts=3, per_prompt=3, metrics=metrics)
     config = tmp_path / "two.yaml"
     config.write_text(yaml.safe_dump(two))
     port = free_port()
@@ -232,6 +244,7 @@ def test_two_ranks_give_what_one_rank_gives(digits_ckpt, tmp_path):
     assert snapshot(tmp_path / "two") == snapshot(tmp_path / "one")
     rows = {k: json.loads((tmp_path / k / RESULTS_JSON).read_text())["rows"] for k in ("one", "two")}
     assert [r["metrics"] for r in rows["two"]] == [r["metrics"] for r in rows["one"]]
+    assert {"mean_pixel", "fid", "kid"} <= set(rows["two"][0]["metrics"])
 
 
 def test_shards_without_a_rendezvous_then_one_scoring_job(digits_ckpt, tmp_path, monkeypatch):

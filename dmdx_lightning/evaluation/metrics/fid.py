@@ -165,8 +165,11 @@ class FID(_ReferenceMetric):
             dim = len(stats["mu"]) if stats is not None and "mu" in stats.files else None
             net = _Sized(net, dim) if dim is not None else net
         # reset_real_features=False keeps the reference statistics across reset(): computed once
+        # sync_on_compute=False: one process scores the merged samples (`dmdx evaluate` under torchrun:
+        # rank 0, after the others have left), and torchmetrics would otherwise gather over the open group
         metric = FrechetInceptionDistance(feature=net, normalize=True, reset_real_features=False,
-                                          input_img_size=tuple(first.shape[1:]) if first is not None else (3, 64, 64))
+                                          input_img_size=tuple(first.shape[1:]) if first is not None else (3, 64, 64),
+                                          sync_on_compute=False)
         metric = metric.to(device)
         if stats is not None:
             _set_reference_statistics(metric, path, stats)
@@ -256,7 +259,8 @@ class KID(_ReferenceMetric):
         with warnings.catch_warnings():  # "will save all extracted features": that is what KID is
             warnings.simplefilter("ignore", UserWarning)
             metric = KernelInceptionDistance(feature=self.features_net(), subsets=self.subsets,
-                                             subset_size=self.subset_size, normalize=True, reset_real_features=False)
+                                             subset_size=self.subset_size, normalize=True, reset_real_features=False,
+                                             sync_on_compute=False)  # one process scores (see FID.load)
         metric = metric.to(device or torch.device("cpu"))
         with torch.no_grad():
             for images in reference_images(path, self.batch_size):
