@@ -336,3 +336,22 @@ def test_dmdx_fit_with_the_adm_config_writes_mp4_samples(tiny_wan_dir, tmp_path)
         with av.open(str(videos[0])) as container:
             assert sum(1 for _ in container.decode(video=0)) == 9
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_a_bf16_export_keeps_the_modules_diffusers_keeps_in_fp32(tiny_wan_dir, tmp_path):
+    """Wan's norms, time embedder and scale_shift_table stay float32 in a bf16 pipeline folder, as
+    ``from_pretrained(torch_dtype=bfloat16)`` holds them (a plain cast rounded them to bf16)."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    teacher = WanTeacher(str(tiny_wan_dir), mode="full", torch_dtype="bfloat16", build_roles=["student"],
+                         **TINY_WAN)
+    exact = teacher.network("student").scale_shift_table.detach().clone()
+    assert exact.dtype == torch.float32
+    teacher.export_pipeline(tmp_path, student_timesteps(2, schedule=teacher.schedule))
+    with safe_open(str(next((tmp_path / "transformer").glob("*.safetensors"))), "pt") as f:
+        dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+        assert torch.equal(f.get_tensor("scale_shift_table"), exact)
+    assert dtypes["scale_shift_table"] == "F32" and dtypes["blocks.0.norm2.weight"] == "F32"
+    assert dtypes["blocks.0.attn1.to_q.weight"] == "BF16"

@@ -185,7 +185,22 @@ def merged_student(teacher: Teacher) -> nn.Module:
     if teacher.mode == "lora":
         student.fuse_lora(adapter_names=["student"])
         student.unload_lora()
-    return student.requires_grad_(False).eval().to(teacher.torch_dtype or torch.float32)
+    return cast_as_loaded(student.requires_grad_(False).eval(), teacher.torch_dtype or torch.float32)
+
+
+def cast_as_loaded(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``net`` in ``dtype`` except the modules its class keeps in float32 whatever the dtype
+    (diffusers' ``_keep_in_fp32_modules``: Wan's norms, time embedder and ``scale_shift_table``), as
+    ``from_pretrained(torch_dtype=dtype)`` would load it: a plain ``.to(dtype)`` would round them to
+    bf16 in the written folder, and loading then only upcasts the rounded values. In place."""
+    keep = tuple(getattr(net, "_keep_in_fp32_modules", None) or ())
+    if not keep or dtype == torch.float32:
+        return net.to(dtype)
+    for name, tensor in [*net.named_parameters(), *net.named_buffers()]:
+        if tensor.is_floating_point():
+            fp32 = any(module in name.split(".") for module in keep)  # diffusers' own matching rule
+            tensor.data = tensor.data.to(torch.float32 if fp32 else dtype)
+    return net
 
 
 def _cached(repo_id: str, revision: str | None) -> bool:
