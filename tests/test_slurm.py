@@ -54,6 +54,32 @@ def _job(job_id: str, env) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", out))
 
 
+def _log(log: Path) -> str:
+    return log.read_text()[-3000:] if log.exists() else ""
+
+
+def _release_when_requeued(job_id: str, env, log: Path, seconds: float) -> None:
+    """Wait for the job's first requeue, then release it: SLURM holds a requeued job ~2 min before it
+    is eligible again, which tests nothing of ours."""
+    deadline = time.time() + seconds
+    while int(_job(job_id, env).get("Restarts", 0)) < 1:
+        assert _job(job_id, env).get("JobState") != "COMPLETED", "job completed without a requeue:\n" + _log(log)
+        assert time.time() < deadline, "job was not requeued:\n" + _log(log)
+        time.sleep(0.5)
+    while _job(job_id, env).get("JobState") not in ("PENDING", "RUNNING", "COMPLETED"):
+        time.sleep(0.5)
+    if _job(job_id, env).get("JobState") == "PENDING":
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, timeout=30)
+
+
+def _wait_until_completed(job_id: str, env, log: Path, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while (state := _job(job_id, env).get("JobState")) != "COMPLETED":
+        assert state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"), (state, _log(log))
+        assert time.time() < deadline, "requeued job did not finish:\n" + _log(log)
+        time.sleep(1)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,25 +133,13 @@ def test_two_node_job_survives_sigusr1_requeue_and_resumes_exactly(strategy, slu
 
         # the job requeues itself; SLURM holds a requeued job ~2 min before it is eligible
         # again, which tests nothing of ours, so release it at once
-        deadline = time.time() + 120
-        while int(_job(job_id, env).get("Restarts", 0)) < 1:
-            assert time.time() < deadline, "job was not requeued:\n" + log.read_text()[-3000:]
-            time.sleep(0.5)
-        while _job(job_id, env).get("JobState") not in ("PENDING", "RUNNING", "COMPLETED"):
-            time.sleep(0.5)
-        if _job(job_id, env).get("JobState") == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, timeout=30)
+        _release_when_requeued(job_id, env, log, 120)
 
         reference = dmdx_fit("--config", "configs/quickstart/adm.yaml", "--config", "configs/trainer/ddp_cpu.yaml",
                              *STRATEGIES[strategy], *_overrides(tmp_path, "reference"), timeout=600)
         assert reference.returncode == 0, reference.stderr[-4000:]
 
-        deadline = time.time() + 300
-        while (state := _job(job_id, env).get("JobState")) != "COMPLETED":
-            assert state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"), \
-                (state, log.read_text()[-3000:])
-            assert time.time() < deadline, "requeued job did not finish:\n" + log.read_text()[-3000:]
-            time.sleep(1)
+        _wait_until_completed(job_id, env, log, 300)
     finally:
         subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
 
@@ -166,26 +180,13 @@ def test_a_killed_rank_requeues_the_job_which_resumes_from_last_ckpt_exactly(slu
     log = tmp_path / f"slurm-{job_id}.out"
     report = tmp_path / "job" / "report"
     try:
-        deadline = time.time() + 240
-        while int(_job(job_id, env).get("Restarts", 0)) < 1:
-            assert _job(job_id, env).get("JobState") != "COMPLETED", log.read_text()[-3000:]
-            assert time.time() < deadline, "job was not requeued:\n" + (log.read_text()[-3000:] if log.exists() else "")
-            time.sleep(0.5)
-        while _job(job_id, env).get("JobState") not in ("PENDING", "RUNNING", "COMPLETED"):
-            time.sleep(0.5)
-        if _job(job_id, env).get("JobState") == "PENDING":  # SLURM holds a requeued job ~2 min: release it
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, timeout=30)
+        _release_when_requeued(job_id, env, log, 240)
 
         reference = dmdx_fit("--config", "configs/quickstart/adm.yaml", "--config", "configs/trainer/ddp_cpu.yaml",
                              *_overrides(tmp_path, "reference"), timeout=600)
         assert reference.returncode == 0, reference.stderr[-4000:]
 
-        deadline = time.time() + 300
-        while (state := _job(job_id, env).get("JobState")) != "COMPLETED":
-            assert state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"), \
-                (state, log.read_text()[-3000:])
-            assert time.time() < deadline, "requeued job did not finish:\n" + log.read_text()[-3000:]
-            time.sleep(1)
+        _wait_until_completed(job_id, env, log, 300)
     finally:
         subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
 
