@@ -147,10 +147,12 @@ class VAETeacher(nn.Module):
 
     def __init__(self, family: str, vae: nn.Module, pooled_dim: int, latent_size: int) -> None:
         super().__init__()
+        from dmdx_lightning.teachers.flux import FluxTeacher
         from dmdx_lightning.teachers.sd3 import SD3Teacher
-        from dmdx_lightning.teachers.sdxl import SDXLTeacher
+        from dmdx_lightning.teachers.sdxl import SDXLTeacher, StableDiffusionTeacher
 
-        self.family_class = {"sdxl": SDXLTeacher, "sd3": SD3Teacher}[family]
+        self.family_class = {"sdxl": SDXLTeacher, "sd3": SD3Teacher, "sd": StableDiffusionTeacher,
+                             "flux": FluxTeacher}[family]
         self.vae, self.pooled_dim, self.latent_size = vae, pooled_dim, latent_size
 
     def decode(self, latents):

@@ -8,7 +8,7 @@ The architectures are the published ``config.json`` dicts of each teacher's comp
 ``benchmarks/architectures/*.json`` (one file per teacher, naming its hub repository), built with the
 diffusers / transformers classes on the ``meta`` device: every shape and dtype is real, nothing is
 allocated or computed, and a pass through SD3.5-Large or CogVideoX-5b at full size takes seconds.
-Each shipped config (``configs/{sd3,sdxl,cogvideox}/*.yaml``) is read with yaml for its teacher,
+Each shipped config (``configs/<family>/*.yaml`` of ``CONFIG_FAMILIES``) is read with yaml for its teacher,
 resolution / frames / text length, batch per GPU, mode, LoRA rank, dtypes, method, student steps,
 update ratio, CFG and discriminators.
 
@@ -76,7 +76,7 @@ from benchmarks._common import RESULTS, machine, markdown_table, write_json  # n
 from benchmarks.pixel_memory import LiveBytes, SavedBytes, fused_attention_on_meta  # noqa: E402
 
 ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
-CONFIG_FAMILIES = ("sd3", "sdxl", "cogvideox")
+CONFIG_FAMILIES = ("sd3", "sdxl", "sd15", "cogvideox", "flux", "wan")
 GIB = 2**30
 COMMAND = "python benchmarks/scale_plan.py"
 
@@ -103,7 +103,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 CHECK = RESULTS / "sd3_gpu_check.json"
 
 #: the classes diffusers checkpoints one at a time under gradient checkpointing (its units)
-CHECKPOINT_UNITS = ("JointTransformerBlock", "CogVideoXBlock", "ResnetBlock2D", "BasicTransformerBlock")
+CHECKPOINT_UNITS = ("JointTransformerBlock", "CogVideoXBlock", "ResnetBlock2D", "BasicTransformerBlock",
+                    "WanTransformerBlock")
 #: scaled_dot_product_attention's fused CPU kernel (what fused_attention_on_meta runs on meta), which
 #: FlopCounterMode has no formula for: the same count as the GPU's fused kernels
 CPU_ATTENTION_FLOPS = {
@@ -162,13 +163,18 @@ def parameter_table() -> list[dict]:
 # ------------------------------------------------------------------------------ configs
 def teacher_class(family: str):
     from dmdx_lightning.teachers.cogvideox import CogVideoXTeacher
+    from dmdx_lightning.teachers.flux import FluxTeacher
     from dmdx_lightning.teachers.sd3 import SD3Teacher
-    from dmdx_lightning.teachers.sdxl import SDXLTeacher
+    from dmdx_lightning.teachers.sdxl import SDXLTeacher, StableDiffusionTeacher
+    from dmdx_lightning.teachers.wan import WanTeacher
 
-    return {"sd3": SD3Teacher, "sdxl": SDXLTeacher, "cogvideox": CogVideoXTeacher}[family]
+    if family == "wan":
+        return WanTeacher
+    return {"sd3": SD3Teacher, "sdxl": SDXLTeacher, "sd": StableDiffusionTeacher, "cogvideox": CogVideoXTeacher, "flux": FluxTeacher}[family]
 
 
-FAMILY_OF = {"SD3Teacher": "sd3", "SDXLTeacher": "sdxl", "CogVideoXTeacher": "cogvideox"}
+FAMILY_OF = {"SD3Teacher": "sd3", "SDXLTeacher": "sdxl", "StableDiffusionTeacher": "sd", "CogVideoXTeacher": "cogvideox", "FluxTeacher": "flux"}
+FAMILY_OF["WanTeacher"] = "wan"
 METHOD_OF = {"ADMModule": None, "ADPModule": "adp", "ODEPairGenerator": "ode_pairs"}
 
 
@@ -191,6 +197,7 @@ class Run:
     first_trained_step: int = 0
     update_ratio: int = 1
     real_cfg: float = 1.0
+    true_cfg: bool = True  # a real_cfg != 1 doubles the real score's batch (False: embedded guidance, one pass)
     layers: tuple | None = None
     head_channels: int = 256
     num_down: int = 3
@@ -234,6 +241,8 @@ def read_config(name: str) -> Run:
         batch=raw["data"]["init_args"]["batch_size"], latent=latent, text_tokens=text, student_steps=steps,
         first_trained_step=args.get("first_trained_step", 0), update_ratio=args.get("update_ratio", 1),
         real_cfg=float(args.get("real_cfg_scale", args.get("cfg_scale", 2.0))),
+        # FLUX.1-dev's embedded guidance runs the guided real score in ONE pass (teachers/flux.py)
+        true_cfg=family != "flux" or teacher.get("guidance") == "true_cfg",
         layers=tuple(disc.get("layers", (-1,))) if has_disc else None, head_channels=disc.get("head_channels", 256),
         num_down=disc.get("num_down", 3), backbone_role=disc.get("backbone_role", "fake" if method == "dmd2" else "real"),
         paired=(args.get("variants") or {}).get("adm_pairing") == "paired",
@@ -245,12 +254,22 @@ def read_config(name: str) -> Run:
 def _shapes(family: str, components: dict, teacher: dict) -> tuple[tuple, int]:
     """One sample's latent shape and text length, as the teacher family computes them."""
     vae = components["vae"]["config"]
+    if family == "wan":  # (C, F, H, W) as WanTeacher.latent_shape (the VAE's own factors); UMT5 tokens
+        net = components["transformer"]["config"]
+        space, time = vae.get("scale_factor_spatial", 8), vae.get("scale_factor_temporal", 4)
+        frames = teacher.get("num_frames", 81)
+        return (net["in_channels"], (frames - 1) // time + 1, teacher.get("height", 480) // space,
+                teacher.get("width", 832) // space), teacher.get("max_sequence_length", 512)
     scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    if family == "flux":  # the latent before 2x2 packing; T5 tokens only (CLIP gives the pooled vector)
+        net = components["transformer"]["config"]
+        side = teacher.get("resolution", 1024) // scale
+        return (net["in_channels"] // 4, side, side), teacher.get("max_sequence_length", 512)
     if family == "sd3":
         net = components["transformer"]["config"]
         side = teacher.get("resolution", 1024) // scale
         return (net["in_channels"], side, side), 77 + teacher.get("max_sequence_length", 256)  # CLIP + T5 tokens
-    if family == "sdxl":
+    if family in ("sdxl", "sd"):
         net = components["unet"]["config"]
         side = (teacher.get("resolution") or net["sample_size"] * scale) // scale
         return (net["in_channels"], side, side), 77
@@ -326,6 +345,17 @@ class Networks:
         """One denoiser call as the family's ``model_output`` makes it (bf16 inputs)."""
         b, dtype, cfg = x.shape[0], x.dtype, net.config
         t = torch.full((b,), 500.0, device="meta")
+        if self.family == "flux":  # packed 2x2 patches with their position ids, as FluxTeacher.model_output
+            from dmdx_lightning.teachers.flux import pack_latents, unpack_latents
+
+            h, w = x.shape[-2:]
+            guidance = torch.full((b,), 3.5, device="meta") if cfg.guidance_embeds else None
+            out = net(hidden_states=pack_latents(x), timestep=t / 1000, guidance=guidance,
+                      encoder_hidden_states=_meta(b, text_tokens, cfg.joint_attention_dim, dtype=dtype),
+                      pooled_projections=_meta(b, cfg.pooled_projection_dim, dtype=dtype),
+                      txt_ids=_meta(text_tokens, 3, dtype=dtype), img_ids=_meta(h * w // 4, 3, dtype=dtype),
+                      return_dict=False)[0]
+            return unpack_latents(out, h, w)
         if self.family == "sd3":
             return net(hidden_states=x, timestep=t,
                        encoder_hidden_states=_meta(b, text_tokens, cfg.joint_attention_dim, dtype=dtype),
@@ -335,6 +365,12 @@ class Networks:
             return net(x, t, encoder_hidden_states=_meta(b, text_tokens, cfg.cross_attention_dim, dtype=dtype),
                        added_cond_kwargs={"text_embeds": _meta(b, pooled, dtype=dtype),
                                           "time_ids": _meta(b, 6, dtype=dtype)}, return_dict=False)[0]
+        if self.family == "sd":  # no added conditioning
+            return net(x, t, encoder_hidden_states=_meta(b, text_tokens, cfg.cross_attention_dim, dtype=dtype),
+                       return_dict=False)[0]
+        if self.family == "wan":  # as WanTeacher.model_output (its own rotary embedding inside)
+            return net(hidden_states=x, timestep=t, encoder_hidden_states=_meta(b, text_tokens, cfg.text_dim, dtype=dtype),
+                       return_dict=False)[0]
         rotary = teacher_class("cogvideox").rotary_embeddings(self.stub, net, x)
         return net(hidden_states=x, encoder_hidden_states=_meta(b, text_tokens, cfg.text_embed_dim, dtype=dtype),
                    timestep=t, image_rotary_emb=rotary, return_dict=False)[0]
@@ -505,7 +541,7 @@ def passes(run: Run) -> list[Pass]:
     - ADP: the student's prediction at a pair interpolant (no simulation), the real score's
       features under the latent discriminator; the pixel path is counted apart.
     """
-    cfg = 2.0 if run.real_cfg != 1.0 else 1.0
+    cfg = 2.0 if run.real_cfg != 1.0 and run.true_cfg else 1.0
     if run.method == "adp":
         return [Pass("generator", "student", "train", 1, 1, False),
                 Pass("generator", "real", "input", 1, 1, True),
@@ -648,6 +684,10 @@ def pooled_dim(run: Run) -> int:
         return sum(components[k]["config"]["projection_dim"] for k in ("text_encoder", "text_encoder_2"))
     if run.family == "sdxl":
         return components["text_encoder_2"]["config"]["projection_dim"]
+    if run.family == "flux":  # CLIP-L's pooled output
+        return components["text_encoder"]["config"]["hidden_size"]
+    if run.family == "sd":  # the CLIP's pooled output (end-of-text token), unprojected
+        return components["text_encoder"]["config"]["hidden_size"]
     return components["text_encoder"]["config"]["d_model"]  # CogVideoX: the mean T5 token
 
 
@@ -893,7 +933,7 @@ def inference_row(run: Run, counter: Counter) -> dict:
     """An ODE-pair config: no training, the teacher's sampler with CFG (one batch of pairs)."""
     nets = counter.nets(run, "lora", run.lora_rank)
     cost = counter.cost(run, nets, "real", "none", False)
-    cfg = 2 if run.real_cfg != 1.0 else 1
+    cfg = 2 if run.real_cfg != 1.0 and run.true_cfg else 1
     params = (count(nets.role_net) + sum(counter.encoder_params(run).values())) * DTYPES[run.dtype].itemsize
     flops = run.sample_steps * cfg * run.batch * cost.flops
     total = params + cfg * run.batch * cost.transient
@@ -1003,7 +1043,8 @@ def markdown(report: dict) -> str:
                              [[f"`{c}`", next(r["shipped_mode"] for r in report["rows"] if r["config"] == c)]
                               + [_plans_cell(report["recommendations"][f"{c}|{m}"]) for m in MODES]
                               for c in dict.fromkeys(r["config"] for r in report["rows"])]), ""]
-    for family, title in (("sd3", "SD3-Medium and SD3.5-Large"), ("sdxl", "SDXL base"), ("cogvideox", "CogVideoX")):
+    for family, title in (("sd3", "SD3-Medium and SD3.5-Large"), ("sdxl", "SDXL base"), ("sd15", "Stable Diffusion 1.5"), ("cogvideox", "CogVideoX"), ("flux", "FLUX.1-dev and FLUX.1-schnell"),
+                          ("wan", "Wan 2.1 T2V")):
         rows = [r for r in report["rows"] if r["config"].startswith(family + "/")]
         if not rows:
             continue

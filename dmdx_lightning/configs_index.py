@@ -56,7 +56,10 @@ from dmdx_lightning.errors import SetupError
 GROUPS: dict[str, str] = {
     "sd3": "SD3-Medium and SD3.5-Large: ODE pairs, ADP, ADM (the paper's 4-step rows), DMD / DMD2 baselines, our best ADM",
     "sdxl": "SDXL: one-step DMDX (pairs -> ADP -> ADM), 4-step ADM, DMD / DMD2 baselines, our best ADM",
+    "sd15": "Stable Diffusion 1.5: DMD2's two-stage one-step recipe (DMD, then DMD + GAN), one-step DMDX (pairs -> ADP -> ADM)",
+    "flux": "FLUX.1-dev (guidance embedding) / FLUX.1-schnell: ODE pairs, ADP, 4-step ADM and DMD2 on dev, 2-step ADM on schnell",
     "cogvideox": "CogVideoX-2b / 5b text-to-video: ODE pairs, ADM (the paper's 8 steps), DMD / DMD2 baselines, our best ADM",
+    "wan": "Wan 2.1 T2V 1.3B / 14B text-to-video: ODE pairs, ADP, 4-step ADM (LoRA; 14B too), DMD2 baseline",
     "quickstart": "the built-in digits teacher: the DMDX chain pairs -> ADP -> ADM (CPU, minutes)",
     "digits": "the digits teacher: baselines, ablation A1, training the packaged teacher and classifier",
     "mixture": "the exact Gaussian-mixture testbed (CPU)",

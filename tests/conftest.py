@@ -65,6 +65,48 @@ TINY_SDXL = {"lora_rank": 4}
 
 
 @pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory):
+    """A random SD 1.5-style pipeline folder (UNet without added embeddings, one CLIP, VAE, PNDM
+    scheduler, epsilon), built once per session; 16 px images (8x8 latents) by default."""
+    from dmdx_lightning.teachers.sd_random import save_random_sd
+
+    return save_random_sd(tmp_path_factory.mktemp("sd15") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v_dir(tmp_path_factory):
+    """As tiny_sd15_dir with SD 2.1's v-prediction DDIM scheduler and linear attention projections."""
+    from dmdx_lightning.teachers.sd_random import save_random_sd
+
+    return save_random_sd(tmp_path_factory.mktemp("sd2v") / "tiny", prediction_type="v_prediction")
+
+
+#: StableDiffusionTeacher options for the tiny folders (their resolution is the default, from the UNet)
+TINY_SD = {"lora_rank": 4}
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A random FLUX.1-dev-like pipeline folder (1 double + 2 single blocks, guidance embedding,
+    dynamic shifting, CLIP-L + T5, 16-channel VAE), built once per session."""
+    from dmdx_lightning.teachers.flux_random import save_random_flux
+
+    return save_random_flux(tmp_path_factory.mktemp("flux") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_dir(tmp_path_factory):
+    """As tiny_flux_dir, FLUX.1-schnell-like: no guidance embedding, no shift."""
+    from dmdx_lightning.teachers.flux_random import save_random_flux
+
+    return save_random_flux(tmp_path_factory.mktemp("flux_schnell") / "tiny", guidance_embeds=False)
+
+
+#: FluxTeacher options that make the tiny folders fast (16 px images = 8x8 latents = 16 tokens, 16 T5 tokens)
+TINY_FLUX = {"resolution": 16, "max_sequence_length": 16, "lora_rank": 4}
+
+
+@pytest.fixture(scope="session")
 def tiny_sam_path(tmp_path_factory):
     """A random tiny SAM vision encoder saved with save_pretrained (pixel discriminator backbone)."""
     from transformers import SamVisionConfig, SamVisionModel
@@ -89,3 +131,16 @@ def tiny_cogvideox_dir(tmp_path_factory):
 
 #: CogVideoXTeacher options that make the tiny folder fast
 TINY_COGVIDEOX = {"lora_rank": 4}
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_dir(tmp_path_factory):
+    """A random Wan 2.1 pipeline folder (2 blocks, 2 heads x 8, 3-stage causal 3D VAE with 4 latent
+    channels, UMT5, UniPC flow scheduler with flow_shift 3), built once per session."""
+    from dmdx_lightning.teachers.wan_random import save_random_wan
+
+    return save_random_wan(tmp_path_factory.mktemp("wan") / "tiny")
+
+
+#: WanTeacher options that make the tiny folder fast: 9 frames of 32x32 px = 3 latent frames of 4x4, 16 UMT5 tokens
+TINY_WAN = {"num_frames": 9, "height": 32, "width": 32, "max_sequence_length": 16, "lora_rank": 4}

@@ -18,6 +18,8 @@ TINY_HEADS = ["--model.init_args.discriminator.init_args.layers", "[0, 1]"]
 # the SDXL configs leave resolution to the UNet's sample_size and use block indices the tiny UNet
 # also has (2 down, mid, 2 up), so only the folder and the dtype change
 SDXL_TINY = [_TEACHER + "pretrained_model_name_or_path", "{tiny_sdxl}", _TEACHER + "torch_dtype", "float32"]
+# the SD 1.5 configs: as SDXL's, the folder and the dtype ("{tiny_sd15}": the session's random SD 1.5 folder)
+SD15_TINY = [_TEACHER + "pretrained_model_name_or_path", "{tiny_sd15}", _TEACHER + "torch_dtype", "float32"]
 TINY_SAM = ["--model.init_args.pixel_discriminator.init_args.backbone.init_args.pretrained", "{tiny_sam}",
             "--model.init_args.pixel_discriminator.init_args.backbone.init_args.dtype", "float32",
             "--model.init_args.pixel_discriminator.init_args.layers", "[1, 2]"]
@@ -27,7 +29,21 @@ COGVIDEOX_TINY = [_TEACHER + "pretrained_model_name_or_path", "{tiny_cogvideox}"
                   _TEACHER + "torch_dtype", "float32",
                   # diffusers' tiled VAE assumes tiles smaller than the video: at 32 px it returns 36x34 frames
                   _TEACHER + "vae_tiling", "false"]
+# "{tiny_wan}": the session's random Wan folder (9 frames of 32x32 px = 3 latent frames of 4x4, 16 UMT5 tokens)
+WAN_TINY = [_TEACHER + "pretrained_model_name_or_path", "{tiny_wan}", _TEACHER + "num_frames", "9",
+            _TEACHER + "height", "32", _TEACHER + "width", "32", _TEACHER + "max_sequence_length", "16",
+            _TEACHER + "torch_dtype", "float32"]
+# "{tiny_flux}" / "{tiny_flux_schnell}": the session's random FLUX.1-dev / -schnell folders (16 px, 16 T5 tokens,
+# 3 feature blocks)
+FLUX_TINY = [_TEACHER + "pretrained_model_name_or_path", "{tiny_flux}", _TEACHER + "resolution", "16",
+             _TEACHER + "max_sequence_length", "16", _TEACHER + "torch_dtype", "float32"]
+FLUX_SCHNELL_TINY = [a.replace("{tiny_flux}", "{tiny_flux_schnell}") for a in FLUX_TINY]
 OVERRIDES: dict[str, list[str]] = {
+    "flux/adm_dev_4step.yaml": FLUX_TINY + TINY_HEADS,
+    "flux/dmd2_dev_4step.yaml": FLUX_TINY + TINY_HEADS,
+    "flux/ode_pairs_dev.yaml": FLUX_TINY,
+    "flux/adm_schnell_2step.yaml": FLUX_SCHNELL_TINY + TINY_HEADS,
+    "flux/adp_dev_4step.yaml": FLUX_TINY + TINY_HEADS + TINY_SAM,
     "cogvideox/adm_2b_8step.yaml": COGVIDEOX_TINY + TINY_HEADS,
     "cogvideox/adm_5b_8step.yaml": COGVIDEOX_TINY + TINY_HEADS,
     "sd3/adm_4step.yaml": SD3_TINY + TINY_HEADS,
@@ -42,6 +58,11 @@ OVERRIDES: dict[str, list[str]] = {
     "sdxl/dmdx_1step.yaml": SDXL_TINY,
     "sdxl/adm_4step.yaml": SDXL_TINY,
     "sdxl/dmd2_1step_full.yaml": SDXL_TINY,
+    "sd15/ode_pairs.yaml": SD15_TINY,
+    "sd15/dmd_1step_full.yaml": SD15_TINY,
+    "sd15/dmd2_1step_full.yaml": SD15_TINY,
+    "sd15/adp_1step.yaml": SD15_TINY + TINY_SAM,
+    "sd15/dmdx_1step.yaml": SD15_TINY,
     # docs/recipes.md: DMD, DMD2 and our best ADM beside the paper's configs, and the CogVideoX pairs
     "sd3/dmd_4step.yaml": SD3_TINY,
     "sd3/dmd2_4step.yaml": SD3_TINY + TINY_HEADS,
@@ -54,11 +75,19 @@ OVERRIDES: dict[str, list[str]] = {
     "cogvideox/dmd_2b_8step.yaml": COGVIDEOX_TINY,
     "cogvideox/dmd2_2b_8step.yaml": COGVIDEOX_TINY + TINY_HEADS,
     "cogvideox/adm_best_2b_8step.yaml": COGVIDEOX_TINY + TINY_HEADS,
+    "wan/ode_pairs_1_3b.yaml": WAN_TINY,
+    "wan/adp_1_3b_4step.yaml": WAN_TINY + TINY_HEADS,
+    "wan/adm_1_3b_4step.yaml": WAN_TINY + TINY_HEADS,
+    "wan/dmd2_1_3b_4step.yaml": WAN_TINY + TINY_HEADS,
+    "wan/adm_14b_4step.yaml": WAN_TINY + TINY_HEADS,
 }
 # configs that train on ODE pairs read a small pair set written here instead of the quickstart's
 PAIR_CONFIGS = {"quickstart/adp.yaml", "digits/a1.yaml", "digits/dmd2.yaml", "sd3/adp_4step.yaml", "sdxl/adp_1step.yaml",
                 "sdxl/dmd2_1step_full.yaml", "mixture/adp.yaml", "mixture/a1.yaml", "mixture/dmd2.yaml", "mixture/regression.yaml",
-                "sd3/dmd2_4step.yaml", "sdxl/dmd2_4step.yaml", "cogvideox/dmd2_2b_8step.yaml"}
+                "sd3/dmd2_4step.yaml", "sdxl/dmd2_4step.yaml", "cogvideox/dmd2_2b_8step.yaml",
+                "flux/dmd2_dev_4step.yaml", "flux/adp_dev_4step.yaml",
+                "sd15/adp_1step.yaml", "sd15/dmd2_1step_full.yaml"}
+PAIR_CONFIGS |= {"wan/adp_1_3b_4step.yaml", "wan/dmd2_1_3b_4step.yaml"}
 #: pair sets of the mixture teacher hold its family and latent shape (the data module checks both)
 MIXTURE_PAIRS = {"teacher_family": "mixture", "latent_shape": (16, 8, 8), "prompt": "mixture class 0"}
 
@@ -97,9 +126,19 @@ def build_cli(config, tmp_path, request, drop=()):
     if "{tiny_sdxl}" in extra:
         tiny = str(request.getfixturevalue("tiny_sdxl_dir"))
         extra = [a.replace("{tiny_sdxl}", tiny) for a in extra]
+    if "{tiny_sd15}" in extra:
+        tiny = str(request.getfixturevalue("tiny_sd15_dir"))
+        extra = [a.replace("{tiny_sd15}", tiny) for a in extra]
     if "{tiny_cogvideox}" in extra:
         tiny = str(request.getfixturevalue("tiny_cogvideox_dir"))
         extra = [a.replace("{tiny_cogvideox}", tiny) for a in extra]
+    if "{tiny_wan}" in extra:
+        tiny = str(request.getfixturevalue("tiny_wan_dir"))
+        extra = [a.replace("{tiny_wan}", tiny) for a in extra]
+    for placeholder, fixture in (("{tiny_flux}", "tiny_flux_dir"), ("{tiny_flux_schnell}", "tiny_flux_schnell_dir")):
+        if placeholder in extra:
+            tiny = str(request.getfixturevalue(fixture))
+            extra = [a.replace(placeholder, tiny) for a in extra]
     if "{tiny_sam}" in extra:
         extra = [a.replace("{tiny_sam}", request.getfixturevalue("tiny_sam_path")) for a in extra]
     if name in PAIR_CONFIGS:
@@ -147,7 +186,9 @@ def test_lora_configs_train_fp32_adapters_on_their_frozen_dtype(config, monkeypa
     monkeypatch.chdir(ROOT)
     teacher = build_cli(config, tmp_path, request, drop=[_TEACHER + "torch_dtype"]).model.teacher
     frozen_dtype = getattr(torch, _teacher_args(config).get("torch_dtype", "float32"))
-    assert {p.dtype for n, p in teacher.denoiser.named_parameters() if "lora_" not in n} == {frozen_dtype}
+    keep = getattr(teacher.denoiser, "_keep_in_fp32_modules", None) or ()  # what diffusers keeps fp32 (Wan's norms)
+    assert {p.dtype for n, p in teacher.denoiser.named_parameters()
+            if "lora_" not in n and not set(keep) & set(n.split("."))} == {frozen_dtype}
     trainable = {n: p.dtype for n, p in teacher.named_parameters() if p.requires_grad}
     assert trainable and set(trainable.values()) == {torch.float32}, trainable
 

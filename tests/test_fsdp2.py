@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, dmdx_env, dmdx_fit
-from tests.test_configs import COGVIDEOX_TINY, SD3_TINY, SDXL_TINY, TINY_HEADS
+from tests.test_configs import COGVIDEOX_TINY, FLUX_TINY, SD3_TINY, SDXL_TINY, TINY_HEADS, WAN_TINY
 
 TINY = "tests/configs/adm_tiny.yaml"
 LR = 1e-3  # every player's in TINY
@@ -216,6 +216,8 @@ def test_fsdp2_adp_trains_as_ddp(tmp_path, digits_pairs):
 FAMILY_CONFIGS = {"sd3/adm_sd35_large_4step.yaml": ("tiny_sd3_dir", SD3_TINY + TINY_HEADS, 4),
                   "sdxl/adm_4step.yaml": ("tiny_sdxl_dir", SDXL_TINY, 4),
                   "cogvideox/adm_2b_8step.yaml": ("tiny_cogvideox_dir", COGVIDEOX_TINY + TINY_HEADS, 8)}
+FAMILY_CONFIGS["wan/adm_14b_4step.yaml"] = ("tiny_wan_dir", WAN_TINY + TINY_HEADS, 4)  # LoRA on the 3D DiT's blocks
+FAMILY_CONFIGS["flux/adm_dev_4step.yaml"] = ("tiny_flux_dir", FLUX_TINY + TINY_HEADS, 4)  # LoRA; double + single blocks
 
 
 @pytest.mark.multiprocess

@@ -79,7 +79,14 @@ STAGE_INPUTS = {  # config -> (key, the path it reads, relative to its root's pa
     "sdxl/dmd2_1step_full.yaml": ("data.init_args.path", "sdxl/pairs"),
     "sd3/dmd2_4step.yaml": ("data.init_args.path", "sd3/pairs"),
     "sdxl/dmd2_4step.yaml": ("data.init_args.path", "sdxl/pairs"),
+    "sd15/adp_1step.yaml": ("data.init_args.path", "sd15/pairs"),
+    "sd15/dmdx_1step.yaml": ("model.init_args.init_from", "adp_sd15/checkpoints/last.ckpt"),
+    "sd15/dmd2_1step_full.yaml": ("data.init_args.path", "sd15/pairs"),
     "cogvideox/dmd2_2b_8step.yaml": ("data.init_args.path", "cogvideox_2b/pairs"),
+    "wan/adp_1_3b_4step.yaml": ("data.init_args.path", "wan_1_3b/pairs"),
+    "wan/dmd2_1_3b_4step.yaml": ("data.init_args.path", "wan_1_3b/pairs"),
+    "flux/dmd2_dev_4step.yaml": ("data.init_args.path", "flux_dev/pairs"),
+    "flux/adp_dev_4step.yaml": ("data.init_args.path", "flux_dev/pairs"),
 }
 
 

@@ -18,7 +18,9 @@ TEACHER = "--model.init_args.teacher.init_args."
 TINY_RUN = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
             "--trainer.precision", "32-true", "--trainer.num_sanity_val_steps", "0",
             "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
-FIXTURES = {"{tiny_sd3}": "tiny_sd3_dir", "{tiny_sdxl}": "tiny_sdxl_dir", "{tiny_cogvideox}": "tiny_cogvideox_dir"}
+FIXTURES = {"{tiny_sd3}": "tiny_sd3_dir", "{tiny_sdxl}": "tiny_sdxl_dir", "{tiny_cogvideox}": "tiny_cogvideox_dir",
+            "{tiny_flux}": "tiny_flux_dir", "{tiny_flux_schnell}": "tiny_flux_schnell_dir"}
+FIXTURES["{tiny_wan}"] = "tiny_wan_dir"
 #: recipe config -> (loss, the ODE-pair config its DMD2 run reads, or None)
 RECIPES = {
     "sd3/dmd_4step.yaml": ("dmd", None),
@@ -31,6 +33,11 @@ RECIPES = {
     "cogvideox/dmd_2b_8step.yaml": ("dmd", None),
     "cogvideox/dmd2_2b_8step.yaml": ("dmd2", "cogvideox/ode_pairs_2b.yaml"),
     "cogvideox/adm_best_2b_8step.yaml": ("adm", None),
+    "wan/adm_1_3b_4step.yaml": ("adm", None),
+    "wan/dmd2_1_3b_4step.yaml": ("dmd2", "wan/ode_pairs_1_3b.yaml"),
+    "flux/adm_dev_4step.yaml": ("adm", None),
+    "flux/dmd2_dev_4step.yaml": ("dmd2", "flux/ode_pairs_dev.yaml"),
+    "flux/adm_schnell_2step.yaml": ("adm", None),
 }
 
 

@@ -13,6 +13,9 @@ from dmdx_lightning.teachers.cogvideox import tiled_decode_size
 ADM = "configs/quickstart/adm.yaml"
 ADP = "configs/quickstart/adp.yaml"
 SD3 = "configs/sd3/adm_4step.yaml"
+SD15 = "configs/sd15/dmd_1step_full.yaml"
+FLUX = "configs/flux/adm_dev_4step.yaml"
+WAN = "configs/wan/adm_14b_4step.yaml"
 
 
 def _file(text: str):
@@ -79,6 +82,15 @@ CASES = [
     ("scheduler of another family", SD3, ["--model.init_args.teacher.init_args.pretrained_model_name_or_path",
                                           "{tmp}/sdxl_pipeline"],
      "its scheduler/ is a EulerDiscreteScheduler; SD3Teacher trains flow-matching pipelines"),
+    ("UNet of another family", SD15, ["--model.init_args.teacher.init_args.pretrained_model_name_or_path",
+                                      "{tmp}/sdxl_pipeline"],
+     "its unet/ has addition_embed_type='text_time'; SD 1.x / 2.x UNets have none"),
+    ("FLUX.1-dev guidance on a schnell transformer", FLUX, [
+        "--model.init_args.teacher.init_args.pretrained_model_name_or_path", "{tmp}/schnell_pipeline"],
+     "guidance = 'embedded': this transformer has no guidance embedding"),
+    ("two-expert Wan 2.2 A14B", WAN, ["--model.init_args.teacher.init_args.pretrained_model_name_or_path",
+                                      "{tmp}/a14b_pipeline"],
+     "is a two-expert Wan 2.2 pipeline (transformer_2, boundary_ratio 0.875)"),
 ]
 
 
@@ -88,6 +100,13 @@ def test_bad_config_stops_at_setup(base, extra, expected, tmp_path, capsys):
     scheduler = tmp_path / "sdxl_pipeline" / "scheduler"  # an SDXL pipeline's scheduler (config files suffice)
     scheduler.mkdir(parents=True)
     (scheduler / "scheduler_config.json").write_text('{"_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon"}')
+    (tmp_path / "sdxl_pipeline" / "unet").mkdir()  # and its UNet's config (SDXL's added embedding)
+    (tmp_path / "sdxl_pipeline" / "unet" / "config.json").write_text('{"addition_embed_type": "text_time"}')
+    (tmp_path / "schnell_pipeline" / "transformer").mkdir(parents=True)  # FLUX.1-schnell: no guidance embedding
+    (tmp_path / "schnell_pipeline" / "transformer" / "config.json").write_text('{"guidance_embeds": false}')
+    (tmp_path / "a14b_pipeline").mkdir()  # Wan 2.2 A14B: two experts
+    (tmp_path / "a14b_pipeline" / "model_index.json").write_text(
+        '{"_class_name": "WanPipeline", "boundary_ratio": 0.875, "transformer_2": ["diffusers", "WanTransformer3DModel"]}')
     args = []
     for i, arg in enumerate(extra):
         if isinstance(arg, tuple):  # a config file of the case's own

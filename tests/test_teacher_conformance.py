@@ -16,7 +16,7 @@ import torch
 
 from dmdx_lightning.schedules import student_timesteps
 from dmdx_lightning.teachers.base import Teacher
-from tests.conftest import TINY_COGVIDEOX, TINY_SD3, TINY_SDXL
+from tests.conftest import TINY_COGVIDEOX, TINY_FLUX, TINY_SD, TINY_SD3, TINY_SDXL, TINY_WAN
 
 
 def _digits(mode, request, **kw):
@@ -39,11 +39,32 @@ def _sdxl(mode, request, **kw):
                        **TINY_SDXL, **kw)
 
 
+def _sd(mode, request, **kw):
+    from dmdx_lightning.teachers.sdxl import StableDiffusionTeacher
+
+    return StableDiffusionTeacher(pretrained_model_name_or_path=str(request.getfixturevalue("tiny_sd15_dir")),
+                                  mode=mode, **TINY_SD, **kw)
+
+
 def _cogvideox(mode, request, **kw):
     from dmdx_lightning.teachers.cogvideox import CogVideoXTeacher
 
     return CogVideoXTeacher(pretrained_model_name_or_path=str(request.getfixturevalue("tiny_cogvideox_dir")),
                             mode=mode, **TINY_COGVIDEOX, **kw)
+
+
+def _flux(mode, request, **kw):
+    from dmdx_lightning.teachers.flux import FluxTeacher
+
+    return FluxTeacher(pretrained_model_name_or_path=str(request.getfixturevalue("tiny_flux_dir")), mode=mode,
+                       **TINY_FLUX, **kw)
+
+
+def _wan(mode, request, **kw):
+    from dmdx_lightning.teachers.wan import WanTeacher
+
+    return WanTeacher(pretrained_model_name_or_path=str(request.getfixturevalue("tiny_wan_dir")), mode=mode,
+                      **TINY_WAN, **kw)
 
 
 def _mixture(mode, request, **kw):
@@ -67,8 +88,11 @@ FAMILIES = [
     Family("digits", _digits, round_trip_atol=0.0),
     Family("sd3", _sd3),
     Family("sdxl", _sdxl),
+    Family("sd", _sd),
     Family("mixture", _mixture),
     Family("cogvideox", _cogvideox),
+    Family("flux", _flux),
+    Family("wan", _wan),
 ]
 
 
@@ -177,6 +201,8 @@ def test_trainable_parameters_are_the_roles_own(family, request):
 # ------------------------------------------------------------------------------------ CFG and features
 def test_cfg_is_uncond_plus_w_times_cond_minus_uncond(family, request):
     teacher = build(family, request)
+    if teacher.guidance != "true_cfg":
+        pytest.skip(f"{family.name} guides with guidance={teacher.guidance!r}, not true CFG")
     x_t, t, cond = inputs(teacher)
     w = 3.0
     with torch.no_grad():
@@ -185,6 +211,35 @@ def test_cfg_is_uncond_plus_w_times_cond_minus_uncond(family, request):
         x0_u, eps_u = teacher.predict("real", x_t, t, teacher.null_conditioning(len(cond)))
     torch.testing.assert_close(x0_w, x0_u + w * (x0_c - x0_u), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(eps_w, eps_u + w * (eps_c - eps_u), rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_reaches_the_network(family, request):
+    """Every family's ``cfg_scale = w`` changes the real score; ``embedded`` in ONE pass whose
+    conditioning carries ``guidance = w`` (as the network reads it), ``none`` refuses ``w != 1``."""
+    teacher = build(family, request)
+    x_t, t, cond = inputs(teacher)
+    if teacher.guidance == "none":
+        with pytest.raises(ValueError, match="cfg_scale must be 1"):
+            teacher.predict("real", x_t, t, cond, cfg_scale=3.0)
+        return
+    with torch.no_grad():
+        x0_1 = teacher.predict("real", x_t, t, cond)[0]
+        x0_w = teacher.predict("real", x_t, t, cond, cfg_scale=3.0)[0]
+    assert (x0_w - x0_1).abs().max() > 1e-4
+    if teacher.guidance == "embedded":
+        calls = []
+        handle = teacher.denoiser.register_forward_pre_hook(lambda m, a, k: calls.append(k), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                direct = teacher.schedule.to_x0_eps(teacher.forward_role(
+                    "real", x_t, t, cond.with_entries(guidance=torch.full((len(cond),), 3.0))), x_t, t,
+                    teacher.prediction_type)[0]
+                calls.clear()
+                teacher.predict("real", x_t, t, cond, cfg_scale=3.0)
+        finally:
+            handle.remove()
+        assert len(calls) == 1 and calls[0]["hidden_states"].shape[0] == x_t.shape[0]  # one pass, no CFG batch
+        torch.testing.assert_close(x0_w, direct)
 
 
 def test_feature_maps_are_batch_first_4d_or_5d(family, request):

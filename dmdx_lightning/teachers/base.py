@@ -37,7 +37,11 @@ MAY
       path; diffusers families: their VAE's), ``default_lora_targets`` (for ``mode="lora"``),
       ``stop_forward_early``; :class:`RoleCheckpointing` (mixed in first) for diffusers
       transformers whose checkpointed blocks must be recomputed in the role they ran in;
-      :meth:`check_setup` (a setting the built components show cannot work);
+      :meth:`check_setup` (a setting the built components show cannot work); ``guidance`` (how
+      ``predict(cfg_scale=w)`` guides: ``true_cfg``, two passes ``uncond + w (cond - uncond)``, the
+      default; ``embedded``, ONE pass with ``w`` given to the network as the conditioning's
+      ``guidance`` entry ``(B,)``, which :meth:`model_output` reads (guidance-distilled networks:
+      FLUX.1-dev); ``none``, no guidance at all, ``cfg_scale`` must be 1 (FLUX.1-schnell));
     - the diffusers export: ``export_formats`` and :meth:`export_pipeline` / :meth:`export_lora`
       (default: a ``NotImplementedError`` naming the family);
     - the plain export (``"safetensors"`` in ``export_formats``, for families without a diffusers
@@ -66,6 +70,9 @@ from dmdx_lightning.schedules import PREDICTION_TYPES, NoiseSchedule, euler_grid
 EXPORT_FORMATS: tuple[str, ...] = ("pipeline", "lora", "safetensors")
 #: the file a ``safetensors`` export writes the student's network to
 STUDENT_WEIGHTS = "student.safetensors"
+
+#: how a family realises ``predict(..., cfg_scale=w)`` (the ``guidance`` attribute of :class:`Teacher`)
+GUIDANCE: tuple[str, ...] = ("true_cfg", "embedded", "none")
 
 Role = Literal["real", "fake", "student"]
 ROLES: tuple[str, ...] = ("real", "fake", "student")
@@ -98,6 +105,14 @@ class Conditioning:
 
     def __getitem__(self, index) -> "Conditioning":
         return Conditioning(**{k: v[index] for k, v in self.tensors.items()})
+
+    def get(self, name: str, default: Tensor | None = None) -> Tensor | None:
+        """The entry ``name``, or ``default`` where the family's encoding has none."""
+        return self.tensors.get(name, default)
+
+    def with_entries(self, **tensors: Tensor) -> "Conditioning":
+        """A copy with ``tensors`` added or replaced (e.g. the ``guidance`` (B,) of embedded guidance)."""
+        return Conditioning(**{**self.tensors, **tensors})
 
     def to(self, *args, **kwargs) -> "Conditioning":
         return Conditioning(**{k: v.to(*args, **kwargs) for k, v in self.tensors.items()})
@@ -244,6 +259,14 @@ class Teacher(nn.Module):
     #: diffusers; ``"safetensors"``: the student's network and the config that loads it back), the
     #: first one being ``dmdx export``'s default
     export_formats: tuple[str, ...] = ()
+    #: how :meth:`predict` applies ``cfg_scale = w != 1`` (one of :data:`GUIDANCE`): ``true_cfg``:
+    #: classifier-free guidance, ``uncond + w (cond - uncond)`` from two passes (the unconditional
+    #: one on :meth:`unconditional`); ``embedded``: one pass with ``w`` in the conditioning's
+    #: ``guidance`` entry (``(B,)``, read by :meth:`model_output`), for networks distilled to take
+    #: the guidance scale as an input (FLUX.1-dev's guidance embedding; a call with ``w == 1``, as
+    #: the student's and the fake score's, carries no entry: the family's default value); ``none``:
+    #: the network has no guidance (FLUX.1-schnell) and a ``w != 1`` is an error
+    guidance: str = "true_cfg"
 
     @classmethod
     def check_options(cls, options, key: str = "model.init_args.teacher.init_args") -> None:
@@ -374,6 +397,8 @@ class Teacher(nn.Module):
         prompts = value["example_prompts"]
         if not isinstance(prompts, tuple) or not prompts or not all(isinstance(p, str) for p in prompts):
             problems.append(f"`example_prompts` (a non-empty tuple of str), got {prompts!r}")
+        if self.guidance not in GUIDANCE:
+            problems.append(f"`guidance` in {GUIDANCE}, got {self.guidance!r}")
         if not set(self.export_formats) <= set(EXPORT_FORMATS):
             problems.append(f"`export_formats` within {EXPORT_FORMATS}, got {self.export_formats!r}")
         if problems:
@@ -588,14 +613,22 @@ class Teacher(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """``(x0_pred, eps_pred)`` of ``role`` at ``(x_t, t)``.
 
-        With ``cfg_scale != 1``: ``pred_uncond + w (pred_cond - pred_uncond)`` in x0/eps space
-        (both branches in one batched call).
+        With ``cfg_scale != 1``, as the family's :attr:`guidance` says: ``true_cfg``:
+        ``pred_uncond + w (pred_cond - pred_uncond)`` in x0/eps space (both branches in one batched
+        call); ``embedded``: one call with ``guidance = w`` in the conditioning; ``none``: refused.
         """
         if t.ndim != 1 or t.shape[0] != x_t.shape[0]:
             raise ValueError(f"t must have shape ({x_t.shape[0]},), got {tuple(t.shape)}")
         if len(cond) != x_t.shape[0]:
             raise ValueError(f"conditioning has batch {len(cond)} but x_t has batch {x_t.shape[0]}")
-        if cfg_scale == 1.0:
+        if cfg_scale != 1.0 and self.guidance == "embedded":
+            cond = cond.with_entries(guidance=torch.full((len(cond),), float(cfg_scale), device=x_t.device))
+        elif cfg_scale != 1.0 and self.guidance == "none":
+            raise ValueError(
+                f"{type(self).__name__} ({self.identity()}) has no guidance (guidance: none), so cfg_scale must be 1, "
+                f"got {cfg_scale}: set the method's real_cfg_scale (ADM, DMD, DMD2), the ODE pairs' cfg_scale or "
+                "`dmdx sample --cfg` to 1")
+        if cfg_scale == 1.0 or self.guidance == "embedded":
             out = self._checked(self.forward_role(role, x_t, t, cond), x_t)
             return self.schedule.to_x0_eps(out, x_t, t, self.prediction_type)
         both = Conditioning.cat([cond, self.null_conditioning(len(cond)).to(x_t.device)])
