@@ -24,7 +24,6 @@ The teacher is loaded from a diffusers ``CogVideoXPipeline`` folder or hub id (`
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -33,7 +32,7 @@ from torch import Tensor, nn
 from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.schedules import VPSchedule
 from dmdx_lightning.teachers.base import Conditioning
-from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, DiffusersTeacher, merged_student, network_dtype,
+from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, DiffusersTeacher, network_dtype,
                                                     parse_dtype)
 
 __all__ = ["CONFIG_KEY", "CogVideoXTeacher", "student_vp_scheduler"]
@@ -338,14 +337,18 @@ class CogVideoXTeacher(DiffusersTeacher):
         return (z * self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).float()
 
     # ------------------------------------------------------------------ identity and export
-    def diffusers_pipeline(self, transformer: nn.Module, scheduler):
-        """A ``CogVideoXPipeline`` of this teacher's components around ``transformer``."""
+    @property
+    def pipeline_class(self):
         from diffusers import CogVideoXPipeline
 
-        return CogVideoXPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+        return CogVideoXPipeline
+
+    def diffusers_pipeline(self, transformer: nn.Module, scheduler):
+        """A ``CogVideoXPipeline`` of this teacher's components around ``transformer``."""
+        return self.pipeline_class(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
                                  transformer=transformer, scheduler=scheduler)
 
-    def _student_scheduler(self, timesteps: Sequence[float]):
+    def student_scheduler(self, timesteps: Sequence[float]):
         scheduler, indices, exact = student_vp_scheduler(self.schedule, timesteps)
         config = {k: v for k, v in scheduler.config.items() if not k.startswith("_") and k != "trained_betas"}
         # the video's size and the prompt length set the latent grid and the rotary embeddings: always passed
@@ -358,24 +361,3 @@ class CogVideoXTeacher(DiffusersTeacher):
             "max_sequence_length": self.max_sequence_length, "num_frames": self.num_frames,
             "height": self.height, "width": self.width}
 
-    def export_pipeline(self, output: Path, timesteps: Sequence[float]) -> dict:
-        """A ``CogVideoXPipeline`` folder: the student transformer (adapter merged in lora mode) in
-        the teacher's dtype, this teacher's VAE and T5, and the student's scheduler
-        (:func:`student_vp_scheduler`)."""
-        scheduler, info = self._student_scheduler(timesteps)
-        self.diffusers_pipeline(merged_student(self), scheduler).save_pretrained(output, safe_serialization=True)
-        return info
-
-    def export_lora(self, output: Path, timesteps: Sequence[float]) -> dict:
-        """``pytorch_lora_weights.safetensors`` for ``CogVideoXPipeline.load_lora_weights`` (LoRA
-        config in the metadata) and the student's scheduler under ``scheduler/``."""
-        from diffusers import CogVideoXPipeline
-
-        from dmdx_lightning.export import student_lora_state
-
-        scheduler, info = self._student_scheduler(timesteps)
-        state, meta = student_lora_state(self)
-        CogVideoXPipeline.save_lora_weights(output, transformer_lora_layers=state,
-                                            transformer_lora_adapter_metadata=meta, safe_serialization=True)
-        scheduler.save_pretrained(Path(output) / "scheduler")  # the student's scheduler, to swap in
-        return {**info, "lora": meta}

@@ -154,6 +154,50 @@ class DiffusersTeacher(RoleCheckpointing, Teacher):
         """The hub id or local folder the teacher was loaded from."""
         return self.pretrained_model_name_or_path
 
+    # ------------------------------------------------------------------ export
+    #: the denoiser's component name in the family's pipeline (``transformer``; ``unet`` for the UNet
+    #: families): it names the LoRA entries its ``save_lora_weights`` / ``load_lora_weights`` read
+    denoiser_component: str = "transformer"
+
+    @property
+    def pipeline_class(self):
+        """The family's diffusers pipeline class (e.g. ``StableDiffusion3Pipeline``)."""
+        raise NotImplementedError(f"{type(self).__name__} must name its diffusers pipeline class")
+
+    def diffusers_pipeline(self, denoiser: nn.Module, scheduler):
+        """A :attr:`pipeline_class` of this teacher's frozen components around ``denoiser``."""
+        raise NotImplementedError(f"{type(self).__name__} must build its diffusers pipeline")
+
+    def student_scheduler(self, timesteps) -> tuple:
+        """``(scheduler, info)``: a stock diffusers scheduler that replays the student's sampler at
+        ``timesteps`` (it must re-noise the predicted ``x0`` with fresh noise between steps), and what
+        the export's info file records: at least ``call``, the pipeline arguments that replay it."""
+        raise NotImplementedError(f"{type(self).__name__} must give the scheduler that replays its student")
+
+    def export_pipeline(self, output: Path, timesteps) -> dict:
+        """A :attr:`pipeline_class` folder: the student denoiser (adapter merged in lora mode) in the
+        teacher's dtype, this teacher's frozen components, and the student's scheduler.
+
+        Consumes the student of a teacher built for export (``build_roles=("student",)``): the merge
+        and the cast happen in place, so no second copy of the denoiser is made."""
+        scheduler, info = self.student_scheduler(timesteps)
+        self.diffusers_pipeline(merged_student(self), scheduler).save_pretrained(output, safe_serialization=True)
+        return info
+
+    def export_lora(self, output: Path, timesteps) -> dict:
+        """``pytorch_lora_weights.safetensors`` for the pipeline's ``load_lora_weights`` (the
+        denoiser's adapter, its LoRA config in the metadata) and the student's scheduler under
+        ``scheduler/``, to swap in."""
+        from dmdx_lightning.export import student_lora_state
+
+        scheduler, info = self.student_scheduler(timesteps)
+        state, meta = student_lora_state(self)
+        component = self.denoiser_component
+        self.pipeline_class.save_lora_weights(output, safe_serialization=True, **{
+            f"{component}_lora_layers": state, f"{component}_lora_adapter_metadata": meta})
+        scheduler.save_pretrained(Path(output) / "scheduler")
+        return {**info, "lora": meta}
+
     def pipeline_info(self) -> dict:
         """What every diffusers export of this teacher records besides its call: the dtype the
         pipeline is written in (``dmdx sample`` loads an exported folder in it)."""

@@ -60,7 +60,7 @@ from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.schedules import FlowMatchSchedule
 from dmdx_lightning.teachers.base import Conditioning
 from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, IMAGE_EXAMPLE_PROMPTS, DiffusersTeacher,
-                                                    merged_student, network_dtype, parse_dtype)
+                                                    network_dtype, parse_dtype)
 from dmdx_lightning.teachers.sd3 import student_flow_scheduler
 
 __all__ = ["CONFIG_KEY", "FluxTeacher", "calculate_shift", "pack_latents", "unpack_latents", "latent_image_ids"]
@@ -339,7 +339,7 @@ class FluxTeacher(DiffusersTeacher):
             transformer=transformer, scheduler=scheduler, vae=self.vae, text_encoder=self.text_encoder,
             tokenizer=self.tokenizer, text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2)
 
-    def _student_scheduler(self, timesteps: Sequence[float]):
+    def student_scheduler(self, timesteps: Sequence[float]):
         # student_flow_scheduler turns dynamic shifting off: the pipeline's mu is then ignored and
         # the student's times are the sigmas
         scheduler, exact = student_flow_scheduler(self.scheduler_config, timesteps)
@@ -360,27 +360,6 @@ class FluxTeacher(DiffusersTeacher):
         if self.guidance_embeds:
             info["guidance_scale"] = self.guidance_scale
         return scheduler, info
-
-    def export_pipeline(self, output: Path, timesteps: Sequence[float]) -> dict:
-        """A ``FluxPipeline`` folder: the student transformer (adapter merged in lora mode) in the
-        teacher's dtype, this teacher's VAE and text encoders, and the student's scheduler.
-
-        Consumes the student of a teacher built for export (``build_roles=("student",)``)."""
-        scheduler, info = self._student_scheduler(timesteps)
-        self.diffusers_pipeline(merged_student(self), scheduler).save_pretrained(output, safe_serialization=True)
-        return info
-
-    def export_lora(self, output: Path, timesteps: Sequence[float]) -> dict:
-        """``pytorch_lora_weights.safetensors`` for ``FluxPipeline.load_lora_weights`` (LoRA config in
-        the metadata) and the student's scheduler under ``scheduler/``."""
-        from dmdx_lightning.export import student_lora_state
-
-        scheduler, info = self._student_scheduler(timesteps)
-        state, meta = student_lora_state(self)
-        self.pipeline_class.save_lora_weights(output, transformer_lora_layers=state,
-                                              transformer_lora_adapter_metadata=meta, safe_serialization=True)
-        scheduler.save_pretrained(Path(output) / "scheduler")  # the student's scheduler, to swap in
-        return {**info, "lora": meta}
 
     # ------------------------------------------------------------------ VAE
     def decode(self, latents: Tensor) -> Tensor:

@@ -20,7 +20,6 @@ CLIP text encoders, T5, their tokenizers, ``scheduler/``). Only what differs fro
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 from dmdx_lightning.schedules import FlowMatchSchedule
 from dmdx_lightning.teachers.base import Conditioning
 from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, IMAGE_EXAMPLE_PROMPTS, DiffusersTeacher,
-                                                    merged_student, network_dtype, parse_dtype)
+                                                    network_dtype, parse_dtype)
 
 __all__ = ["CONFIG_KEY", "SD3Teacher", "parse_dtype", "student_flow_scheduler"]
 
@@ -242,7 +241,7 @@ class SD3Teacher(DiffusersTeacher):
             text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
             text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3)
 
-    def _student_scheduler(self, timesteps: Sequence[float]):
+    def student_scheduler(self, timesteps: Sequence[float]):
         scheduler, exact = student_flow_scheduler(self.scheduler_config, timesteps)
         ts = [float(t) for t in timesteps]
         call = {"num_inference_steps": len(ts), "guidance_scale": 1.0, **({} if exact else {"sigmas": ts})}
@@ -255,29 +254,6 @@ class SD3Teacher(DiffusersTeacher):
             **self.pipeline_info(), "sigmas": ts, "default_call_exact": exact, "call": call,
             "scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
             "max_sequence_length": self.max_sequence_length, "t5_dropped": self.drop_t5}
-
-    def export_pipeline(self, output: Path, timesteps: Sequence[float]) -> dict:
-        """A ``StableDiffusion3Pipeline`` folder: the student transformer (adapter merged in lora
-        mode) in the teacher's dtype, this teacher's VAE and text encoders, and the student's
-        scheduler (:func:`student_flow_scheduler`).
-
-        Consumes the student of a teacher built for export (``build_roles=("student",)``): the
-        merge and the cast happen in place, so no second copy of the transformer is made."""
-        scheduler, info = self._student_scheduler(timesteps)
-        self.diffusers_pipeline(merged_student(self), scheduler).save_pretrained(output, safe_serialization=True)
-        return info
-
-    def export_lora(self, output: Path, timesteps: Sequence[float]) -> dict:
-        """``pytorch_lora_weights.safetensors`` for ``StableDiffusion3Pipeline.load_lora_weights``
-        (LoRA config in the metadata) and the student's scheduler under ``scheduler/``."""
-        from dmdx_lightning.export import student_lora_state
-
-        scheduler, info = self._student_scheduler(timesteps)
-        state, meta = student_lora_state(self)
-        self.pipeline_class.save_lora_weights(output, transformer_lora_layers=state,
-                                              transformer_lora_adapter_metadata=meta, safe_serialization=True)
-        scheduler.save_pretrained(Path(output) / "scheduler")  # the student's scheduler, to swap in
-        return {**info, "lora": meta}
 
     # ------------------------------------------------------------------ VAE
     def decode(self, latents: Tensor) -> Tensor:

@@ -44,7 +44,7 @@ from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.schedules import VPSchedule
 from dmdx_lightning.teachers.base import Conditioning
 from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, IMAGE_EXAMPLE_PROMPTS, DiffusersTeacher,
-                                                    merged_student, network_dtype, parse_dtype)
+                                                    network_dtype, parse_dtype)
 
 #: the config key of the optional separate VAE
 VAE_KEY = "model.init_args.teacher.init_args.vae"
@@ -358,6 +358,8 @@ class SDXLTeacher(DiffusersTeacher):
         return output[0] if isinstance(output, tuple) else output
 
     # ------------------------------------------------------------------ export
+    denoiser_component = "unet"  # StableDiffusionXLPipeline.save_lora_weights(unet_lora_layers=...)
+
     @property
     def pipeline_class(self):
         from diffusers import StableDiffusionXLPipeline
@@ -371,7 +373,7 @@ class SDXLTeacher(DiffusersTeacher):
             tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=unet, scheduler=scheduler,
             force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
 
-    def _student_scheduler(self, timesteps: Sequence[float]):
+    def student_scheduler(self, timesteps: Sequence[float]):
         scheduler, indices, exact = student_lcm_scheduler(self.schedule, self.pipeline_prediction_type, timesteps)
         call = {"num_inference_steps": len(indices), "guidance_scale": 1.0}
         if not exact:
@@ -398,26 +400,6 @@ class SDXLTeacher(DiffusersTeacher):
     @property
     def pipeline_prediction_type(self) -> str:
         return {v: k for k, v in _PREDICTION_TYPES.items()}[self.prediction_type]
-
-    def export_pipeline(self, output: Path, timesteps: Sequence[float]) -> dict:
-        """A ``StableDiffusionXLPipeline`` folder: the student UNet (adapter merged in lora mode) in
-        the teacher's dtype, this teacher's VAE and text encoders, and the student's scheduler
-        (:func:`student_lcm_scheduler`). Consumes the student of a teacher built for export, as SD3's."""
-        scheduler, info = self._student_scheduler(timesteps)
-        self.diffusers_pipeline(merged_student(self), scheduler).save_pretrained(output, safe_serialization=True)
-        return info
-
-    def export_lora(self, output: Path, timesteps: Sequence[float]) -> dict:
-        """``pytorch_lora_weights.safetensors`` for ``StableDiffusionXLPipeline.load_lora_weights``
-        (UNet adapter, LoRA config in the metadata) and the student's scheduler under ``scheduler/``."""
-        from dmdx_lightning.export import student_lora_state
-
-        scheduler, info = self._student_scheduler(timesteps)
-        state, meta = student_lora_state(self)
-        self.pipeline_class.save_lora_weights(output, unet_lora_layers=state, unet_lora_adapter_metadata=meta,
-                                              safe_serialization=True)
-        scheduler.save_pretrained(Path(output) / "scheduler")  # the student's scheduler, to swap in
-        return {**info, "lora": meta}
 
     # ------------------------------------------------------------------ VAE
     def _latent_stats(self):

@@ -27,7 +27,6 @@ one network, and one network is not that teacher's score at every time.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -36,8 +35,7 @@ from torch import Tensor, nn
 from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.schedules import FlowMatchSchedule
 from dmdx_lightning.teachers.base import Conditioning
-from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, DiffusersTeacher, merged_student,
-                                                    parse_dtype)
+from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, DiffusersTeacher, parse_dtype)
 
 __all__ = ["CONFIG_KEY", "WanTeacher", "wan_flow_scheduler"]
 
@@ -350,14 +348,18 @@ class WanTeacher(DiffusersTeacher):
         return False
 
     # ------------------------------------------------------------------ export
-    def diffusers_pipeline(self, transformer: nn.Module, scheduler):
-        """A ``WanPipeline`` of this teacher's components around ``transformer``."""
+    @property
+    def pipeline_class(self):
         from diffusers import WanPipeline
 
-        return WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+        return WanPipeline
+
+    def diffusers_pipeline(self, transformer: nn.Module, scheduler):
+        """A ``WanPipeline`` of this teacher's components around ``transformer``."""
+        return self.pipeline_class(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
                            transformer=transformer, scheduler=scheduler, expand_timesteps=self.expand_timesteps)
 
-    def _student_scheduler(self, timesteps: Sequence[float]):
+    def student_scheduler(self, timesteps: Sequence[float]):
         ts = [float(t) for t in timesteps]
         scheduler, exact = wan_flow_scheduler(self.schedule, ts)
         if not exact:
@@ -375,24 +377,3 @@ class WanTeacher(DiffusersTeacher):
             "max_sequence_length": self.max_sequence_length, "num_frames": self.num_frames,
             "height": self.height, "width": self.width}
 
-    def export_pipeline(self, output: Path, timesteps: Sequence[float]) -> dict:
-        """A ``WanPipeline`` folder: the student transformer (adapter merged in lora mode) in the
-        teacher's dtype, this teacher's VAE and UMT5, and the student's scheduler
-        (:func:`wan_flow_scheduler`)."""
-        scheduler, info = self._student_scheduler(timesteps)
-        self.diffusers_pipeline(merged_student(self), scheduler).save_pretrained(output, safe_serialization=True)
-        return info
-
-    def export_lora(self, output: Path, timesteps: Sequence[float]) -> dict:
-        """``pytorch_lora_weights.safetensors`` for ``WanPipeline.load_lora_weights`` (LoRA config in
-        the metadata) and the student's scheduler under ``scheduler/``."""
-        from diffusers import WanPipeline
-
-        from dmdx_lightning.export import student_lora_state
-
-        scheduler, info = self._student_scheduler(timesteps)
-        state, meta = student_lora_state(self)
-        WanPipeline.save_lora_weights(output, transformer_lora_layers=state, transformer_lora_adapter_metadata=meta,
-                                      safe_serialization=True)
-        scheduler.save_pretrained(Path(output) / "scheduler")  # the student's scheduler, to swap in
-        return {**info, "lora": meta}
