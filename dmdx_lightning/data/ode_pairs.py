@@ -31,7 +31,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -95,8 +95,11 @@ def write_shard(directory: str | Path, k: int, x_T: Tensor, x0: Tensor, index: T
     path = directory / shard_name(k)
     tensors = {"x_T": x_T[order].contiguous().cpu(), "x0": x0[order].contiguous().cpu(),
                "index": index.contiguous().cpu()}
+    # serialised in memory, then written by Python: a full disk is then an OSError that names the shard
+    # (safetensors' own file writer reports it as a SafetensorError without the path)
+    data = safetensors_bytes(tensors, metadata={"prompts": json.dumps([prompts[i] for i in order.tolist()])})
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"prompts": json.dumps([prompts[i] for i in order.tolist()])})
+        tmp.write_bytes(data)
     entry = {"file": path.name, "start": int(index[0]), "stop": int(index[-1]) + 1, "count": len(index),
              "sha256": sha256_file(path)}
     write_text_atomic(path.with_suffix(".json"), json.dumps(entry, indent=1) + "\n")

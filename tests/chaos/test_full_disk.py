@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -111,7 +112,9 @@ def test_full_disk_during_a_checkpoint_save_keeps_the_last_good_one_and_the_run_
 def test_full_disk_while_writing_ode_pairs_keeps_the_finished_shards_and_the_rerun_completes(tmp_path,
                                                                                                small_filesystem):
     reference = tmp_path / "reference"
-    config = ["predict", "--config", "configs/quickstart/ode_pairs.yaml"]
+    # the quickstart's pairs, fewer of them: 5 shards of 48
+    config = ["predict", "--config", "configs/quickstart/ode_pairs.yaml", "--data.init_args.num_pairs", "240",
+              "--data.init_args.shard_size", "48", "--data.init_args.batch_size", "48"]
     ok = subprocess.run(dmdx(*config, "--trainer.default_root_dir", str(reference)), cwd=ROOT, env=dmdx_env(),
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
@@ -124,7 +127,9 @@ def test_full_disk_while_writing_ode_pairs_keeps_the_finished_shards_and_the_rer
     assert full["rc"] != 0
     assert f"No space left on device: '{pairs}/shard-0000" in full["stderr"], full["stderr"][-3000:]  # names the file
     assert again["rc"] == 0, again["stderr"][-3000:]
-    assert "384/384" in again["stderr"], again["stderr"][-2000:]  # only the 3 missing shards' pairs are generated
+    # the rerun generates only the shards the full disk stopped (how many fitted depends on the file system)
+    generated = int(re.findall(r"(\d+)/\1 \[", again["stderr"])[-1])
+    assert 0 < generated < 240 and generated % 48 == 0, again["stderr"][-2000:]
     copy = tmp_path / "disk_copy" / "pairs"
     names = sorted(p.name for p in reference.iterdir() if p.name.startswith("shard-") or p.name == "index.json")
     assert sorted(p.name for p in copy.iterdir() if not p.name.startswith("config")) == names  # nothing else
