@@ -181,3 +181,35 @@ class SignalRank(pl.Callback):
             return step(batch, cond, ctx)
 
         player.step = signalled
+
+
+class KillDuringShardedSave(pl.Callback):
+    """SIGKILL global rank ``rank`` once it has written its shards of the FSDP2 checkpoint of
+    iteration ``iteration``, before the checkpoint is checksummed and renamed into place (the other
+    ranks are still in the save).
+
+    Args:
+        rank: the global rank killed.
+        iteration: the ``trainer.global_step`` whose checkpoint is cut.
+    """
+
+    def __init__(self, rank: int = 1, iteration: int = 2) -> None:
+        self.rank, self.iteration = rank, iteration
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank != self.rank:
+            return
+        import os
+        import signal
+
+        import torch.distributed.checkpoint as dcp
+
+        save, callback = dcp.save, self
+
+        def cut(*args, **kwargs):
+            result = save(*args, **kwargs)
+            if trainer.global_step == callback.iteration:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+        dcp.save = cut

@@ -96,3 +96,23 @@ def test_flipped_byte_in_a_sharded_checkpoint_stops_every_rank_naming_it(tmp_pat
     _, result = fit(tmp_path, "refused", *fsdp2, "--ckpt_path", str(folder), steps=3)  # no hang: fit's timeout
     assert result.returncode != 0
     assert f"checkpoint {folder} is damaged: __1_0.distcp does not match" in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.multiprocess
+def test_kill_during_a_sharded_checkpoint_save_keeps_the_last_good_one_and_resume_is_exact(tmp_path):
+    """FSDP2 on 2 ranks: rank 1 dies after writing its shards of step 2, before the folder is
+    checksummed and renamed: the job stops naming it, no step=2 checkpoint appears (its hidden
+    staging folder is never a resume candidate), and the run resumed from step 1 is exact."""
+    fsdp2 = ["--config", "configs/trainer/fsdp2.yaml", "--trainer.strategy.init_args.param_dtype", "null",
+             "--trainer.strategy.init_args.reduce_dtype", "null", "--trainer.devices", "2"]
+    killed, result = fit(tmp_path, "killed", *fsdp2, "--trainer.callbacks+=tests.chaos.faults.KillDuringShardedSave",
+                         "--trainer.callbacks.rank=1", "--trainer.callbacks.iteration=2")
+    assert result.returncode != 0
+    assert "rank 1 killed by SIGKILL" in result.stderr, result.stderr[-3000:]
+    ckpts = killed / "ckpt"
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == ["step=1.ckpt"]
+    reference, ok = fit(tmp_path, "reference", *fsdp2)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    resumed, ok = fit(tmp_path, "resumed", *fsdp2, "--ckpt_path", str(ckpts / "step=1.ckpt"))
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert fingerprint(resumed) == fingerprint(reference)
