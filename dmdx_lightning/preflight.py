@@ -46,6 +46,7 @@ def check_config(config: dict[str, Any], verb: str) -> None:
             raise ConfigError("model.init_args.init_from", init_from, "no such checkpoint",
                               "Run the stage that writes it first (e.g. `dmdx fit --config configs/quickstart/adp.yaml`) "
                               "or fix the path.")
+    check_guidance(config)
     ckpt = config.get("ckpt_path")
     if ckpt and ckpt not in CKPT_ALIASES and not is_checkpoint(ckpt):
         raise ConfigError("ckpt_path", ckpt, "no such checkpoint", "Give a .ckpt file (or, under FSDP2, a .ckpt "
@@ -99,6 +100,31 @@ def check_batch_keys(config: dict) -> None:
                           f"method needs {', '.join(missing)} ({reasons})",
                           "Train on ODE pairs: data: ODEPairDataModule with the folder `dmdx predict` wrote "
                           "(configs/quickstart/adp.yaml shows one).")
+
+
+#: the method options that ask the teacher for guidance: the real score's scale (the distillation
+#: methods) and the teacher sampler's (ODE pairs)
+GUIDANCE_SCALES = ("real_cfg_scale", "cfg_scale")
+
+
+def check_guidance(config: dict) -> None:
+    """A guidance scale other than 1 for a teacher without guidance (``guidance: none``: FLUX.1-schnell)
+    would otherwise stop the run at its first real-score prediction, after the weights loaded."""
+    model = config.get("model") or {}
+    args = model.get("init_args") if isinstance(model, dict) else None
+    teacher = args.get("teacher") if isinstance(args, dict) else None
+    if not (isinstance(teacher, dict) and isinstance(teacher.get("class_path"), str)):
+        return
+    cls = _import(teacher["class_path"], "model.init_args.teacher")
+    resolve = getattr(cls, "guidance_from_options", None)
+    if resolve is None or resolve(teacher.get("init_args") or {}) != "none":
+        return
+    for name in GUIDANCE_SCALES:
+        value = args.get(name)
+        if value is not None and float(value) != 1.0:
+            raise ConfigError(f"model.init_args.{name}", value, f"the teacher ({cls.__name__}) has no guidance "
+                              "(guidance: none, as FLUX.1-schnell, which was distilled to sample without it): its "
+                              "real score is the network as it is", f"Set model.init_args.{name}: 1.")
 
 
 def check_output_folders(trainer: dict, verb: str | None) -> None:

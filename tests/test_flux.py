@@ -344,3 +344,27 @@ def test_dmdx_fit_of_the_flux_adp_config(tiny_flux_dir, tiny_sam_path, tmp_path,
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     student = [p for n, p in cli.model.teacher.named_parameters() if "lora_B" in n and ".student" in n]
     assert any(p.abs().sum() > 0 for p in student)  # the generator stepped (lora_B starts at 0)
+
+
+@pytest.mark.parametrize("option", ["real_cfg_scale", "cfg_scale"])
+def test_a_guidance_scale_for_schnell_is_refused_before_anything_loads(tiny_flux_schnell_dir, tmp_path, option):
+    """The method's guidance scale against a teacher without guidance, from the config files alone
+    (before, the first real-score prediction stopped the run, after the weights had loaded)."""
+    from dmdx_lightning.preflight import check_config
+
+    teacher = {"class_path": "dmdx_lightning.teachers.flux.FluxTeacher",
+               "init_args": {"pretrained_model_name_or_path": str(tiny_flux_schnell_dir), "cfg_scale": 1.0}}
+    method = ("dmdx_lightning.methods.adm.ADMModule" if option == "real_cfg_scale"
+              else "dmdx_lightning.methods.ode_pairs.ODEPairGenerator")
+    config = {"model": {"class_path": method, "init_args": {"teacher": teacher, option: 4.0}},
+              "trainer": {"default_root_dir": str(tmp_path)}}
+    with pytest.raises(ConfigError, match=rf"model\.init_args\.{option}.*4\.0.*FluxTeacher.*has no guidance.*Set model"
+                                          rf"\.init_args\.{option}: 1"):
+        check_config(config, "fit")
+    config["model"]["init_args"][option] = 1.0
+    check_config(config, "fit")
+    teacher["init_args"]["pretrained_model_name_or_path"] = str(tmp_path / "not-yet-downloaded")  # unknown: no check
+    config["model"]["init_args"][option] = 4.0
+    from dmdx_lightning.teachers.flux import FluxTeacher
+
+    assert FluxTeacher.guidance_from_options(teacher["init_args"]) is None

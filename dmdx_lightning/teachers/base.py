@@ -269,6 +269,12 @@ class Teacher(nn.Module):
     guidance: str = "true_cfg"
 
     @classmethod
+    def guidance_from_options(cls, options) -> str | None:
+        """The :attr:`guidance` a build with ``options`` will have, from the config alone (checked
+        against the method's guidance scales before anything loads); ``None``: known once loaded."""
+        return cls.guidance
+
+    @classmethod
     def check_options(cls, options, key: str = "model.init_args.teacher.init_args") -> None:
         """Refuse a value of the contract's options before anything loads (a family adds its own
         ``check_options`` for its options; :mod:`dmdx_lightning.preflight` runs each class's)."""

@@ -171,6 +171,22 @@ class FluxTeacher(DiffusersTeacher):
         if transformer is not None:
             cls._check_guidance(options, bool(transformer.get("guidance_embeds")), key)
 
+    @classmethod
+    def guidance_from_options(cls, options) -> str | None:
+        """``guidance`` as set, else from the transformer's ``guidance_embeds`` in its config file (a
+        local folder, or a Hub id in the local cache); ``None`` where that file cannot be read yet."""
+        if options.get("guidance"):
+            return options["guidance"]
+        from diffusers import FluxTransformer2DModel
+
+        source = str(options.get("pretrained_model_name_or_path") or "black-forest-labs/FLUX.1-dev")
+        try:
+            config = FluxTransformer2DModel.load_config(source, subfolder="transformer",
+                                                        revision=options.get("revision"))
+        except (OSError, ValueError):
+            return None
+        return "embedded" if config.get("guidance_embeds") else "none"
+
     @staticmethod
     def _check_guidance(options, embeds: bool, key: str = KEY) -> str:
         """The guidance the options resolve to for a transformer with (or without) a guidance
