@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dmdx_lightning.errors import ConfigError
-from dmdx_lightning.dtypes import parse_dtype  # noqa: F401 (the families' dtype options)
+from dmdx_lightning.dtypes import parse_dtype
 from dmdx_lightning.teachers.base import RoleCheckpointing, Teacher
 
 #: the config key users set to point at the weights (named in every loading error)
@@ -95,6 +95,23 @@ class DiffusersTeacher(RoleCheckpointing, Teacher):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._active_role: str | None = None  # the role of the forward in progress
+
+    def set_source(self, pretrained_model_name_or_path, revision: str | None, variant: str | None,
+                   torch_dtype: str | None, trainable_dtype: str | None) -> None:
+        """Where the weights come from and the dtypes they load in: every family's first options,
+        set before its first :meth:`load_component`."""
+        self.pretrained_model_name_or_path = str(pretrained_model_name_or_path)
+        self.revision, self.variant = revision, variant
+        self.torch_dtype = parse_dtype(torch_dtype, "torch_dtype")
+        self.trainable_dtype = parse_dtype(trainable_dtype, "trainable_dtype")
+
+    @staticmethod
+    def flow_match_scheduler_problem(config: dict, teacher: str) -> str | None:
+        """What ``teacher`` (a flow-matching family) says of a scheduler config of another class."""
+        name = config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+        if name != "FlowMatchEulerDiscreteScheduler":
+            return f"is a {name}; {teacher} trains flow-matching pipelines (FlowMatchEulerDiscreteScheduler)"
+        return None
 
     # ------------------------------------------------------------------ loading
     def load_component(self, cls, subfolder: str, model: bool = True, missing_hint: str = "",

@@ -59,8 +59,7 @@ from torch import Tensor, nn
 from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.schedules import FlowMatchSchedule
 from dmdx_lightning.teachers.base import Conditioning
-from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, IMAGE_EXAMPLE_PROMPTS, DiffusersTeacher,
-                                                    network_dtype, parse_dtype)
+from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, IMAGE_EXAMPLE_PROMPTS, DiffusersTeacher, network_dtype
 from dmdx_lightning.teachers.sd3 import student_flow_scheduler
 
 __all__ = ["CONFIG_KEY", "FluxTeacher", "calculate_shift", "pack_latents", "unpack_latents", "latent_image_ids"]
@@ -151,10 +150,7 @@ class FluxTeacher(DiffusersTeacher):
 
     @classmethod
     def check_scheduler(cls, config: dict) -> str | None:
-        if config.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
-            return (f"is a {config['_class_name']}; FluxTeacher trains flow-matching pipelines "
-                    "(FlowMatchEulerDiscreteScheduler)")
-        return None
+        return cls.flow_match_scheduler_problem(config, "FluxTeacher")
 
     @classmethod
     def check_options(cls, options, key: str = KEY) -> None:
@@ -230,10 +226,7 @@ class FluxTeacher(DiffusersTeacher):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.pretrained_model_name_or_path = str(pretrained_model_name_or_path)
-        self.revision, self.variant = revision, variant
-        self.torch_dtype = parse_dtype(torch_dtype, "torch_dtype")
-        self.trainable_dtype = parse_dtype(trainable_dtype, "trainable_dtype")
+        self.set_source(pretrained_model_name_or_path, revision, variant, torch_dtype, trainable_dtype)
         if not 1 <= max_sequence_length <= 512:
             raise ConfigError(f"{KEY}.max_sequence_length", max_sequence_length, "FluxPipeline reads 1 to 512 T5 tokens",
                               "Use 512 (dev) or 256 (schnell).")

@@ -109,9 +109,9 @@ class SD3Teacher(DiffusersTeacher):
 
     @classmethod
     def check_scheduler(cls, config: dict) -> str | None:
-        if config.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
-            return (f"is a {config['_class_name']}; SD3Teacher trains flow-matching pipelines "
-                    "(FlowMatchEulerDiscreteScheduler)")
+        problem = cls.flow_match_scheduler_problem(config, "SD3Teacher")
+        if problem:
+            return problem
         if config.get("use_dynamic_shifting"):
             return "uses resolution-dependent shifting, which SD3Teacher does not implement (SD3 and SD3.5 use a fixed `shift`)"
         return None
@@ -131,10 +131,7 @@ class SD3Teacher(DiffusersTeacher):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.pretrained_model_name_or_path = str(pretrained_model_name_or_path)
-        self.revision, self.variant = revision, variant
-        self.torch_dtype = parse_dtype(torch_dtype, "torch_dtype")
-        self.trainable_dtype = parse_dtype(trainable_dtype, "trainable_dtype")
+        self.set_source(pretrained_model_name_or_path, revision, variant, torch_dtype, trainable_dtype)
         self.drop_t5 = drop_t5
         self.max_sequence_length = max_sequence_length
         self.sample_steps, self.cfg_scale = int(sample_steps), float(cfg_scale)

@@ -43,8 +43,7 @@ from torch import Tensor, nn
 from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.schedules import VPSchedule
 from dmdx_lightning.teachers.base import Conditioning
-from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, IMAGE_EXAMPLE_PROMPTS, DiffusersTeacher,
-                                                    network_dtype, parse_dtype)
+from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, IMAGE_EXAMPLE_PROMPTS, DiffusersTeacher, network_dtype
 
 #: the config key of the optional separate VAE
 VAE_KEY = "model.init_args.teacher.init_args.vae"
@@ -199,10 +198,7 @@ class SDXLTeacher(DiffusersTeacher):
         checked by :meth:`_check_unet`, for ``setup_roles``."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-        self.pretrained_model_name_or_path = str(pretrained_model_name_or_path)
-        self.revision, self.variant = revision, variant
-        self.torch_dtype = parse_dtype(torch_dtype, "torch_dtype")
-        self.trainable_dtype = parse_dtype(trainable_dtype, "trainable_dtype")
+        self.set_source(pretrained_model_name_or_path, revision, variant, torch_dtype, trainable_dtype)
         self.vae_source = vae
         self.sample_steps, self.cfg_scale = int(sample_steps), float(cfg_scale)
         self.schedule, self.prediction_type = self._schedule(

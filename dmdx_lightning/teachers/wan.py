@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.schedules import FlowMatchSchedule
 from dmdx_lightning.teachers.base import Conditioning
-from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, DiffusersTeacher, parse_dtype)
+from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, DiffusersTeacher
 
 __all__ = ["CONFIG_KEY", "WanTeacher", "wan_flow_scheduler"]
 
@@ -216,10 +216,7 @@ class WanTeacher(DiffusersTeacher):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.pretrained_model_name_or_path = str(pretrained_model_name_or_path)
-        self.revision, self.variant = revision, variant
-        self.torch_dtype = parse_dtype(torch_dtype, "torch_dtype")
-        self.trainable_dtype = parse_dtype(trainable_dtype, "trainable_dtype")
+        self.set_source(pretrained_model_name_or_path, revision, variant, torch_dtype, trainable_dtype)
         self.sample_steps, self.cfg_scale = int(sample_steps), float(cfg_scale)
 
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
