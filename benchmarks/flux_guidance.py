@@ -54,6 +54,12 @@ from benchmarks._common import RESULTS, machine, markdown_table, set_threads, wr
 from dmdx_lightning.teachers.flux import latent_image_ids, pack_latents, unpack_latents  # noqa: E402
 from dmdx_lightning.teachers.mixture import GaussianMixture  # noqa: E402
 
+
+def _shown(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 COMMAND = "python benchmarks/flux_guidance.py"
 TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
 SCALES = (2.0, 3.5, 5.0)
@@ -211,7 +217,8 @@ def main(argv=None) -> dict:
     train_s = time.time() - start
     rows = evaluate(net.eval(), mixture, args.eval_samples, args.seed, sample_steps=32)
     report = {"command": COMMAND + (" " + " ".join(argv) if argv else ""), "machine": machine(threads),
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              # paths as given, relative to the checkout where they lie in it (no machine's path in results)
+              "settings": {k: (_shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "mixture": {"shape": list(mixture.shape), "num_classes": mixture.num_classes,
                           "modes_per_class": mixture.modes_per_class, "std": mixture.std,
                           "mean_scale": args.mean_scale},
