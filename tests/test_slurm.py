@@ -69,6 +69,10 @@ def _release_when_requeued(job_id: str, env, log: Path, seconds: float) -> None:
     while _job(job_id, env).get("JobState") not in ("PENDING", "RUNNING", "COMPLETED"):
         time.sleep(0.5)
     if _job(job_id, env).get("JobState") == "PENDING":
+        # not in the second the previous attempt was killed: slurmd refuses a job credential created no
+        # later than its job's last revocation ("Killing non-startable batch job: Job credential
+        # revoked", and the job ends FAILED), which is what SLURM's own hold avoids
+        time.sleep(2)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, timeout=30)
 
 
