@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dmdx_lightning.teachers.sd3_random import _clip_tokenizer, _t5_tokenizer
+from dmdx_lightning.teachers.sd3_random import _clip_config, _clip_tokenizer, _t5_tokenizer
 
 
 def flux_scheduler_config(guidance_embeds: bool = True) -> dict:
@@ -54,17 +54,14 @@ def save_random_flux(
         seed: torch seed of the random weights.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     if head_dim % 8:
         raise ValueError(f"head_dim ({head_dim}) must be a multiple of 8: FLUX splits it over three rope axes")
     torch.manual_seed(seed)
     tokenizer = _clip_tokenizer()
     vocab = len(tokenizer.get_vocab())
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab, hidden_size=clip_dim, intermediate_size=2 * clip_dim, projection_dim=clip_dim,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
-        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1))
+    clip = CLIPTextModel(_clip_config(vocab, clip_dim))
     t5_tokenizer = _t5_tokenizer()
     t5 = T5EncoderModel(T5Config(
         vocab_size=len(t5_tokenizer), d_model=joint_dim, d_kv=8, d_ff=2 * joint_dim, num_layers=2, num_heads=2,

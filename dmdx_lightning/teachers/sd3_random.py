@@ -26,6 +26,17 @@ def _clip_tokenizer(max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
+def _clip_config(vocab: int, clip_dim: int):
+    """A 2-layer CLIP text encoder's config on :func:`_clip_tokenizer`'s ``vocab`` tokens (every tiny
+    family's CLIP: SD3, SDXL, SD 1.x, FLUX)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab, hidden_size=clip_dim, intermediate_size=2 * clip_dim, projection_dim=clip_dim,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
+        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+
+
 def _t5_tokenizer():
     from transformers import T5Tokenizer
 
@@ -64,7 +75,7 @@ def save_random_sd3(
     """
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     if joint_dim < 2 * clip_dim:
         raise ValueError(f"joint_dim ({joint_dim}) must be >= 2 * clip_dim ({2 * clip_dim}): SD3 pads CLIP to T5 width")
@@ -73,10 +84,7 @@ def save_random_sd3(
     vocab = len(tokenizer.get_vocab())
 
     def clip():
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=vocab, hidden_size=clip_dim, intermediate_size=2 * clip_dim, projection_dim=clip_dim,
-            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
-            bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1))
+        return CLIPTextModelWithProjection(_clip_config(vocab, clip_dim))
 
     transformer = SD3Transformer2DModel(
         sample_size=latent_size, patch_size=patch_size, in_channels=latent_channels, out_channels=latent_channels,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dmdx_lightning.teachers.sd3_random import _clip_tokenizer
+from dmdx_lightning.teachers.sd3_random import _clip_config, _clip_tokenizer
 
 
 def save_random_sd(
@@ -44,17 +44,14 @@ def save_random_sd(
     """
     from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     torch.manual_seed(seed)
     tokenizer = _clip_tokenizer()
     vocab = len(tokenizer.get_vocab())
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab, hidden_size=clip_dim, intermediate_size=2 * clip_dim, projection_dim=clip_dim,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
-        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1))
+    text_encoder = CLIPTextModel(_clip_config(vocab, clip_dim))
     n = len(block_out_channels)
     v = prediction_type == "v_prediction"
     unet = UNet2DConditionModel(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dmdx_lightning.teachers.sd3_random import _clip_tokenizer
+from dmdx_lightning.teachers.sd3_random import _clip_config, _clip_tokenizer
 
 
 def save_random_sdxl(
@@ -50,17 +50,14 @@ def save_random_sdxl(
         seed: torch seed of the random weights.
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tokenizer = _clip_tokenizer()
     vocab = len(tokenizer.get_vocab())
 
     def clip_config():
-        return CLIPTextConfig(
-            vocab_size=vocab, hidden_size=clip_dim, intermediate_size=2 * clip_dim, projection_dim=clip_dim,
-            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
-            bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+        return _clip_config(vocab, clip_dim)
 
     n = len(block_out_channels)
     unet = UNet2DConditionModel(
