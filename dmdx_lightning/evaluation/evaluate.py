@@ -680,29 +680,34 @@ def _generate(cfg: EvalConfig, spec: ModelSpec, prompts: list[str], where: Ranks
         return info
     sampler.prepare(prompts)
     total = len(wanted)
-    with tqdm(total=total, initial=total - sum(len(c.seeds) for c in todo), unit="sample",
-              desc=f"dmdx evaluate {spec.label}" + (f" [rank {where.rank}]" if where.world > 1 else ""),
-              disable=not progress or where.rank != 0) as bar, shard.open("a", encoding="utf-8") as log:
-        for c in todo:
-            start = time.perf_counter()
-            x = sampler.draw(c.prompt_indices, list(c.seeds), c.seeds[0])
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            seconds = (time.perf_counter() - start) / len(c.seeds)
-            for (i, j, seed), item in zip(c.samples, x):
-                stem = sample_stem(i, prompts[i], seed)
-                name, frames = write_sample(item, folder, stem, cfg.fps)
-                record = {"prompt_index": i, "prompt": prompts[i], "seed": seed,
-                          "j": j, "file": name, "sha256": sha256_file(folder / name), "seconds": seconds,
-                          "nfe": info["nfe"]}
-                if frames is not None:
-                    record["frames"] = frames
-                log.write(json.dumps(record) + "\n")  # after the file is in place: a record means a whole file
-                log.flush()  # in the OS's hands: a killed process loses no record
-                if on_sample is not None:
-                    on_sample(record)
-            os.fsync(log.fileno())  # on disk once per chunk (a node's crash loses at most the last chunk)
-            bar.update(len(c.seeds))
+    try:
+        with tqdm(total=total, initial=total - sum(len(c.seeds) for c in todo), unit="sample",
+                  desc=f"dmdx evaluate {spec.label}" + (f" [rank {where.rank}]" if where.world > 1 else ""),
+                  disable=not progress or where.rank != 0) as bar, shard.open("a", encoding="utf-8") as log:
+            for c in todo:
+                start = time.perf_counter()
+                x = sampler.draw(c.prompt_indices, list(c.seeds), c.seeds[0])
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                seconds = (time.perf_counter() - start) / len(c.seeds)
+                for (i, j, seed), item in zip(c.samples, x):
+                    stem = sample_stem(i, prompts[i], seed)
+                    name, frames = write_sample(item, folder, stem, cfg.fps)
+                    record = {"prompt_index": i, "prompt": prompts[i], "seed": seed,
+                              "j": j, "file": name, "sha256": sha256_file(folder / name), "seconds": seconds,
+                              "nfe": info["nfe"]}
+                    if frames is not None:
+                        record["frames"] = frames
+                    log.write(json.dumps(record) + "\n")  # after the file is in place: a record means a whole file
+                    log.flush()  # in the OS's hands: a killed process loses no record
+                    if on_sample is not None:
+                        on_sample(record)
+                os.fsync(log.fileno())  # on disk once per chunk (a node's crash loses at most the last chunk)
+                bar.update(len(c.seeds))
+    except OSError as e:  # an append names no file: say which (a full disk: the rerun goes on from here)
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(shard)) from e
     return info
 
 

@@ -135,3 +135,33 @@ def test_full_disk_while_writing_ode_pairs_keeps_the_finished_shards_and_the_rer
     assert sorted(p.name for p in copy.iterdir() if not p.name.startswith("config")) == names  # nothing else
     for name in names:
         assert sha256(copy / name) == sha256(reference / name), name
+
+
+def test_full_disk_during_evaluate_keeps_the_recorded_samples_and_the_rerun_completes(tmp_path, small_filesystem):
+    """`dmdx evaluate` writing its samples on a disk that fills up: it stops naming the file, what it
+    recorded stays, and the rerun after space is freed generates only the rest: the records and files of
+    a run that never ran out of space."""
+    import yaml
+
+    from tests.test_evaluate import TEACHER_CONFIG, snapshot
+
+    def config(out):
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "output": str(out), "prompts": {"source": str(ROOT / "configs/prompts/digits.txt"), "max_prompts": 4},
+            "samples_per_prompt": 8, "batch_size": 2, "seed": 3,
+            "models": [{"label": "teacher", "source": TEACHER_CONFIG, "teacher": True, "steps": 2}],
+            "metrics": [{"class_path": "tests.test_evaluate.MeanPixel"}]}))
+        return dmdx("evaluate", "--config", str(path), "--no-progress")
+
+    reference = tmp_path / "reference"
+    ok = subprocess.run(config(reference), cwd=ROOT, env=dmdx_env(), capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    written = sum(p.stat().st_size for p in (reference / "teacher").rglob("*") if p.is_file())
+    disk = tmp_path / "disk"
+    evaluate = config(disk / "eval")
+    full, again = on_a_small_disk(disk, 4 * MIB, 4 * MIB - written // 2, evaluate, ["free"], evaluate)
+    assert full["rc"] != 0
+    assert f"No space left on device: '{disk / 'eval'}" in full["stderr"], full["stderr"][-3000:]
+    assert again["rc"] == 0, again["stderr"][-3000:]
+    assert snapshot(tmp_path / "disk_copy" / "eval", ("teacher",)) == snapshot(reference, ("teacher",))
