@@ -76,6 +76,16 @@ def _release_when_requeued(job_id: str, env, log: Path, seconds: float) -> None:
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, timeout=30)
 
 
+def _finish_requeued(job_id: str, env, log: Path, tmp_path: Path, seconds: float, *strategy: str) -> None:
+    """Release the job once requeued, run the uninterrupted 2-process reference meanwhile, and wait
+    for the requeued job to complete."""
+    _release_when_requeued(job_id, env, log, seconds)
+    reference = dmdx_fit("--config", "configs/quickstart/adm.yaml", "--config", "configs/trainer/ddp_cpu.yaml",
+                         *strategy, *_overrides(tmp_path, "reference"), timeout=600)
+    assert reference.returncode == 0, reference.stderr[-4000:]
+    _wait_until_completed(job_id, env, log, 300)
+
+
 def _wait_until_completed(job_id: str, env, log: Path, seconds: float) -> None:
     deadline = time.time() + seconds
     while (state := _job(job_id, env).get("JobState")) != "COMPLETED":
@@ -137,13 +147,7 @@ def test_two_node_job_survives_sigusr1_requeue_and_resumes_exactly(strategy, slu
 
         # the job requeues itself; SLURM holds a requeued job ~2 min before it is eligible
         # again, which tests nothing of ours, so release it at once
-        _release_when_requeued(job_id, env, log, 120)
-
-        reference = dmdx_fit("--config", "configs/quickstart/adm.yaml", "--config", "configs/trainer/ddp_cpu.yaml",
-                             *STRATEGIES[strategy], *_overrides(tmp_path, "reference"), timeout=600)
-        assert reference.returncode == 0, reference.stderr[-4000:]
-
-        _wait_until_completed(job_id, env, log, 300)
+        _finish_requeued(job_id, env, log, tmp_path, 120, *STRATEGIES[strategy])
     finally:
         subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
 
@@ -184,13 +188,7 @@ def test_a_killed_rank_requeues_the_job_which_resumes_from_last_ckpt_exactly(slu
     log = tmp_path / f"slurm-{job_id}.out"
     report = tmp_path / "job" / "report"
     try:
-        _release_when_requeued(job_id, env, log, 240)
-
-        reference = dmdx_fit("--config", "configs/quickstart/adm.yaml", "--config", "configs/trainer/ddp_cpu.yaml",
-                             *_overrides(tmp_path, "reference"), timeout=600)
-        assert reference.returncode == 0, reference.stderr[-4000:]
-
-        _wait_until_completed(job_id, env, log, 300)
+        _finish_requeued(job_id, env, log, tmp_path, 240)
     finally:
         subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
 

@@ -202,6 +202,7 @@ def test_trainable_parameters_are_the_roles_own(family, request):
 def test_cfg_is_uncond_plus_w_times_cond_minus_uncond(family, request):
     teacher = build(family, request)
     if teacher.guidance != "true_cfg":
+        # (a family's true-CFG option is checked against its pipeline in its own file: tests/test_flux.py)
         pytest.skip(f"{family.name} guides with guidance={teacher.guidance!r}, not true CFG")
     x_t, t, cond = inputs(teacher)
     w = 3.0

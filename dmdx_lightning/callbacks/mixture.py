@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from dmdx_lightning.rng import fixed_noise
 from dmdx_lightning.callbacks.summary import TrainingDiagnostics, arm_name, update_summary
-from dmdx_lightning.methods.distributed import outside_training_step, shards_parameters
+from dmdx_lightning.methods.distributed import outside_training_step, summary_ranks
 from dmdx_lightning.teachers.mixture import MixtureTeacher, class_prompt, mixture_metrics
 
 
@@ -70,16 +70,8 @@ class MixtureSummary(TrainingDiagnostics):
     def _arm(self, module) -> str:
         return self.arm or arm_name(module)
 
-    @staticmethod
-    def _scorers(trainer) -> tuple[bool, bool]:
-        """(whether this rank samples, whether every rank does). Rank 0 scores and writes; under FSDP /
-        FSDP2 every forward is a collective, so every rank samples with it (rank 0 alone would wait
-        forever for the others); under DDP the other ranks have nothing to do."""
-        everyone = trainer.world_size > 1 and shards_parameters(trainer.strategy)
-        return trainer.is_global_zero or everyone, everyone
-
     def on_train_start(self, trainer, module) -> None:
-        samples, _ = self._scorers(trainer)
+        samples, _ = summary_ranks(trainer)
         if not (self.score_initial and samples):
             return
         with outside_training_step(trainer.strategy):
@@ -88,7 +80,7 @@ class MixtureSummary(TrainingDiagnostics):
             update_summary(self.path, f"{self._arm(module)}@init", row)
 
     def on_fit_end(self, trainer, module) -> None:
-        samples, everyone = self._scorers(trainer)
+        samples, everyone = summary_ranks(trainer)
         if not samples:
             return
         score_teacher = self.score_teacher and trainer.is_global_zero and not _has_row(self.path, "teacher")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -71,10 +72,11 @@ class RequeueOnSignal(pl.Callback):
         self._received.add(signum)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        decide = trainer.strategy.reduce_boolean_decision
-        # every rank makes the same collectives in the same order, whatever it received
-        terminate = decide(signal.SIGTERM in self._received, all=False)
-        requeue = self.signal is not None and decide(self.signal in self._received, all=False)
+        # one all-reduce a iteration tells every rank whether any rank got either signal
+        received = torch.tensor([signal.SIGTERM in self._received, self.signal in self._received],
+                                dtype=torch.float32, device=trainer.strategy.root_device)
+        received = trainer.strategy.reduce(received, reduce_op="sum")
+        terminate, requeue = bool(received[0] > 0), self.signal is not None and bool(received[1] > 0)
         if not (terminate or requeue):
             return
         signum = signal.SIGTERM if terminate else self.signal

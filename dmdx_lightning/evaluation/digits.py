@@ -34,7 +34,7 @@ from dmdx_lightning.rng import fixed_noise
 from dmdx_lightning.atomic import write_json_atomic
 from dmdx_lightning.callbacks.summary import TrainingDiagnostics, arm_name, format_table
 from dmdx_lightning.discriminators.pixel import PixelBackbone
-from dmdx_lightning.methods.distributed import outside_training_step, shards_parameters
+from dmdx_lightning.methods.distributed import outside_training_step, summary_ranks
 from dmdx_lightning.teachers.base import Conditioning
 from dmdx_lightning.teachers.digits import (DIGIT_PROMPTS, NUM_CLASSES, DigitsClassifier, load_classifier,
                                             load_digits_data)
@@ -244,12 +244,11 @@ class DigitsSummary(TrainingDiagnostics):
         super().__init__()
 
     def on_fit_end(self, trainer, module) -> None:
-        # rank 0 scores and writes. Under FSDP / FSDP2 every forward is a collective, so every rank
-        # samples with it (rank 0 alone waited forever for the others) and rank 0's file decides
-        # whether the teacher is scored; under DDP the other ranks have nothing to do
+        # rank 0 scores and writes (every rank samples with it under FSDP / FSDP2: summary_ranks);
+        # rank 0's file decides whether the teacher is scored
         strategy = trainer.strategy
-        everyone = trainer.world_size > 1 and shards_parameters(strategy)
-        if not trainer.is_global_zero and not everyone:
+        samples, everyone = summary_ranks(trainer)
+        if not samples:
             return
         summary = json.loads(self.path.read_text()) if trainer.is_global_zero and self.path.is_file() else {}
         score_teacher = self.score_teacher and "teacher" not in summary

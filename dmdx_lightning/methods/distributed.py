@@ -128,6 +128,14 @@ def shards_parameters(strategy) -> bool:
     return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
+def summary_ranks(trainer) -> tuple[bool, bool]:
+    """``(this rank samples, every rank samples)`` for work rank 0 scores and writes alone (end-of-fit
+    summaries): under FSDP / FSDP2 every forward is a collective, so every rank samples with rank 0
+    (alone it would wait forever for the others); otherwise the other ranks have nothing to do."""
+    everyone = trainer.world_size > 1 and shards_parameters(trainer.strategy)
+    return trainer.is_global_zero or everyone, everyone
+
+
 def outside_training_step(strategy):
     """A context for network passes outside Lightning's forward (sample grids, summaries).
 

@@ -28,6 +28,12 @@ from dmdx_lightning.teachers.base import RoleCheckpointing, Teacher
 CONFIG_KEY = "model.init_args.teacher.init_args.pretrained_model_name_or_path"
 
 
+#: the attention projections of both streams of a joint-attention (MMDiT) block, as diffusers' SD3
+#: and FLUX LoRA scripts adapt them, so an exported adapter loads with the pipeline's
+#: ``load_lora_weights`` (FLUX's single blocks match the first four too)
+JOINT_ATTENTION_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+
 #: the example prompts of the image families (sample grids without their own prompts)
 IMAGE_EXAMPLE_PROMPTS = ("a photo of a cat wearing a red scarf", "an astronaut riding a horse on the moon",
                          "a bowl of ramen, studio lighting", "a watercolor painting of a lighthouse at dawn")

@@ -59,7 +59,8 @@ from torch import Tensor, nn
 from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.schedules import FlowMatchSchedule
 from dmdx_lightning.teachers.base import Conditioning
-from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, IMAGE_EXAMPLE_PROMPTS, DiffusersTeacher, network_dtype
+from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, IMAGE_EXAMPLE_PROMPTS, JOINT_ATTENTION_LORA_TARGETS,
+                                                    DiffusersTeacher, network_dtype)
 from dmdx_lightning.teachers.sd3 import student_flow_scheduler
 
 __all__ = ["CONFIG_KEY", "FluxTeacher", "calculate_shift", "pack_latents", "unpack_latents", "latent_image_ids"]
@@ -144,8 +145,7 @@ class FluxTeacher(DiffusersTeacher):
     export_formats = ("pipeline", "lora")
     # attention projections of the double blocks' two streams and of the single blocks (whose
     # attn.to_q/k/v these names match too), as diffusers' FLUX LoRA scripts adapt them
-    default_lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+    default_lora_targets = JOINT_ATTENTION_LORA_TARGETS
     example_prompts: tuple[str, ...] = IMAGE_EXAMPLE_PROMPTS
 
     @classmethod

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from dmdx_lightning.schedules import FlowMatchSchedule
 from dmdx_lightning.teachers.base import Conditioning
-from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, IMAGE_EXAMPLE_PROMPTS, DiffusersTeacher,
-                                                    network_dtype, parse_dtype)
+from dmdx_lightning.teachers.diffusers_base import (CONFIG_KEY, IMAGE_EXAMPLE_PROMPTS, JOINT_ATTENTION_LORA_TARGETS,
+                                                    DiffusersTeacher, network_dtype, parse_dtype)
 
 __all__ = ["CONFIG_KEY", "SD3Teacher", "parse_dtype", "student_flow_scheduler"]
 
@@ -103,8 +103,7 @@ class SD3Teacher(DiffusersTeacher):
     export_formats = ("pipeline", "lora")
     # attention projections of the image and the text stream: diffusers' SD3 LoRA default, so the
     # exported adapter loads with StableDiffusion3Pipeline.load_lora_weights
-    default_lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+    default_lora_targets = JOINT_ATTENTION_LORA_TARGETS
     example_prompts: tuple[str, ...] = IMAGE_EXAMPLE_PROMPTS
 
     @classmethod

@@ -6,6 +6,29 @@ import lightning.pytorch as pl
 import torch
 
 
+def wrap_player_step(pl_module, player: str, wrapper) -> None:
+    """Replace ``player``'s step by ``wrapper(step, batch, cond, ctx)`` in this process."""
+    step = pl_module.players[player].step
+    pl_module.players[player].step = lambda batch, cond, ctx: wrapper(step, batch, cond, ctx)
+
+
+def on_checkpoint_write(trainer, iteration: int, after_bytes: int, act) -> None:
+    """Call ``act()`` once the checkpoint write of ``iteration`` (AtomicCheckpointIO's writer) has
+    passed ``after_bytes``; the write goes on unless ``act`` ends the process."""
+    from dmdx_lightning import checksums
+
+    write = checksums.HashingWriter.write
+
+    def counted(writer, data):
+        before = getattr(writer, "written", 0)
+        writer.written = before + len(data)
+        if trainer.global_step == iteration and before <= after_bytes < writer.written:
+            act()
+        return write(writer, data)
+
+    checksums.HashingWriter.write = counted
+
+
 class InjectNaN(pl.Callback):
     """Make ``player``'s loss NaN on global rank ``rank`` at iterations ``from_iteration`` ..
     ``to_iteration`` (inclusive; ``-1``: to the end of the run).
@@ -24,17 +47,15 @@ class InjectNaN(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_rank != self.rank:
             return
-        player = pl_module.players[self.player]
-        step = player.step
 
-        def poisoned(batch, cond, ctx):
+        def poisoned(step, batch, cond, ctx):
             out = step(batch, cond, ctx)
             iteration = int(pl_module.iteration)
             if iteration >= self.first and (self.last < 0 or iteration <= self.last):
                 out["loss"] = out["loss"] * torch.tensor(float("nan"), device=out["loss"].device)
             return out
 
-        player.step = poisoned
+        wrap_player_step(pl_module, self.player, poisoned)
 
 
 class KillRank(pl.Callback):
@@ -77,18 +98,7 @@ class KillDuringSave(pl.Callback):
         import os
         import signal
 
-        from dmdx_lightning import checksums
-
-        write, callback = checksums.HashingWriter.write, self
-
-        def cut(writer, data):
-            written = getattr(writer, "written", 0) + len(data)
-            writer.written = written
-            if trainer.global_step == callback.iteration and written > callback.after_bytes:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return write(writer, data)
-
-        checksums.HashingWriter.write = cut
+        on_checkpoint_write(trainer, self.iteration, self.after_bytes, lambda: os.kill(os.getpid(), signal.SIGKILL))
 
 
 class HangRank(pl.Callback):
@@ -107,17 +117,15 @@ class HangRank(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_rank != self.rank:
             return
-        player = pl_module.players[self.player]
-        step, callback = player.step, self
 
-        def stuck(batch, cond, ctx):
-            if int(pl_module.iteration) == callback.iteration:
+        def stuck(step, batch, cond, ctx):
+            if int(pl_module.iteration) == self.iteration:
                 import time
 
                 time.sleep(3600)
             return step(batch, cond, ctx)
 
-        player.step = stuck
+        wrap_player_step(pl_module, self.player, stuck)
 
 
 class SignalDuringSave(pl.Callback):
@@ -138,18 +146,8 @@ class SignalDuringSave(pl.Callback):
         import os
         import signal
 
-        from dmdx_lightning import checksums
-
-        write, callback, signum = checksums.HashingWriter.write, self, signal.Signals[self.signal]
-
-        def interrupted(writer, data):
-            before = getattr(writer, "written", 0)
-            writer.written = before + len(data)
-            if trainer.global_step == callback.iteration and before <= callback.after_bytes < writer.written:
-                os.kill(os.getpid(), signum)
-            return write(writer, data)
-
-        checksums.HashingWriter.write = interrupted
+        signum = signal.Signals[self.signal]
+        on_checkpoint_write(trainer, self.iteration, self.after_bytes, lambda: os.kill(os.getpid(), signum))
 
 
 class SignalRank(pl.Callback):
@@ -172,15 +170,14 @@ class SignalRank(pl.Callback):
         import os
         import signal
 
-        player = pl_module.players[self.player]
-        step, callback, signum = player.step, self, signal.Signals[self.signal]
+        signum = signal.Signals[self.signal]
 
-        def signalled(batch, cond, ctx):
-            if int(pl_module.iteration) == callback.iteration:
+        def signalled(step, batch, cond, ctx):
+            if int(pl_module.iteration) == self.iteration:
                 os.kill(os.getpid(), signum)
             return step(batch, cond, ctx)
 
-        player.step = signalled
+        wrap_player_step(pl_module, self.player, signalled)
 
 
 class KillDuringShardedSave(pl.Callback):
