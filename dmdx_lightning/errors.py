@@ -71,7 +71,9 @@ def check_config_files(argv: list[str]) -> None:
 _TOKENS = re.compile(r"Parser key \"(?P<key>[\w.]+)\"|Problem with given class_path '(?P<cls>[\w.]+)'"
                      r"|Option '(?P<unknown>[\w.]+)' is not accepted"
                      r"|Expected a (?:<class '(?P<type>\w+)'>|typing\.Literal\[(?P<choices>[^\]]*)\])\. Got value: (?P<value>.*)"
-                     r"|Subcommand '\w+' does not accept option '(?P<top>[\w.]+)'")
+                     r"|Subcommand '\w+' does not accept option '(?P<top>[\w.]+)'"
+                     # argparse's own, for a key under a group with no class (trainer.max_stepz)
+                     r"|unrecognized arguments: --(?P<unrecognized>[\w.]+)")
 
 
 def explain_parse_error(message: str, verb: str = "fit") -> str:
@@ -94,8 +96,8 @@ def explain_parse_error(message: str, verb: str = "fit") -> str:
                 return f"{key} = {value!r}: choose one of {choices}."
             return (f"{key} = {value!r}: expected a {match.group('type')}. "
                     f"`dmdx {verb} --config ... --help` lists every option with its type.")
-        elif match.group("top"):
-            *parents, unknown = match.group("top").split(".")
+        elif match.group("top") or match.group("unrecognized"):
+            *parents, unknown = (match.group("top") or match.group("unrecognized")).split(".")
             return _unknown_key(parents, None, unknown, verb)
     first = next((line.strip() for line in message.splitlines() if line.strip()), message)
     return f"{first} (`dmdx {verb} --help` shows how to name options)"

@@ -33,6 +33,8 @@ CASES = [
      "DigitsTeacher has no option 'modee'. Did you mean model.init_args.teacher.init_args.mode?"),
     ("misspelt Trainer key", ADM, ["--config", _file("trainer:\n  max_step: 3\n")],
      "trainer.max_step: Trainer has no option 'max_step'. Did you mean trainer.max_steps"),
+    ("misspelt Trainer key on the command line", ADM, ["--trainer.max_stepz", "3"],
+     "trainer.max_stepz: Trainer has no option 'max_stepz'. Did you mean trainer.max_steps"),
     ("a study variant at its old place", ADM, ["--config", _file("model:\n  init_args:\n    adm_pairing: paired\n")],
      "It moved: use model.init_args.variants.adm_pairing"),
     ("YAML syntax error", ADM, ["--config", _file("model:\n  init_args:\n    dt: [0.1\n  x: 1\n")],
