@@ -33,11 +33,13 @@ import torch.distributed as dist
 #: what the transports say when a peer is gone or silent (gloo, NCCL, torch.distributed)
 _PEER_FAILURES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out",
                   "timed out", "NCCL error", "Watchdog caught collective operation timeout",
-                  "DistBackendError", "ProcessGroupGloo", "ProcessGroupNCCL")
+                  "DistBackendError", "ProcessGroupGloo", "ProcessGroupNCCL", "Application timeout caused pair closure")
 
 
-#: what the transports say when a collective waited longer than the timeout
-_TIMEOUTS = ("Timed out", "timed out", "Watchdog caught collective operation timeout")
+#: what the transports say when a collective waited longer than the timeout (gloo says "Timed out" from
+#: the waiting side, "Application timeout caused pair closure" where the timeout closed a pair mid-transfer)
+_TIMEOUTS = ("Timed out", "timed out", "Watchdog caught collective operation timeout",
+             "Application timeout caused pair closure")
 
 #: the store keys: the iteration each rank last started, and the ranks whose collective timed out
 _STARTED, _TIMED_OUT = "dmdx/started/{rank}", "dmdx/timed_out/{rank}"
@@ -56,6 +58,10 @@ def _store():
 def _is_peer_failure(exception: BaseException) -> bool:
     text = f"{type(exception).__name__}: {exception}"
     return any(marker in text for marker in _PEER_FAILURES)
+
+
+def _is_timeout(exception: BaseException) -> bool:
+    return any(marker in str(exception) for marker in _TIMEOUTS)
 
 
 def _how(returncode: int) -> str:
@@ -115,7 +121,7 @@ class CollectiveFailureReport(pl.Callback):
         while children and not any(proc.poll() is not None for proc in children) and time.monotonic() < deadline:
             time.sleep(0.05)
         dead = {rank: proc.returncode for rank, proc in enumerate(children, start=1) if proc.returncode is not None}
-        silent = {} if dead or not any(m in str(exception) for m in _TIMEOUTS) else self._silent_ranks(trainer)
+        silent = {} if dead or not _is_timeout(exception) else self._silent_ranks(trainer)
         if dead:
             cause = "; ".join(f"rank {rank} {_how(code)}" for rank, code in dead.items())
         elif silent:
