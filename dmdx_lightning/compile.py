@@ -1,6 +1,6 @@
 """``torch.compile`` for a teacher's networks, one feature block at a time.
 
-:func:`compile_blocks` compiles the forward of every block :meth:`Teacher.feature_blocks` returns
+:func:`compile_blocks` compiles the forward of every block :meth:`Teacher.network_blocks` returns
 (SD3 / CogVideoX: the transformer blocks; SDXL: the UNet's down / mid / up blocks; digits: its
 residual blocks), in every distinct network of the teacher; everything between the blocks (patch
 embedding, time and text projections, the output layer) stays eager.
@@ -71,7 +71,7 @@ def compile_blocks(teacher: Teacher, *, backend: str = "inductor", mode: str | N
     compiled: dict[Callable, Callable] = {}  # one compiled function per forward shared by blocks of a class
     count = 0
     for net in _networks(teacher):
-        for block in teacher.feature_blocks(net):
+        for block in teacher.network_blocks(net):
             if getattr(block, COMPILED, False):
                 continue
             forward = block.forward

@@ -278,7 +278,8 @@ def _open_pipeline(folder: Path, info: dict, args, device) -> tuple[Any, dict]:
     if info.get("format") == "lora":  # the teacher's pipeline, the student's adapter and scheduler
         extra = {"text_encoder_3": None, "tokenizer_3": None} if info.get("t5_dropped") else {}
         pipe = diffusers.DiffusionPipeline.from_pretrained(info["teacher"], torch_dtype=dtype, **extra)
-        pipe.load_lora_weights(folder)
+        for kwargs in info.get("load_lora_weights") or [{}]:  # two-expert Wan: one file per expert
+            pipe.load_lora_weights(folder, **kwargs)
         scheduler_config = folder / "scheduler" / "scheduler_config.json"
         if not scheduler_config.is_file():
             raise FileNotFoundError(f"{scheduler_config} is missing: export the LoRA again with `dmdx export`")

@@ -142,5 +142,15 @@ def tiny_wan_dir(tmp_path_factory):
     return save_random_wan(tmp_path_factory.mktemp("wan") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_wan_a14b_dir(tmp_path_factory):
+    """A random two-expert Wan 2.2 A14B pipeline folder (the tiny Wan's size, each expert its own
+    weights), its boundary at timestep 600 so that the conformance inputs (t in [0.3, 0.8]) reach both
+    experts."""
+    from dmdx_lightning.teachers.wan_random import save_random_wan
+
+    return save_random_wan(tmp_path_factory.mktemp("wan_a14b") / "tiny", two_experts=True, boundary_ratio=0.6)
+
+
 #: WanTeacher options that make the tiny folder fast: 9 frames of 32x32 px = 3 latent frames of 4x4, 16 UMT5 tokens
 TINY_WAN = {"num_frames": 9, "height": 32, "width": 32, "max_sequence_length": 16, "lora_rank": 4}

@@ -33,6 +33,8 @@ COGVIDEOX_TINY = [_TEACHER + "pretrained_model_name_or_path", "{tiny_cogvideox}"
 WAN_TINY = [_TEACHER + "pretrained_model_name_or_path", "{tiny_wan}", _TEACHER + "num_frames", "9",
             _TEACHER + "height", "32", _TEACHER + "width", "32", _TEACHER + "max_sequence_length", "16",
             _TEACHER + "torch_dtype", "float32"]
+# "{tiny_wan_a14b}": the session's random two-expert Wan 2.2 A14B folder (the tiny Wan's size)
+WAN_A14B_TINY = [a.replace("{tiny_wan}", "{tiny_wan_a14b}") for a in WAN_TINY]
 # "{tiny_flux}" / "{tiny_flux_schnell}": the session's random FLUX.1-dev / -schnell folders (16 px, 16 T5 tokens,
 # 3 feature blocks)
 FLUX_TINY = [_TEACHER + "pretrained_model_name_or_path", "{tiny_flux}", _TEACHER + "resolution", "16",
@@ -80,6 +82,7 @@ OVERRIDES: dict[str, list[str]] = {
     "wan/adm_1_3b_4step.yaml": WAN_TINY + TINY_HEADS,
     "wan/dmd2_1_3b_4step.yaml": WAN_TINY + TINY_HEADS,
     "wan/adm_14b_4step.yaml": WAN_TINY + TINY_HEADS,
+    "wan/adm_a14b_4step.yaml": WAN_A14B_TINY + TINY_HEADS,
 }
 # configs that train on ODE pairs read a small pair set written here instead of the quickstart's
 PAIR_CONFIGS = {"quickstart/adp.yaml", "digits/a1.yaml", "digits/dmd2.yaml", "sd3/adp_4step.yaml", "sdxl/adp_1step.yaml",
@@ -132,10 +135,8 @@ def build_cli(config, tmp_path, request, drop=()):
     if "{tiny_cogvideox}" in extra:
         tiny = str(request.getfixturevalue("tiny_cogvideox_dir"))
         extra = [a.replace("{tiny_cogvideox}", tiny) for a in extra]
-    if "{tiny_wan}" in extra:
-        tiny = str(request.getfixturevalue("tiny_wan_dir"))
-        extra = [a.replace("{tiny_wan}", tiny) for a in extra]
-    for placeholder, fixture in (("{tiny_flux}", "tiny_flux_dir"), ("{tiny_flux_schnell}", "tiny_flux_schnell_dir")):
+    for placeholder, fixture in (("{tiny_wan}", "tiny_wan_dir"), ("{tiny_wan_a14b}", "tiny_wan_a14b_dir"),
+                                 ("{tiny_flux}", "tiny_flux_dir"), ("{tiny_flux_schnell}", "tiny_flux_schnell_dir")):
         if placeholder in extra:
             tiny = str(request.getfixturevalue(fixture))
             extra = [a.replace(placeholder, tiny) for a in extra]

@@ -90,9 +90,13 @@ CASES = [
     ("FLUX.1-dev guidance on a schnell transformer", FLUX, [
         "--model.init_args.teacher.init_args.pretrained_model_name_or_path", "{tmp}/schnell_pipeline"],
      "guidance = 'embedded': this transformer has no guidance embedding"),
-    ("two-expert Wan 2.2 A14B", WAN, ["--model.init_args.teacher.init_args.pretrained_model_name_or_path",
-                                      "{tmp}/a14b_pipeline"],
-     "is a two-expert Wan 2.2 pipeline (transformer_2, boundary_ratio 0.875)"),
+    ("Wan boundary_ratio without transformer_2", WAN, [
+        "--model.init_args.teacher.init_args.pretrained_model_name_or_path", "{tmp}/half_a14b_pipeline"],
+     "has no transformer_2 but boundary_ratio 0.875"),
+    ("cfg_scale_2 on a one-transformer Wan", WAN, [
+        "--model.init_args.teacher.init_args.pretrained_model_name_or_path", "{tmp}/wan21_pipeline",
+        "--model.init_args.teacher.init_args.cfg_scale_2", "3.0"],
+     "cfg_scale_2 is the guidance of a two-expert pipeline's low-noise expert"),
 ]
 
 
@@ -106,9 +110,10 @@ def test_bad_config_stops_at_setup(base, extra, expected, tmp_path, capsys):
     (tmp_path / "sdxl_pipeline" / "unet" / "config.json").write_text('{"addition_embed_type": "text_time"}')
     (tmp_path / "schnell_pipeline" / "transformer").mkdir(parents=True)  # FLUX.1-schnell: no guidance embedding
     (tmp_path / "schnell_pipeline" / "transformer" / "config.json").write_text('{"guidance_embeds": false}')
-    (tmp_path / "a14b_pipeline").mkdir()  # Wan 2.2 A14B: two experts
-    (tmp_path / "a14b_pipeline" / "model_index.json").write_text(
-        '{"_class_name": "WanPipeline", "boundary_ratio": 0.875, "transformer_2": ["diffusers", "WanTransformer3DModel"]}')
+    for name, index in (("half_a14b_pipeline", '{"_class_name": "WanPipeline", "boundary_ratio": 0.875}'),
+                        ("wan21_pipeline", '{"_class_name": "WanPipeline"}')):  # Wan's model_index.json alone
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(index)
     args = []
     for i, arg in enumerate(extra):
         if isinstance(arg, tuple):  # a config file of the case's own

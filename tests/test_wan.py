@@ -169,15 +169,112 @@ def test_wan22_ti2v_layout_runs_the_same_path_as_its_pipeline(tmp_path):
     torch.testing.assert_close((ti2v.decode(ours) * 0.5 + 0.5).transpose(1, 2), frames, rtol=0, atol=1e-4)
 
 
-# ------------------------------------------------------------------------------------ refusals
-def test_two_expert_wan22_is_refused_with_the_reason(tmp_path):
-    from dmdx_lightning.teachers.wan_random import save_random_wan
+# ------------------------------------------------------------------------------------ Wan 2.2 A14B
+@pytest.fixture(scope="module")
+def a14b(tiny_wan_a14b_dir):
+    torch.manual_seed(0)
+    return WanTeacher(str(tiny_wan_a14b_dir), mode="lora", **TINY_WAN)
 
-    folder = save_random_wan(tmp_path / "a14b", two_experts=True)
-    with pytest.raises(ValueError, match="two-expert Wan 2.2 pipeline.*ONE network.*Wan2.1-T2V-14B"):
-        WanTeacher(str(folder), **TINY_WAN)
-    with pytest.raises(ConfigError, match="pretrained_model_name_or_path.*two-expert"):
+
+@pytest.fixture(scope="module")
+def a14b_pipe(tiny_wan_a14b_dir):
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(tiny_wan_a14b_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_each_sample_is_denoised_by_the_expert_of_its_time(a14b, a14b_pipe):
+    """Boundary 600 (the tiny folder's ratio 0.6): t >= 0.6 goes to `transformer`, below to
+    `transformer_2`, as WanPipeline chooses; a mixed batch gives each sample its expert's output, in
+    every role, and the feature maps are each sample's expert's block output."""
+    from dmdx_lightning.teachers.wan import WanExperts
+
+    net = a14b.denoiser
+    assert isinstance(net, WanExperts) and net.boundary_timestep == 600.0 == a14b_pipe.config.boundary_ratio * 1000
+    cond = a14b.encode_prompts(PROMPTS)
+    x = torch.randn(a14b.latent_shape(4), generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([0.9, 0.2, 0.6, 0.59])  # high, low, high (at the boundary), low
+    experts = {0: net.transformer, 1: net.transformer_2, 2: net.transformer, 3: net.transformer_2}
+    with torch.no_grad():
+        for role in ("real", "student"):
+            with a14b.as_role(role):
+                mixed = a14b.model_output(net, x, t, cond)
+                alone = torch.cat([a14b.model_output(experts[i], x[i:i + 1], t[i:i + 1], cond[i:i + 1])
+                                   for i in range(4)])
+            torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
+        other = a14b.model_output(net.transformer_2, x[:1], t[:1], cond[:1])
+        assert (other - alone[:1]).abs().max() > 1e-3  # the experts differ: the routing can be wrong
+        maps = a14b.feature_maps("real", x, t, cond, [0, -1])
+        for i in range(4):
+            expected = a14b.feature_maps("real", x[i:i + 1], t[i:i + 1], cond[i:i + 1], [0, -1])
+            for got, want in zip(maps, expected):
+                torch.testing.assert_close(got[i:i + 1], want, rtol=1e-5, atol=1e-5)
+    assert len(a14b.feature_blocks(net)) == 2 and len(a14b.network_blocks(net)) == 4
+
+
+def test_an_expert_no_sample_needs_still_runs_and_gets_zero_gradients(tiny_wan_a14b_dir):
+    """A batch all above the boundary runs `transformer_2` on one token, so every rank gathers and
+    reduces every block (FSDP2) and every parameter has a gradient (DDP): zero for the idle expert."""
+    torch.manual_seed(0)
+    teacher = WanTeacher(str(tiny_wan_a14b_dir), mode="full", **TINY_WAN)
+    student = teacher.network("student")
+    calls = []
+    handle = student.transformer_2.blocks[1].register_forward_hook(lambda m, i, o: calls.append(tuple(o.shape)))
+    x = torch.randn(teacher.latent_shape(2), generator=torch.Generator().manual_seed(6))
+    out = teacher.forward_role("student", x, torch.tensor([0.9, 0.7]), teacher.encode_prompts(PROMPTS[:2]))
+    out.square().mean().backward()
+    handle.remove()
+    assert calls == [(1, 1, 16)]  # one sample, one video token
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad.abs().max() == 0 for p in student.transformer_2.parameters())
+    assert any(p.grad.abs().max() > 0 for p in student.transformer.parameters())
+
+
+def test_two_expert_sampler_with_cfg_scale_2_is_the_pipeline_loop(a14b, a14b_pipe, tiny_wan_a14b_dir):
+    """The teacher's Euler sampler with cfg_scale 4 above the boundary and cfg_scale_2 3 below equals
+    WanPipeline's loop with guidance_scale 4 and guidance_scale_2 3 (its 4 Euler times, 1 to 0.5 with
+    flow shift 3, are on both sides of the boundary)."""
+    grid = euler_grid(4, a14b.schedule)
+    assert grid[2] >= 0.6 > grid[3]
+    teacher = WanTeacher(str(tiny_wan_a14b_dir), mode="lora", cfg_scale_2=3.0, **TINY_WAN)
+    euler, _ = wan_flow_scheduler(teacher.schedule, grid[:-1], stochastic=False)
+    original, a14b_pipe.scheduler = a14b_pipe.scheduler, euler
+    try:
+        noise = torch.randn(teacher.latent_shape(2), generator=torch.Generator().manual_seed(1))
+        theirs = a14b_pipe(PROMPTS[:2], latents=noise.clone(), num_inference_steps=4, guidance_scale=4.0,
+                           guidance_scale_2=3.0, num_frames=9, height=32, width=32, max_sequence_length=LENGTH,
+                           output_type="latent").frames
+    finally:
+        a14b_pipe.scheduler = original
+    cond = teacher.encode_prompts(PROMPTS[:2])
+    ours = teacher.sample_ode(noise, cond, num_steps=4, cfg_scale=4.0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert (a14b.sample_ode(noise, cond, num_steps=4, cfg_scale=4.0) - theirs).abs().max() > 1e-4  # 4 throughout
+
+
+# ------------------------------------------------------------------------------------ refusals
+def test_cfg_scale_2_on_a_one_transformer_pipeline_is_refused(tiny_wan_dir, tiny_wan_a14b_dir):
+    with pytest.raises(ConfigError, match="cfg_scale_2.*one transformer"):
+        WanTeacher.check_options({"pretrained_model_name_or_path": str(tiny_wan_dir), "cfg_scale_2": 3.0})
+    with pytest.raises(ValueError, match="cfg_scale_2 3.0.*one transformer"):
+        WanTeacher(str(tiny_wan_dir), cfg_scale_2=3.0, **TINY_WAN)
+    WanTeacher.check_options({"pretrained_model_name_or_path": str(tiny_wan_a14b_dir), "cfg_scale_2": 3.0})
+
+
+def test_a_half_two_expert_folder_is_refused(tiny_wan_dir, tmp_path):
+    """boundary_ratio without transformer_2 (or the reverse) is no Wan pipeline WanTeacher can read."""
+    import shutil
+
+    folder = tmp_path / "half"
+    shutil.copytree(tiny_wan_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.875}))
+    with pytest.raises(ConfigError, match="no transformer_2 but boundary_ratio 0.875"):
         WanTeacher.check_options({"pretrained_model_name_or_path": str(folder)})
+    with pytest.raises(ValueError, match="no transformer_2 but boundary_ratio 0.875"):
+        WanTeacher(str(folder), **TINY_WAN)
 
 
 def test_schedulers_that_cannot_work_are_refused():
@@ -227,21 +324,24 @@ def test_times_a_wan_pipeline_cannot_replay_are_refused_at_export(teacher, tmp_p
         teacher.export_lora(tmp_path, [1.0, 0.7, 0.2])
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_wan_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["wan", "wan_a14b"])
+def trained(request, tmp_path_factory):
     """A LoRA student that differs from the teacher (its adapters moved), saved as a checkpoint the way
-    `dmdx fit` saves one, with the run's config."""
+    `dmdx fit` saves one, with the run's config; on the Wan 2.1 folder and on the two-expert one
+    (guided with cfg_scale_2 below the boundary). Returns ``(run, module, teacher folder)``."""
     import lightning.pytorch as pl
     import yaml
 
     from dmdx_lightning.data.prompts import PromptDataModule
     from dmdx_lightning.export import build_module
 
-    run = tmp_path_factory.mktemp("wan_run")
+    folder = request.getfixturevalue(f"tiny_{request.param}_dir")
+    run = tmp_path_factory.mktemp(f"{request.param}_run")
     adamw = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2, "betas": [0.0, 0.99]}}
+    two = {"cfg_scale_2": 2.0} if request.param == "wan_a14b" else {}
     config = {"model": {"class_path": "dmdx_lightning.methods.adm.ADMModule", "init_args": {
         "teacher": {"class_path": "dmdx_lightning.teachers.wan.WanTeacher",
-                    "init_args": {"pretrained_model_name_or_path": str(tiny_wan_dir), "mode": "lora", **TINY_WAN}},
+                    "init_args": {"pretrained_model_name_or_path": str(folder), "mode": "lora", **TINY_WAN, **two}},
         "discriminator": {"class_path": "dmdx_lightning.discriminators.latent.LatentDiscriminator",
                           "init_args": {"layers": [0, -1], "head_channels": 8}},
         "student_steps": 4, "real_cfg_scale": 3.0,
@@ -254,20 +354,21 @@ def trained(tiny_wan_dir, tmp_path_factory):
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, PromptDataModule(str(run / "prompts.txt"), batch_size=2))
     trainer.save_checkpoint(run / "last.ckpt")
-    return run, module
+    return run, module, folder
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["lora", "pipeline"])
-def test_export_generates_the_students_video_through_wanpipeline(trained, fmt, tmp_path, tiny_wan_dir):
+def test_export_generates_the_students_video_through_wanpipeline(trained, fmt, tmp_path):
     """`dmdx export` of the checkpoint, loaded by diffusers (a WanPipeline folder, or the teacher's
     pipeline + load_lora_weights + the exported scheduler), generates the student's video from the
-    default call: the student's sampler to < 1e-4."""
+    default call: the student's sampler to < 1e-4. Two experts: a folder with both and the teacher's
+    boundary, or one LoRA file per expert (the second loaded into transformer_2)."""
     from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanPipeline
 
     from dmdx_lightning.export import EXPORT_INFO, export_checkpoint
 
-    run, module = trained
+    run, module, folder = trained
     teacher = module.teacher
     moved = [float(p.abs().sum()) for n, p in teacher.named_trainable_parameters("student") if "lora_B" in n]
     assert max(moved) > 0  # LoRA B starts at 0: the student differs from the teacher
@@ -276,11 +377,18 @@ def test_export_generates_the_students_video_through_wanpipeline(trained, fmt, t
         module.student_timesteps
     if fmt == "pipeline":
         pipe = DiffusionPipeline.from_pretrained(tmp_path)
-    else:
-        pipe = WanPipeline.from_pretrained(tiny_wan_dir)
-        pipe.load_lora_weights(tmp_path)
+    else:  # as the export's info file says (dmdx sample does the same)
+        pipe = WanPipeline.from_pretrained(folder)
+        for kwargs in info.get("load_lora_weights") or [{}]:
+            pipe.load_lora_weights(tmp_path, **kwargs)
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tmp_path, subfolder="scheduler")
     assert isinstance(pipe, WanPipeline) and isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    two_experts = teacher.boundary_ratio is not None
+    assert (pipe.transformer_2 is not None) == two_experts
+    if two_experts:  # the student's 4 times are on both sides of the boundary
+        assert pipe.config.boundary_ratio == teacher.boundary_ratio
+        assert max(module.student_timesteps) >= teacher.boundary_ratio > min(module.student_timesteps)
+        assert (fmt == "lora") == (len(sorted(tmp_path.glob("pytorch_lora_weights*.safetensors"))) == 2)
     pipe.set_progress_bar_config(disable=True)
     noise = torch.randn(teacher.latent_shape(2), generator=torch.Generator().manual_seed(3))
 
@@ -303,6 +411,14 @@ def test_export_generates_the_students_video_through_wanpipeline(trained, fmt, t
     with torch.no_grad():
         decoded = (teacher.decode(ours) * 0.5 + 0.5).transpose(1, 2)
     assert (frames - decoded).abs().max() < 1e-4
+    if fmt == "lora":  # `dmdx sample` loads the export as its info file says (two experts: both files)
+        from dmdx_lightning.cli import main as dmdx
+        from dmdx_lightning.sample import SAMPLE_INFO
+
+        dmdx(["sample", str(tmp_path), "--output", str(tmp_path / "samples"), "--prompt", PROMPTS[0], "-n", "1",
+              "--no-progress"])
+        record = json.loads((tmp_path / "samples" / SAMPLE_INFO).read_text())
+        assert record["source"]["kind"] == "lora export" and record["videos"]
 
 
 @pytest.mark.slow

@@ -230,7 +230,7 @@ class DistillationModule(pl.LightningModule):
     # ------------------------------------------------------------------ sharding (FSDP2)
     def sharding_units(self) -> Iterator[torch.nn.Module]:
         """The modules :class:`~dmdx_lightning.strategies.FSDP2Strategy` shards, inner ones first:
-        each block of every teacher network (the teacher's ``feature_blocks``), then the network
+        each block of every teacher network (the teacher's ``network_blocks``), then the network
         (its remaining parameters: embeddings, norms, output layers), then each discriminator
         head. Every trainable parameter is in one of them; the frozen text encoders, VAE and
         discriminator backbones are not (whole on every rank)."""
@@ -240,7 +240,7 @@ class DistillationModule(pl.LightningModule):
             if any(net is s for s in seen):
                 continue  # lora mode: one network for every role
             seen.append(net)
-            yield from self.teacher.feature_blocks(net)
+            yield from self.teacher.network_blocks(net)
             yield net
         discriminator = self._modules.get("discriminator")  # heads on a frozen backbone, where a method has one
         if discriminator is not None:

@@ -42,6 +42,8 @@ MAY
       default; ``embedded``, ONE pass with ``w`` given to the network as the conditioning's
       ``guidance`` entry ``(B,)``, which :meth:`model_output` reads (guidance-distilled networks:
       FLUX.1-dev); ``none``, no guidance at all, ``cfg_scale`` must be 1 (FLUX.1-schnell));
+      :meth:`guidance_scales` (a teacher guided with another scale at some times: Wan 2.2 A14B's
+      low-noise expert); :meth:`network_blocks` (where the feature blocks are not the modules);
     - the diffusers export: ``export_formats`` and :meth:`export_pipeline` / :meth:`export_lora`
       (default: a ``NotImplementedError`` naming the family);
     - the plain export (``"safetensors"`` in ``export_formats``, for families without a diffusers
@@ -489,8 +491,16 @@ class Teacher(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement model_output")
 
     def feature_blocks(self, net: nn.Module) -> Sequence[nn.Module]:
-        """The blocks whose outputs can feed discriminator heads (indexable by layer number)."""
+        """The blocks whose outputs can feed discriminator heads (indexable by layer number): modules,
+        or objects with a module's ``register_forward_hook`` whose hook gets the whole batch's output
+        (a network of several experts merges its experts' outputs, see :meth:`network_blocks`)."""
         raise NotImplementedError(f"{type(self).__name__} must implement feature_blocks")
+
+    def network_blocks(self, net: nn.Module) -> Sequence[nn.Module]:
+        """The repeated block modules of ``net``, the units FSDP2 shards and ``compile: true`` compiles.
+        Default: :meth:`feature_blocks`; a family whose feature blocks are not the modules themselves
+        (Wan 2.2 A14B: block ``i`` is each expert's block ``i``, merged) lists the modules here."""
+        return self.feature_blocks(net)
 
     def latent_shape(self, batch_size: int) -> tuple[int, ...]:
         """Shape of a batch of latents (the samplers' noise), batch first: ``(B, C, H, W)`` for images;
@@ -593,6 +603,13 @@ class Teacher(nn.Module):
         teacher.network("student").load_state_dict(load_file(str(weights)))
         return teacher
 
+    def guidance_scales(self, cfg_scale: float, t: Tensor) -> float | Tensor:
+        """The guidance scale of each sample at time ``t`` (``(B,)``) when a caller guides with
+        ``cfg_scale != 1``: a float for all (the default: ``cfg_scale``), or a ``(B,)`` tensor for a
+        teacher guided with another scale at some times (Wan 2.2 A14B's ``cfg_scale_2`` below its
+        experts' boundary, as ``WanPipeline``'s ``guidance_scale_2``)."""
+        return cfg_scale
+
     def enable_gradient_checkpointing(self, net: nn.Module) -> None:
         """Turn on gradient checkpointing in a trainable role's ``net`` (``gradient_checkpointing``)."""
         if hasattr(net, "enable_gradient_checkpointing"):
@@ -643,7 +660,10 @@ class Teacher(nn.Module):
         x0, eps = self.schedule.to_x0_eps(out, x2, t2, self.prediction_type)
         x0_c, x0_u = x0.chunk(2)
         eps_c, eps_u = eps.chunk(2)
-        return x0_u + cfg_scale * (x0_c - x0_u), eps_u + cfg_scale * (eps_c - eps_u)
+        w = self.guidance_scales(cfg_scale, t)
+        if isinstance(w, Tensor):  # one scale per sample
+            w = w.to(x0.dtype).view(-1, *[1] * (x_t.ndim - 1))
+        return x0_u + w * (x0_c - x0_u), eps_u + w * (eps_c - eps_u)
 
     def _checked(self, output: Tensor, x_t: Tensor) -> Tensor:
         """Fail loudly where teacher outputs meet the losses (STYLE.md principle 9)."""

@@ -187,6 +187,11 @@ class DiffusersTeacher(RoleCheckpointing, Teacher):
         """The family's diffusers pipeline class (e.g. ``StableDiffusion3Pipeline``)."""
         raise NotImplementedError(f"{type(self).__name__} must name its diffusers pipeline class")
 
+    def pipeline_denoiser(self, pipe) -> nn.Module:
+        """The network a pipeline of this family denoises with, as :meth:`model_output` runs it
+        (the inverse of :meth:`diffusers_pipeline`): its :attr:`denoiser_component`."""
+        return getattr(pipe, self.denoiser_component)
+
     def diffusers_pipeline(self, denoiser: nn.Module, scheduler):
         """A :attr:`pipeline_class` of this teacher's frozen components around ``denoiser``."""
         raise NotImplementedError(f"{type(self).__name__} must build its diffusers pipeline")

@@ -20,13 +20,24 @@ The teacher is loaded from a diffusers ``WanPipeline`` folder or hub id (``trans
   ``load_lora_weights``, with a stock ``FlowMatchEulerDiscreteScheduler`` whose default call replays
   the student's sampler (:func:`wan_flow_scheduler`: ``WanPipeline.__call__`` takes no ``sigmas``).
 
-Wan 2.2 A14B (two experts, ``transformer`` for high noise and ``transformer_2`` below
-``boundary_ratio``) is refused, with the reason: every role here (real score, fake score, student) is
-one network, and one network is not that teacher's score at every time.
+Wan 2.2 A14B (two 14B experts: ``transformer`` denoises the times ``1000 t >= boundary_ratio x 1000``,
+``transformer_2`` those below) is trained as ONE network of two experts (:class:`WanExperts`), so every
+role (real score, fake score, student) is the teacher's score at every time, as ``WanPipeline`` runs it:
+
+- each sample goes to its expert by its own time, the outputs are merged back in batch order; an expert
+  no sample of the batch needs still runs on one token (its output times zero joins the result), so
+  every rank runs both experts' blocks in the same order (FSDP2 gathers and reduces each block on every
+  rank) and every parameter gets a gradient (DDP);
+- LoRA adapters (one ``student``, one ``fake``) on both experts; feature maps for the discriminator heads
+  are block ``i`` of whichever expert ran each sample (:meth:`WanTeacher.feature_blocks`);
+- ``cfg_scale_2``: the guidance scale below the boundary (``WanPipeline``'s ``guidance_scale_2``);
+- the export is a two-expert ``WanPipeline`` folder (``transformer``, ``transformer_2``,
+  ``boundary_ratio``) or two LoRA files, the second loaded with ``load_into_transformer_2=True``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -37,7 +48,12 @@ from dmdx_lightning.schedules import FlowMatchSchedule
 from dmdx_lightning.teachers.base import Conditioning
 from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, DiffusersTeacher
 
-__all__ = ["CONFIG_KEY", "WanTeacher", "wan_flow_scheduler"]
+__all__ = ["CONFIG_KEY", "WanExperts", "WanTeacher", "wan_flow_scheduler"]
+
+#: the LoRA file of each expert of a two-expert export (``WanPipeline.load_lora_weights`` reads the
+#: first into ``transformer``, the second with ``load_into_transformer_2=True``)
+EXPERT_LORA_FILES = {"transformer": "pytorch_lora_weights.safetensors",
+                     "transformer_2": "pytorch_lora_weights_transformer_2.safetensors"}
 
 #: the schedulers a Wan pipeline may ship that describe flow matching with a fixed shift, and the
 #: config key that holds the shift
@@ -110,20 +126,149 @@ class _RawConfig:
         return dict(reader.load_config(source, **kwargs))
 
 
+def _has_second_expert(index: dict) -> bool:
+    second = index.get("transformer_2") or [None, None]
+    return isinstance(second, (list, tuple)) and bool(second[-1])
+
+
 def _pipeline_problem(index: dict) -> str | None:
     """What in a pipeline's ``model_index.json`` WanTeacher cannot train (``None``: nothing)."""
     name = index.get("_class_name", "WanPipeline")
     if name != "WanPipeline":
         return (f"is a {name} folder; WanTeacher distils text-to-video WanPipeline folders (Wan2.1-T2V-1.3B / -14B, "
-                "Wan2.2-TI2V-5B)")
-    second = index.get("transformer_2") or [None, None]
-    if index.get("boundary_ratio") is not None or (isinstance(second, (list, tuple)) and second[-1]):
-        return (f"is a two-expert Wan 2.2 pipeline (transformer_2, boundary_ratio {index.get('boundary_ratio')}): its "
-                "`transformer` denoises the high-noise times and `transformer_2` those below the boundary, while "
-                "WanTeacher builds the real score, the fake score and the student on ONE network, which would be "
-                "the teacher's score on one side of the boundary only. Distil Wan-AI/Wan2.1-T2V-14B-Diffusers or "
-                "Wan-AI/Wan2.2-TI2V-5B-Diffusers (one transformer) instead")
+                "Wan2.2-TI2V-5B, Wan2.2-T2V-A14B)")
+    if _has_second_expert(index) != (index.get("boundary_ratio") is not None):
+        return (f"has {'a' if _has_second_expert(index) else 'no'} transformer_2 but boundary_ratio "
+                f"{index.get('boundary_ratio')}: a two-expert Wan 2.2 pipeline has both (which expert denoises "
+                "which time), a one-transformer pipeline neither")
     return None
+
+
+class WanExperts(nn.Module):
+    """Wan 2.2 A14B's two experts as one network, called as a ``WanTransformer3DModel``: each sample
+    is denoised by ``transformer`` where its timestep is ``>= boundary_timestep`` (high noise) and by
+    ``transformer_2`` below, as ``WanPipeline.__call__`` chooses per step; the outputs are merged back
+    in batch order.
+
+    Both experts run in every call, always ``transformer`` first: one no sample needs runs on a
+    single token of the first sample and its output, times zero, joins the result. So every rank of
+    a sharded run gathers and reduces every block (FSDP2 hangs where ranks differ), and every
+    parameter gets a gradient, zero where unused (DDP), for one token's cost.
+
+    Args:
+        transformer, transformer_2: the high- and low-noise experts (the same architecture).
+        boundary_timestep: ``boundary_ratio x num_train_timesteps`` of the pipeline.
+    """
+
+    def __init__(self, transformer: nn.Module, transformer_2: nn.Module, boundary_timestep: float) -> None:
+        super().__init__()
+        if len(transformer.blocks) != len(transformer_2.blocks):
+            raise ValueError(f"the two Wan experts have {len(transformer.blocks)} and {len(transformer_2.blocks)} "
+                             "blocks: a two-expert pipeline's transformer and transformer_2 share one architecture")
+        self.transformer, self.transformer_2 = transformer, transformer_2
+        self.boundary_timestep = float(boundary_timestep)
+        #: the forward in progress: for each expert the batch indices it denoises (``None``: idle,
+        #: run on one token); read by the feature hooks of :class:`_ExpertsBlock`
+        self.routing: dict[str, Tensor | None] = {}
+
+    @property
+    def experts(self) -> tuple[tuple[str, nn.Module], ...]:
+        return ("transformer", self.transformer), ("transformer_2", self.transformer_2)
+
+    # what the family and diffusers' helpers read from a WanTransformer3DModel (the experts agree)
+    @property
+    def config(self):
+        return self.transformer.config
+
+    @property
+    def patch_embedding(self) -> nn.Module:
+        return self.transformer.patch_embedding
+
+    @property
+    def _keep_in_fp32_modules(self):
+        return self.transformer._keep_in_fp32_modules
+
+    def enable_gradient_checkpointing(self, **kwargs) -> None:
+        for _, expert in self.experts:
+            expert.enable_gradient_checkpointing(**kwargs)
+
+    def fuse_lora(self, **kwargs) -> None:
+        for _, expert in self.experts:
+            expert.fuse_lora(**kwargs)
+
+    def unload_lora(self) -> None:
+        for _, expert in self.experts:
+            expert.unload_lora()
+
+    def forward(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
+                return_dict: bool = False) -> tuple[Tensor]:
+        batch = hidden_states.shape[0]
+        # (B,) or Wan 2.2's per-token (B, tokens), equal over the tokens of a sample in text-to-video
+        high = timestep.reshape(batch, -1)[:, 0] >= self.boundary_timestep
+        self.routing = {name: (take.nonzero().squeeze(1) if take.any() else None)
+                        for name, take in (("transformer", high), ("transformer_2", ~high))}
+        outputs, order, idle = [], [], []
+        for name, expert in self.experts:
+            index = self.routing[name]
+            if index is None:  # one token of the first sample: (B, C, F, H, W) cut to one patch
+                pt, ph, pw = expert.config.patch_size
+                one = timestep[:1] if timestep.ndim == 1 else timestep[:1, :1]
+                token = expert(hidden_states=hidden_states[:1, :, :pt, :ph, :pw], timestep=one,
+                               encoder_hidden_states=encoder_hidden_states[:1, :1], return_dict=False)[0]
+                idle.append(token.sum() * 0)
+                continue
+            outputs.append(expert(hidden_states=hidden_states[index], timestep=timestep[index],
+                                  encoder_hidden_states=encoder_hidden_states[index], return_dict=False)[0])
+            order.append(index)
+        merged = _in_batch_order(outputs, order)
+        for zero in idle:
+            merged = merged + zero
+        return (merged,)
+
+
+def _in_batch_order(parts: list[Tensor], order: list[Tensor]) -> Tensor:
+    """``parts`` (each expert's samples, in the order of its indices) as one batch in the original order."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts)[torch.argsort(torch.cat(order))]
+
+
+class _ExpertsBlock:
+    """Block ``i`` of a :class:`WanExperts` network for :meth:`Teacher.feature_maps`: a hook
+    registered here gets the whole batch's output, each sample's from the expert that denoised it
+    (called once the last expert with samples has run block ``i``)."""
+
+    def __init__(self, net: WanExperts, i: int) -> None:
+        self.net, self.i = net, i
+
+    def register_forward_hook(self, hook):
+        parts: dict[str, Tensor] = {}
+
+        def part(name: str):
+            def expert_hook(_module, inputs, output):
+                routing = self.net.routing
+                if routing[name] is None:  # the idle expert's token
+                    return None
+                parts[name] = output
+                active = [n for n, index in routing.items() if index is not None]
+                if list(parts) == active:
+                    merged = _in_batch_order([parts[n] for n in active], [routing[n] for n in active])
+                    parts.clear()
+                    hook(self, inputs, merged)
+                return None
+            return expert_hook
+
+        handles = [expert.blocks[self.i].register_forward_hook(part(name)) for name, expert in self.net.experts]
+        return _Handles(handles)
+
+
+class _Handles:
+    def __init__(self, handles) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 class WanTeacher(DiffusersTeacher):
@@ -131,9 +276,10 @@ class WanTeacher(DiffusersTeacher):
 
     Args:
         pretrained_model_name_or_path: hub id (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``,
-            ``Wan-AI/Wan2.1-T2V-14B-Diffusers``, ``Wan-AI/Wan2.2-TI2V-5B-Diffusers``) or a local pipeline
-            folder with ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/``
-            subfolders. Two-expert Wan 2.2 A14B folders are refused (see the module docstring).
+            ``Wan-AI/Wan2.1-T2V-14B-Diffusers``, ``Wan-AI/Wan2.2-TI2V-5B-Diffusers``,
+            ``Wan-AI/Wan2.2-T2V-A14B-Diffusers``) or a local pipeline folder with ``transformer/``,
+            ``vae/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/`` subfolders (and
+            ``transformer_2/`` for Wan 2.2 A14B's two experts, see the module docstring).
         revision: hub revision (branch, tag or commit) of every component.
         variant: weight file variant of the models (e.g. ``fp16``); ``None`` for the default files.
         torch_dtype: ``float32 | bfloat16 | float16``: dtype every frozen part is loaded in (Wan was
@@ -147,7 +293,12 @@ class WanTeacher(DiffusersTeacher):
             for the 14B's 720p).
         sample_steps: Euler steps of the teacher's own sampler (ODE pairs, reference samples; 50 =
             the pipeline default).
-        cfg_scale: the teacher's default guidance scale (5.0 = the pipeline default).
+        cfg_scale: the teacher's default guidance scale (5.0 = the pipeline default; Wan 2.2 A14B's
+            recipe: 4.0 above the experts' boundary).
+        cfg_scale_2: two-expert pipelines only: the guidance scale of the samples below the boundary
+            (the low-noise expert's) whenever a caller guides (its scale != 1: the method's
+            ``real_cfg_scale``, the ODE pairs' ``cfg_scale``), as ``WanPipeline``'s ``guidance_scale_2``
+            (Wan 2.2 A14B's recipe: 3.0); ``None``: the caller's scale at every time.
         **kwargs: :class:`~dmdx_lightning.teachers.base.Teacher` options: ``mode`` (``full`` or
             ``lora``), ``lora_rank``, ``lora_alpha``, ``lora_target_modules`` (default: the attention
             projections of every block's self- and cross-attention, diffusers' Wan LoRA layout),
@@ -198,7 +349,11 @@ class WanTeacher(DiffusersTeacher):
         problem = _pipeline_problem(index)
         if problem:
             raise ConfigError(f"{key}.pretrained_model_name_or_path", str(source), problem,
-                              "Point it at a one-transformer WanPipeline folder or Hub id.")
+                              "Point it at a text-to-video WanPipeline folder or Hub id.")
+        if options.get("cfg_scale_2") is not None and not _has_second_expert(index):
+            raise ConfigError(f"{key}.cfg_scale_2", options.get("cfg_scale_2"), f"{source} has one transformer, and "
+                              "cfg_scale_2 is the guidance of a two-expert pipeline's low-noise expert",
+                              "Remove cfg_scale_2 (the caller's guidance scale applies at every time).")
 
     def __init__(
         self,
@@ -213,11 +368,13 @@ class WanTeacher(DiffusersTeacher):
         width: int = 832,
         sample_steps: int = 50,
         cfg_scale: float = 5.0,
+        cfg_scale_2: float | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.set_source(pretrained_model_name_or_path, revision, variant, torch_dtype, trainable_dtype)
         self.sample_steps, self.cfg_scale = int(sample_steps), float(cfg_scale)
+        self.cfg_scale_2 = None if cfg_scale_2 is None else float(cfg_scale_2)
 
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import AutoTokenizer, UMT5EncoderModel
@@ -239,6 +396,14 @@ class WanTeacher(DiffusersTeacher):
         self.text_encoder = self.load_component(UMT5EncoderModel, "text_encoder").requires_grad_(False).eval()
         self.vae = self.load_component(AutoencoderKLWan, "vae").requires_grad_(False).eval()
         transformer = self.load_component(WanTransformer3DModel, "transformer")
+        #: Wan 2.2 A14B: the fraction of the train timesteps above which ``transformer`` denoises
+        self.boundary_ratio = index.get("boundary_ratio")
+        if self.boundary_ratio is not None:
+            transformer = WanExperts(transformer, self.load_component(WanTransformer3DModel, "transformer_2"),
+                                     self.boundary_ratio * self.schedule.num_train_timesteps)
+        elif self.cfg_scale_2 is not None:
+            raise ValueError(f"cfg_scale_2 {self.cfg_scale_2}: {self.pretrained_model_name_or_path} has one transformer; "
+                             "cfg_scale_2 is the guidance of a two-expert pipeline's low-noise expert")
         # as WanPipeline reads them
         self.vae_scale_factor = int(self.vae.config.scale_factor_spatial)
         self.vae_temporal_factor = int(self.vae.config.scale_factor_temporal)
@@ -292,7 +457,22 @@ class WanTeacher(DiffusersTeacher):
         return out.to(x_t.dtype)
 
     def feature_blocks(self, net: nn.Module) -> Sequence[nn.Module]:
+        if isinstance(net, WanExperts):
+            return [_ExpertsBlock(net, i) for i in range(len(net.transformer.blocks))]
         return net.blocks
+
+    def network_blocks(self, net: nn.Module) -> Sequence[nn.Module]:
+        if isinstance(net, WanExperts):
+            return [*net.transformer.blocks, *net.transformer_2.blocks]
+        return net.blocks
+
+    def guidance_scales(self, cfg_scale: float, t: Tensor) -> float | Tensor:
+        """``cfg_scale`` above the experts' boundary, ``cfg_scale_2`` below (where set)."""
+        if self.cfg_scale_2 is None:
+            return cfg_scale
+        high = self.schedule.model_timestep(t).float() >= self.boundary_ratio * self.schedule.num_train_timesteps
+        return torch.where(high, torch.tensor(float(cfg_scale), device=t.device),
+                           torch.tensor(self.cfg_scale_2, device=t.device))
 
     def block_to_map(self, output, x_t: Tensor) -> Tensor:
         b, n, c = output.shape  # video tokens, frame-major (the patch embedding's flatten of (F, h, w))
@@ -352,9 +532,38 @@ class WanTeacher(DiffusersTeacher):
         return WanPipeline
 
     def diffusers_pipeline(self, transformer: nn.Module, scheduler):
-        """A ``WanPipeline`` of this teacher's components around ``transformer``."""
+        """A ``WanPipeline`` of this teacher's components around ``transformer`` (two experts: both,
+        with the teacher's ``boundary_ratio``)."""
+        experts = ({"transformer": transformer.transformer, "transformer_2": transformer.transformer_2,
+                    "boundary_ratio": self.boundary_ratio} if isinstance(transformer, WanExperts)
+                   else {"transformer": transformer})
         return self.pipeline_class(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
-                           transformer=transformer, scheduler=scheduler, expand_timesteps=self.expand_timesteps)
+                                   scheduler=scheduler, expand_timesteps=self.expand_timesteps, **experts)
+
+    def pipeline_denoiser(self, pipe) -> nn.Module:
+        if getattr(pipe, "transformer_2", None) is None:
+            return pipe.transformer
+        return WanExperts(pipe.transformer, pipe.transformer_2,
+                          pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps)
+
+    def export_lora(self, output, timesteps) -> dict:
+        """One LoRA file (a one-transformer pipeline), or one per expert: :data:`EXPERT_LORA_FILES`,
+        the second for ``load_lora_weights(..., load_into_transformer_2=True)``."""
+        if self.boundary_ratio is None:
+            return super().export_lora(output, timesteps)
+        from dmdx_lightning.export import student_lora_state
+
+        scheduler, info = self.student_scheduler(timesteps)
+        state, meta = student_lora_state(self)
+        for component, weight_name in EXPERT_LORA_FILES.items():
+            prefix = f"{component}."
+            self.pipeline_class.save_lora_weights(
+                output, transformer_lora_layers={k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                transformer_lora_adapter_metadata=meta, weight_name=weight_name, safe_serialization=True)
+        scheduler.save_pretrained(Path(output) / "scheduler")
+        loads = [{"weight_name": EXPERT_LORA_FILES["transformer"]},
+                 {"weight_name": EXPERT_LORA_FILES["transformer_2"], "load_into_transformer_2": True}]
+        return {**info, "lora": meta, "load_lora_weights": loads}
 
     def student_scheduler(self, timesteps: Sequence[float]):
         ts = [float(t) for t in timesteps]

@@ -28,6 +28,7 @@ def save_random_wan(
     text_dim: int = 16,
     flow_shift: float = 3.0,
     two_experts: bool = False,
+    boundary_ratio: float = 0.875,
     ti2v: bool = False,
     seed: int = 0,
 ) -> Path:
@@ -41,8 +42,10 @@ def save_random_wan(
             ``latents_mean`` / ``latents_std`` are set away from 0 / 1 so the normalisation matters.
         text_dim: UMT5 width = the transformer's ``text_dim``.
         flow_shift: the scheduler's ``flow_shift`` (3.0 as Wan2.1-T2V-1.3B's scheduler, 480p).
-        two_experts: also write a ``transformer_2`` and ``boundary_ratio`` 0.875, the layout of Wan 2.2
-            A14B (a folder WanTeacher must refuse).
+        two_experts: also write a ``transformer_2`` (other random weights) and ``boundary_ratio``, the
+            layout of Wan 2.2 A14B.
+        boundary_ratio: with ``two_experts``: ``transformer`` denoises the timesteps ``>= boundary_ratio x
+            1000`` (0.875 = Wan2.2-T2V-A14B's).
         ti2v: Wan 2.2 TI2V-5B's layout: the residual Wan 2.2 VAE (2x2 pixel patches, 16x spatial
             compression) and one timestep per video token (``expand_timesteps``).
         seed: torch seed of the random weights.
@@ -78,7 +81,7 @@ def save_random_wan(
     # Wan2.1-T2V-1.3B-Diffusers' scheduler: UniPC on flow sigmas with the flow shift
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=flow_shift)
-    extra = {"transformer_2": transformer(), "boundary_ratio": 0.875} if two_experts else {}
+    extra = {"transformer_2": transformer(), "boundary_ratio": boundary_ratio} if two_experts else {}
     if ti2v:
         extra["expand_timesteps"] = True
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer(),
