@@ -17,6 +17,11 @@ COUNTED on the meta device (exact for the stated shapes and dtypes):
 - parameters of every component; LoRA adapters injected by peft's ``inject_adapter_in_model`` on
   the teacher class's ``default_lora_targets`` (as ``Teacher.setup_roles`` does); discriminator
   heads built by dmdx's own ``head_for`` on the feature maps a forward probes; SAM ViT-B;
+- two-expert teachers (Wan 2.2 A14B: every component of role ``denoiser`` is an expert of the same
+  architecture, one denoising the timesteps at or above the architecture's ``boundary_ratio``, the
+  other those below): frozen weights, LoRA adapters and full-mode copies of every expert; one
+  expert's FLOPs and activations per sample (each sample runs one expert; ``WanExperts`` runs the
+  idle one on a single token);
 - FLOPs (``torch.utils.flop_counter.FlopCounterMode``) of each KIND of denoiser pass an iteration
   makes, at the config's shape: a no-grad forward; forward + backward to the input (frozen weights:
   the real score under a discriminator); forward + backward of a trainable role (student, fake
@@ -299,10 +304,22 @@ class Networks:
     """The teacher's denoiser of one run on meta: the plain network (the real score; in full mode
     also each trainable copy, which has the same shape) and, for LoRA mode, the network with the
     ``student`` and ``fake`` adapters injected as ``Teacher.setup_roles`` does, adapters in bf16
-    (what bf16-mixed autocast computes them in; their fp32 storage is counted apart)."""
+    (what bf16-mixed autocast computes them in; their fp32 storage is counted apart).
+
+    A teacher of several experts (the components of role ``denoiser``: Wan 2.2 A14B's ``transformer``
+    and ``transformer_2``, one architecture) is built as ONE expert: each sample runs one expert, so
+    a pass's FLOPs and activations per sample are one expert's; ``experts`` multiplies what every
+    expert holds (frozen weights, adapters, full copies: :meth:`params`, :meth:`role_params`)."""
 
     def __init__(self, run: Run, mode: str, rank: int) -> None:
-        spec = next(s for s in architecture(run.architecture)["components"].values() if s["role"] == "denoiser")
+        specs = [s for s in architecture(run.architecture)["components"].values() if s["role"] == "denoiser"]
+        spec = specs[0]
+        if any(s["class"] != spec["class"] or _shape_config(s) != _shape_config(spec) for s in specs):
+            raise ValueError(f"{run.architecture}: the denoiser experts differ in architecture; the plan counts "
+                             "one expert's passes")
+        self.experts = len(specs)
+        #: what a pass's counts depend on besides its shapes: the experts of Wan 2.1 14B and 2.2 A14B share them
+        self.denoiser = (run.family, spec["class"], json.dumps(_shape_config(spec), sort_keys=True))
         self.family, self.mode, self.rank = run.family, mode, rank
         self.plain = build(spec, DTYPES[run.dtype]).requires_grad_(False).eval()
         self.role_net = self._with_adapters(spec, run) if mode == "lora" else self.plain
@@ -327,6 +344,14 @@ class Networks:
 
     def net(self, role: str) -> nn.Module:
         return self.plain if role == "real" else self.role_net
+
+    def params(self) -> int:
+        """The frozen denoiser's parameters, every expert."""
+        return self.experts * count(self.plain)
+
+    def role_params(self) -> int:
+        """One trainable role's parameters, every expert (LoRA: its adapter on each; full: a copy of each)."""
+        return self.experts * sum(p.numel() for p in self.trainable("student"))
 
     def trainable(self, role: str) -> list[nn.Parameter]:
         if role == "real":
@@ -377,15 +402,21 @@ class Networks:
 
     def units(self) -> dict[str, int]:
         """FSDP2's largest unit (``DistillationModule.sharding_units``: each feature block, then the
-        network's remaining parameters) and the adapter parameters of one role in it."""
+        network's remaining parameters, of every expert together) and the adapter parameters of one
+        role in it."""
         net = self.role_net
         blocks = self.feature_blocks(net)
         inside = {id(p) for b in blocks for p in b.parameters()}
         sizes = [(count(b), sum(p.numel() for n, p in b.named_parameters() if ".student." in n)) for b in blocks]
         rest = [p for p in net.parameters() if id(p) not in inside]
-        sizes.append((sum(p.numel() for p in rest), 0))
+        sizes.append((self.experts * sum(p.numel() for p in rest), 0))
         params, adapters = max(sizes)
         return {"params": params, "role_adapter_params": adapters}
+
+
+def _shape_config(spec: dict) -> dict:
+    """A component's config without the keys that change no shape (``_diffusers_version``, ...)."""
+    return {k: v for k, v in spec["config"].items() if not k.startswith("_")}
 
 
 def _meta(*shape, dtype=torch.bfloat16, requires_grad=False) -> torch.Tensor:
@@ -603,7 +634,7 @@ class Counter:
         layers = run.layers if features else None
         # the real score and a full-mode copy are the same network: one count serves both
         network = "plain" if nets.net(role) is nets.plain else ("lora", nets.rank)
-        key = (run.architecture, run.dtype, network, grad, checkpointing, run.latent, run.text_tokens, layers)
+        key = (nets.denoiser, run.dtype, network, grad, checkpointing, run.latent, run.text_tokens, layers)
         if key not in self.costs:
             started = time.perf_counter()
             self.costs[key] = measure_pass(nets, role, grad, checkpointing, run.latent, run.text_tokens, layers)
@@ -696,8 +727,10 @@ def work(run: Run, mode: str, counter: Counter) -> dict:
     """Everything of one (run, mode) that no strategy changes: parameters per role and player, FLOPs
     per iteration, activations per player (with and without checkpointing), the passes' gathers."""
     nets = counter.nets(run, mode, run.lora_rank)
-    denoiser = count(nets.plain)
-    role = sum(p.numel() for p in nets.trainable("student")) if mode == "lora" else denoiser
+    # every expert's weights (a two-expert teacher: frozen, adapters, full copies of both), but one
+    # expert's FLOPs and activations per sample below: each sample runs one expert
+    denoiser = nets.params()
+    role = nets.role_params() if mode == "lora" else denoiser
     heads = counter.head_cost(run, nets) if head_uses(run) else None
     pixel = counter.pixel_cost(run) if run.pixel else None
     b = run.batch
@@ -934,7 +967,7 @@ def inference_row(run: Run, counter: Counter) -> dict:
     nets = counter.nets(run, "lora", run.lora_rank)
     cost = counter.cost(run, nets, "real", "none", False)
     cfg = 2 if run.real_cfg != 1.0 and run.true_cfg else 1
-    params = (count(nets.role_net) + sum(counter.encoder_params(run).values())) * DTYPES[run.dtype].itemsize
+    params = (nets.experts * count(nets.role_net) + sum(counter.encoder_params(run).values())) * DTYPES[run.dtype].itemsize
     flops = run.sample_steps * cfg * run.batch * cost.flops
     total = params + cfg * run.batch * cost.transient
     return {"config": run.config, "batch": run.batch, "steps": run.sample_steps, "cfg": run.real_cfg, "params": params,
@@ -1044,7 +1077,7 @@ def markdown(report: dict) -> str:
                               + [_plans_cell(report["recommendations"][f"{c}|{m}"]) for m in MODES]
                               for c in dict.fromkeys(r["config"] for r in report["rows"])]), ""]
     for family, title in (("sd3", "SD3-Medium and SD3.5-Large"), ("sdxl", "SDXL base"), ("sd15", "Stable Diffusion 1.5"), ("cogvideox", "CogVideoX"), ("flux", "FLUX.1-dev and FLUX.1-schnell"),
-                          ("wan", "Wan 2.1 T2V")):
+                          ("wan", "Wan 2.1 and 2.2 T2V")):
         rows = [r for r in report["rows"] if r["config"].startswith(family + "/")]
         if not rows:
             continue
@@ -1159,8 +1192,9 @@ def _roles_section(report: dict) -> list[str]:
              f"{r['pixel_heads'] / 1e6:.1f}M" + (f" (+ SAM {r['sam_frozen'] / 1e6:.1f}M frozen)" if r["sam_frozen"] else ""),
              f"{r['text_encoders_and_vae'] / 1e9:.2f}B"] for r in report["roles"]]
     return ["## Parameters per role (counted on meta)", "",
-            "Real score: the frozen denoiser. Student and fake score: trainable parameters (LoRA: one adapter each "
-            "on the same frozen network, injected by peft on the meta model; full: a copy each). Heads: the latent "
+            "Real score: the frozen denoiser (both experts of Wan 2.2 A14B). Student and fake score: trainable "
+            "parameters (LoRA: one adapter each on the same frozen network, every expert, injected by peft on the "
+            "meta model; full: a copy each). Heads: the latent "
             "discriminator's (and ADP's pixel discriminator's), fp32. Text encoders and VAE: frozen, shared.", "",
             markdown_table(["config", "mode", "real score", "student", "fake score", "latent heads", "pixel heads",
                             "text encoders + VAE"], rows), ""]
@@ -1214,7 +1248,13 @@ def _assumptions_section(report: dict) -> list[str]:
             f"- **Fits**: the total is at most {USABLE:.0%} of the card (80 GB H100, 141 GB H200); the CUDA context, NCCL "
             "buffers and fragmentation take the rest.",
             f"- Configs shipped in full mode are shown in LoRA mode with rank {LORA_RANK}; configs shipped in LoRA mode "
-            "are shown in full mode with fp32 copies.", ""]
+            "are shown in full mode with fp32 copies.",
+            "- **Two-expert teachers** (Wan 2.2 A14B: the architecture's components of role `denoiser`, `transformer` "
+            "at timesteps >= `boundary_ratio` x 1000, `transformer_2` below): the frozen weights, LoRA adapters "
+            "(trainable parameters, gradients, AdamW states) and full-mode copies are every expert's; FLOPs and "
+            "activations per sample are one expert's (each sample runs one expert; `WanExperts` runs the idle one on a "
+            "single token, not counted); FSDP2 shards both experts' blocks, and every pass gathers both (the idle "
+            "expert runs too).", ""]
 
 
 def parse_args(argv=None):

@@ -178,6 +178,46 @@ def test_scale_plan_subset_rows_and_sharding(tmp_path):
     assert plan.count(transformer) == pytest.approx(2.03e9, rel=0.03)
 
 
+@pytest.mark.slow
+def test_scale_plan_two_experts_double_weights_not_work(tmp_path):
+    """Wan 2.2 A14B (two denoiser experts, each Wan 2.1 14B's architecture) against Wan 2.1 14B at the
+    same shapes: frozen weights, LoRA adapters and full copies doubled (AdamW states with them); FLOPs
+    and activations per iteration equal (each sample runs one expert); FSDP2 still divides every
+    sharded byte by the GPUs."""
+    plan = load("scale_plan")
+    one, two = "wan/adm_14b_4step.yaml", "wan/adm_a14b_4step.yaml"
+    plan.main(["--configs", one, two, "--no_check", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "scale_plan.json").read_text())
+    roles = {(r["config"], r["mode"]): r for r in saved["roles"]}
+    work = {(r["config"], r["mode"]): r for r in saved["work"]}
+    rows = {(r["config"], r["mode"], r["strategy"], r["gpus"]): r for r in saved["rows"]}
+    for mode in ("lora", "full"):
+        assert roles[two, mode]["real_score"] == 2 * roles[one, mode]["real_score"]
+        assert roles[two, mode]["student"] == 2 * roles[one, mode]["student"] == 2 * roles[one, mode]["fake_score"]
+        assert roles[two, mode]["text_encoders_and_vae"] == roles[one, mode]["text_encoders_and_vae"]
+        assert work[two, mode]["tflop_per_iteration"] == pytest.approx(work[one, mode]["tflop_per_iteration"])
+        assert work[two, mode]["activations_ckpt"] == pytest.approx(work[one, mode]["activations_ckpt"])
+        a, b = rows[one, mode, "DDP", 8]["memory"], rows[two, mode, "DDP", 8]["memory"]
+        assert b["sharded_params"] == pytest.approx(2 * a["sharded_params"] - roles[one, mode]["latent_heads"] * 4)
+        assert b["optimizer"] == pytest.approx(2 * a["optimizer"] - 2 * roles[one, mode]["latent_heads"] * 4)
+        assert b["activations"] == pytest.approx(a["activations"])
+        fsdp = rows[two, mode, "FSDP2", 8]["memory"]
+        assert fsdp["sharded_params"] == pytest.approx(b["sharded_params"] / 8, rel=1e-6)
+    assert "| wan22_a14b | `Wan-AI/Wan2.2-T2V-A14B-Diffusers` | transformer_2 |" in (tmp_path / "scale_plan.md").read_text()
+
+
+def test_scale_plan_results_cover_every_shipped_config():
+    """benchmarks/results/scale_plan.json has the rows of every shipped config (a config added
+    without regenerating the plan, e.g. a new teacher without its architecture file, fails here)."""
+    plan = load("scale_plan")
+    saved = json.loads((plan.RESULTS / "scale_plan.json").read_text())
+    planned = {r["config"] for r in saved["rows"]} | {r["config"] for r in saved["inference"]}
+    assert set(plan.shipped_configs()) <= planned
+    for name in plan.shipped_configs():  # and each names a stored architecture
+        plan.architecture_of(plan.yaml.safe_load((plan.ROOT / "configs" / name).read_text())["model"]["init_args"]
+                             ["teacher"]["init_args"]["pretrained_model_name_or_path"])
+
+
 def test_long_run_analysis_tells_growth_from_noise():
     """The verdict on hand-made samples: a 5 MiB / 1000-iteration leak grows, noise around a flat line
     does not; the census diff names the type that grew."""
@@ -219,3 +259,15 @@ def test_long_run_smoke(tmp_path):
     assert "| 30 |" in (tmp_path / "long_run.md").read_text()
     assert (tmp_path / "long_run.png").stat().st_size > 1000
     assert (tmp_path / "work/digits/checkpoints/last.ckpt").is_file()  # the arm checkpointed as a long run would
+
+
+@pytest.mark.slow
+def test_wan_experts_smoke(tmp_path):
+    """The three arms timed and the real-size counts: the benchmark's code path end to end (the numbers
+    are benchmarks/results/wan_experts.md's job). The idle token is a tiny share of one sample's FLOPs."""
+    report = load("wan_experts").main(["--quick", "--out", str(tmp_path / "wan_experts")])
+    assert set(report["timed_cpu"]) == {"one network", "two experts, mixed", "two experts, one idle"}
+    assert all(arm["median_s"] > 0 for arm in report["timed_cpu"].values())
+    counted = report["counted_real_size"]
+    assert 13e9 < counted["expert_params"] < 15e9 and counted["idle_over_sample_flops"] < 1e-3
+    assert "| two experts, one idle |" in (tmp_path / "wan_experts.md").read_text()
