@@ -23,13 +23,17 @@ def teacher(tiny_wan_dir):
     return WanTeacher(str(tiny_wan_dir), mode="lora", **TINY_WAN)
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_wan_dir):
+def wan_pipeline(folder):
     from diffusers import WanPipeline
 
-    pipe = WanPipeline.from_pretrained(tiny_wan_dir)
+    pipe = WanPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_wan_dir):
+    return wan_pipeline(tiny_wan_dir)
 
 
 def test_layout_and_shift_come_from_the_pipeline(teacher, pipe):
@@ -144,15 +148,12 @@ def test_wan22_ti2v_layout_runs_the_same_path_as_its_pipeline(tmp_path):
     """Wan 2.2 TI2V-5B's layout (residual VAE with 2x2 pixel patches and 16x compression, per-token
     timesteps): the teacher's latent size comes from the VAE's own factors, its sampler (CFG) and
     decode equal WanPipeline's."""
-    from diffusers import WanPipeline
-
     from dmdx_lightning.teachers.wan_random import save_random_wan
 
     folder = save_random_wan(tmp_path / "ti2v", ti2v=True, flow_shift=5.0)
     ti2v = WanTeacher(str(folder), **{**TINY_WAN, "height": 64, "width": 64})
     assert ti2v.expand_timesteps and ti2v.vae_scale_factor == 16 and ti2v.latent_shape(1) == (1, 4, 3, 4, 4)
-    pipe = WanPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = wan_pipeline(folder)
     pipe.scheduler, exact = wan_flow_scheduler(ti2v.schedule, euler_grid(2, ti2v.schedule)[:-1], stochastic=False)
     assert exact and pipe.config.expand_timesteps
     noise = torch.randn(ti2v.latent_shape(1), generator=torch.Generator().manual_seed(4))
@@ -178,11 +179,7 @@ def a14b(tiny_wan_a14b_dir):
 
 @pytest.fixture(scope="module")
 def a14b_pipe(tiny_wan_a14b_dir):
-    from diffusers import WanPipeline
-
-    pipe = WanPipeline.from_pretrained(tiny_wan_a14b_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return wan_pipeline(tiny_wan_a14b_dir)
 
 
 def test_each_sample_is_denoised_by_the_expert_of_its_time(a14b, a14b_pipe):
