@@ -377,3 +377,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     call = info.get("call") or {"num_inference_steps": info["num_inference_steps"], "guidance_scale": 1.0}
     print(f"wrote {info['format']} export to {args.output}; generate with "
           f"{', '.join(f'{k}={v}' for k, v in call.items())} (see {EXPORT_INFO})")
+    if info.get("load_lora_weights"):  # several adapter files (two-expert Wan): each its own call
+        calls = "; ".join("pipe.load_lora_weights(" + ", ".join([repr(str(args.output))] + [
+            f"{k}={v!r}" for k, v in kwargs.items()]) + ")" for kwargs in info["load_lora_weights"])
+        print(f"load it into the teacher's pipeline with {calls}; `dmdx sample {args.output}` does this")

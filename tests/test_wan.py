@@ -356,7 +356,7 @@ def trained(request, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["lora", "pipeline"])
-def test_export_generates_the_students_video_through_wanpipeline(trained, fmt, tmp_path):
+def test_export_generates_the_students_video_through_wanpipeline(trained, fmt, tmp_path, capsys):
     """`dmdx export` of the checkpoint, loaded by diffusers (a WanPipeline folder, or the teacher's
     pipeline + load_lora_weights + the exported scheduler), generates the student's video from the
     default call: the student's sampler to < 1e-4. Two experts: a folder with both and the teacher's
@@ -411,6 +411,11 @@ def test_export_generates_the_students_video_through_wanpipeline(trained, fmt, t
     if fmt == "lora":  # `dmdx sample` loads the export as its info file says (two experts: both files)
         from dmdx_lightning.cli import main as dmdx
         from dmdx_lightning.sample import SAMPLE_INFO
+
+        if two_experts:  # `dmdx export` says how: one load_lora_weights call per file
+            dmdx(["export", "--ckpt_path", str(run / "last.ckpt"), "--config", str(run / "config.yaml"), "--output",
+                  str(tmp_path / "cli"), "--format", "lora"])
+            assert "load_into_transformer_2=True); `dmdx sample" in capsys.readouterr().out
 
         dmdx(["sample", str(tmp_path), "--output", str(tmp_path / "samples"), "--prompt", PROMPTS[0], "-n", "1",
               "--no-progress"])
