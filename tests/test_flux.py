@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dmdx_lightning.errors import ConfigError
+from dmdx_lightning.preflight import run_checks
 from dmdx_lightning.schedules import euler_grid, student_timesteps
 from dmdx_lightning.teachers.flux import FluxTeacher, latent_image_ids, pack_latents, unpack_latents
 from tests.conftest import TINY_FLUX
@@ -151,19 +152,19 @@ def test_schnell_refusals_name_the_key(tiny_flux_schnell_dir, options, key, matc
     assert error.value.key == f"{KEY}.{key}"
     # the same refusal before anything loads, from the folder's config files (dmdx's preflight)
     with pytest.raises(ConfigError, match=match):
-        FluxTeacher.check_options({"pretrained_model_name_or_path": str(tiny_flux_schnell_dir), **options})
+        run_checks(FluxTeacher, {"pretrained_model_name_or_path": str(tiny_flux_schnell_dir), **options}, KEY)
 
 
 def test_dev_refusals_name_the_key(tiny_flux_dir, tiny_sd3_dir):
     for options, key in (({"guidance": "cfg"}, "guidance"), ({"negative_prompt": "blurry"}, "negative_prompt"),
                          ({"guidance": "none"}, "cfg_scale")):
         with pytest.raises(ConfigError) as error:
-            FluxTeacher.check_options({"pretrained_model_name_or_path": str(tiny_flux_dir), **options})
+            run_checks(FluxTeacher, {"pretrained_model_name_or_path": str(tiny_flux_dir), **options}, KEY)
         assert error.value.key == f"{KEY}.{key}", error.value
     with pytest.raises(ConfigError, match="StableDiffusion3Pipeline folder"):
-        FluxTeacher.check_options({"pretrained_model_name_or_path": str(tiny_sd3_dir)})
-    FluxTeacher.check_options({"pretrained_model_name_or_path": str(tiny_flux_dir), "guidance": "none",
-                               "cfg_scale": 1.0})  # dev without guidance: the embedding at guidance_scale
+        run_checks(FluxTeacher, {"pretrained_model_name_or_path": str(tiny_sd3_dir)}, KEY)
+    run_checks(FluxTeacher, {"pretrained_model_name_or_path": str(tiny_flux_dir), "guidance": "none",
+                             "cfg_scale": 1.0}, KEY)  # dev without guidance: the embedding at guidance_scale
 
 
 # ------------------------------------------------------------------------------------ VAE

@@ -90,6 +90,9 @@ CASES = [
     ("FLUX.1-dev guidance on a schnell transformer", FLUX, [
         "--model.init_args.teacher.init_args.pretrained_model_name_or_path", "{tmp}/schnell_pipeline"],
      "guidance = 'embedded': this transformer has no guidance embedding"),
+    ("a pipeline of another class", FLUX, ["--model.init_args.teacher.init_args.pretrained_model_name_or_path",
+                                           "{tmp}/wan21_pipeline"],
+     "is a WanPipeline folder; FluxTeacher trains FluxPipeline folders"),
     ("Wan boundary_ratio without transformer_2", WAN, [
         "--model.init_args.teacher.init_args.pretrained_model_name_or_path", "{tmp}/half_a14b_pipeline"],
      "has no transformer_2 but boundary_ratio 0.875"),

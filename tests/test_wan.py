@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from dmdx_lightning.errors import ConfigError
+from dmdx_lightning.preflight import run_checks
 from dmdx_lightning.schedules import FlowMatchSchedule, euler_grid, student_timesteps
 from dmdx_lightning.teachers.wan import WanTeacher, wan_flow_scheduler
 from tests.conftest import TINY_WAN
 
+KEY = "model.init_args.teacher.init_args"
 PROMPTS = ["a cat playing piano", "waves  on a beach &amp; rocks ", "", "a red bus"]
 LENGTH = TINY_WAN["max_sequence_length"]
 
@@ -254,10 +256,10 @@ def test_two_expert_sampler_with_cfg_scale_2_is_the_pipeline_loop(a14b, a14b_pip
 # ------------------------------------------------------------------------------------ refusals
 def test_cfg_scale_2_on_a_one_transformer_pipeline_is_refused(tiny_wan_dir, tiny_wan_a14b_dir):
     with pytest.raises(ConfigError, match="cfg_scale_2.*one transformer"):
-        WanTeacher.check_options({"pretrained_model_name_or_path": str(tiny_wan_dir), "cfg_scale_2": 3.0})
+        run_checks(WanTeacher, {"pretrained_model_name_or_path": str(tiny_wan_dir), "cfg_scale_2": 3.0}, KEY)
     with pytest.raises(ValueError, match="cfg_scale_2 3.0.*one transformer"):
         WanTeacher(str(tiny_wan_dir), cfg_scale_2=3.0, **TINY_WAN)
-    WanTeacher.check_options({"pretrained_model_name_or_path": str(tiny_wan_a14b_dir), "cfg_scale_2": 3.0})
+    run_checks(WanTeacher, {"pretrained_model_name_or_path": str(tiny_wan_a14b_dir), "cfg_scale_2": 3.0}, KEY)
 
 
 def test_a_half_two_expert_folder_is_refused(tiny_wan_dir, tmp_path):
@@ -269,7 +271,7 @@ def test_a_half_two_expert_folder_is_refused(tiny_wan_dir, tmp_path):
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.875}))
     with pytest.raises(ConfigError, match="no transformer_2 but boundary_ratio 0.875"):
-        WanTeacher.check_options({"pretrained_model_name_or_path": str(folder)})
+        run_checks(WanTeacher, {"pretrained_model_name_or_path": str(folder)}, KEY)
     with pytest.raises(ValueError, match="no transformer_2 but boundary_ratio 0.875"):
         WanTeacher(str(folder), **TINY_WAN)
 

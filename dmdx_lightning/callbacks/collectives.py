@@ -30,16 +30,14 @@ from datetime import timedelta
 import lightning.pytorch as pl
 import torch.distributed as dist
 
-#: what the transports say when a peer is gone or silent (gloo, NCCL, torch.distributed)
-_PEER_FAILURES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out",
-                  "timed out", "NCCL error", "Watchdog caught collective operation timeout",
-                  "DistBackendError", "ProcessGroupGloo", "ProcessGroupNCCL", "Application timeout caused pair closure")
-
-
 #: what the transports say when a collective waited longer than the timeout (gloo says "Timed out" from
 #: the waiting side, "Application timeout caused pair closure" where the timeout closed a pair mid-transfer)
 _TIMEOUTS = ("Timed out", "timed out", "Watchdog caught collective operation timeout",
              "Application timeout caused pair closure")
+
+#: what the transports say when a peer is gone or silent (gloo, NCCL, torch.distributed)
+_PEER_FAILURES = _TIMEOUTS + ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL error",
+                              "DistBackendError", "ProcessGroupGloo", "ProcessGroupNCCL")
 
 #: the store keys: the iteration each rank last started, and the ranks whose collective timed out
 _STARTED, _TIMED_OUT = "dmdx/started/{rank}", "dmdx/timed_out/{rank}"

@@ -39,6 +39,19 @@ IMAGE_EXAMPLE_PROMPTS = ("a photo of a cat wearing a red scarf", "an astronaut r
                          "a bowl of ramen, studio lighting", "a watercolor painting of a lighthouse at dawn")
 
 
+class RawConfig:
+    """``from_pretrained`` giving a config file as stored, whatever class it names: a subfolder's
+    scheduler config (any scheduler class), or the pipeline's ``model_index.json`` (``subfolder=None``);
+    for :meth:`DiffusersTeacher.load_component`'s errors and the parse-time checks."""
+
+    @staticmethod
+    def from_pretrained(source: str, **kwargs) -> dict:
+        from diffusers import DDPMScheduler, DiffusionPipeline
+
+        reader = DDPMScheduler if kwargs.get("subfolder") else DiffusionPipeline
+        return dict(reader.load_config(source, **kwargs))
+
+
 class DiffusersTeacher(RoleCheckpointing, Teacher):
     """Base of the families whose weights are a diffusers pipeline folder or hub id.
 
@@ -50,6 +63,9 @@ class DiffusersTeacher(RoleCheckpointing, Teacher):
     pipeline_name: str = "diffusers"
     #: the subfolders a pipeline folder of this family has (said when one is missing)
     pipeline_layout: str = ""
+
+    #: the ``model_index.json`` ``_class_name`` values this family trains (``()``: not checked)
+    pipeline_classes: tuple[str, ...] = ()
 
     pretrained_model_name_or_path: str
     revision: str | None = None
@@ -69,9 +85,32 @@ class DiffusersTeacher(RoleCheckpointing, Teacher):
         return None
 
     @classmethod
+    def pipeline_problem(cls, index: dict) -> str | None:
+        """What in a pipeline's ``model_index.json`` this family cannot train (``None``: nothing);
+        checked when the config is parsed and, where a family reads the index, when it loads."""
+        name = index.get("_class_name")
+        if cls.pipeline_classes and name and name not in cls.pipeline_classes:
+            return f"is a {name} folder; {cls.__name__} trains {' / '.join(cls.pipeline_classes)} folders"
+        return None
+
+    @classmethod
+    def pipeline_index(cls, options) -> dict | None:
+        """The ``model_index.json`` of the pipeline ``options`` name, from a local folder or a Hub id
+        already in the cache (no download at parse time); ``None`` where it cannot be read yet (loading
+        the teacher then reports that with its own message)."""
+        source = options.get("pretrained_model_name_or_path")
+        if not source:
+            return None
+        try:
+            return RawConfig.from_pretrained(str(source), revision=options.get("revision"), local_files_only=True)
+        except (OSError, ValueError):
+            return None
+
+    @classmethod
     def check_options(cls, options, key: str = "model.init_args.teacher.init_args") -> None:
         """The pipeline a config names, from its config files alone (no weights): a local path that does
-        not exist, or a scheduler of another family (e.g. an SDXL folder given to SD3Teacher)."""
+        not exist, a pipeline of another class (:meth:`pipeline_problem`), or a scheduler of another
+        family (e.g. an SDXL folder given to SD3Teacher)."""
         source = options.get("pretrained_model_name_or_path")
         if not source:
             return
@@ -86,6 +125,11 @@ class DiffusersTeacher(RoleCheckpointing, Teacher):
                                   "(HF_HUB_OFFLINE=1)", f"Either download it first (accept the model's license on "
                                   f"huggingface.co, `hf auth login`, then `hf download {name}`), or set {where} to "
                                   "a local diffusers pipeline folder.")
+        problem = cls.pipeline_problem(cls.pipeline_index(options) or {}) if cls.pipeline_classes else None
+        if problem:
+            raise ConfigError(where, name, problem, "Point it at a pipeline of this family, or use the teacher class "
+                              "of that pipeline's family.")
+        if not local.exists():
             return  # online: loading downloads it, or says why it cannot
         from diffusers import DDPMScheduler
 
@@ -212,18 +256,29 @@ class DiffusersTeacher(RoleCheckpointing, Teacher):
         self.diffusers_pipeline(merged_student(self), scheduler).save_pretrained(output, safe_serialization=True)
         return info
 
+    def lora_files(self, state: dict) -> list[tuple[str | None, dict, dict]]:
+        """The files the student's adapter ``state`` is written to: ``(weight_name, its entries, the
+        load_lora_weights keywords that load it)``. Default: one file with the pipeline's default name
+        (``pytorch_lora_weights.safetensors``); a network of several experts writes one per expert."""
+        return [(None, state, {})]
+
     def export_lora(self, output: Path, timesteps) -> dict:
-        """``pytorch_lora_weights.safetensors`` for the pipeline's ``load_lora_weights`` (the
-        denoiser's adapter, its LoRA config in the metadata) and the student's scheduler under
-        ``scheduler/``, to swap in."""
+        """The denoiser's adapter for the pipeline's ``load_lora_weights`` (its LoRA config in the
+        metadata; :meth:`lora_files` says which files) and the student's scheduler under
+        ``scheduler/``, to swap in. Several files: the info lists the ``load_lora_weights`` keywords
+        of each (``dmdx sample`` makes those calls)."""
         from dmdx_lightning.export import student_lora_state
 
         scheduler, info = self.student_scheduler(timesteps)
         state, meta = student_lora_state(self)
         component = self.denoiser_component
-        self.pipeline_class.save_lora_weights(output, safe_serialization=True, **{
-            f"{component}_lora_layers": state, f"{component}_lora_adapter_metadata": meta})
+        files = self.lora_files(state)
+        for weight_name, entries, _ in files:
+            self.pipeline_class.save_lora_weights(output, weight_name=weight_name, safe_serialization=True, **{
+                f"{component}_lora_layers": entries, f"{component}_lora_adapter_metadata": meta})
         scheduler.save_pretrained(Path(output) / "scheduler")
+        if len(files) > 1:
+            info["load_lora_weights"] = [{"weight_name": name, **load} for name, _, load in files]
         return {**info, "lora": meta}
 
     def pipeline_info(self) -> dict:

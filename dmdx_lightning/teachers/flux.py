@@ -48,9 +48,7 @@ accuracy (its distillation is unpublished).
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -99,12 +97,6 @@ def latent_image_ids(h: int, w: int, device=None, dtype=None) -> Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-def _local_config(source, subfolder: str) -> dict | None:
-    """A local pipeline folder's ``<subfolder>/config.json`` (``None``: a hub id, or none there)."""
-    path = Path(str(source)).expanduser() / subfolder / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 class FluxTeacher(DiffusersTeacher):
     """FLUX.1-dev, FLUX.1-schnell (``FluxPipeline`` layout) as a distillation teacher.
 
@@ -142,6 +134,7 @@ class FluxTeacher(DiffusersTeacher):
     prediction_type = "flow"
     pipeline_name = "FLUX.1"
     pipeline_layout = "transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/"
+    pipeline_classes = ("FluxPipeline",)
     export_formats = ("pipeline", "lora")
     # attention projections of the double blocks' two streams and of the single blocks (whose
     # attn.to_q/k/v these names match too), as diffusers' FLUX LoRA scripts adapt them
@@ -152,36 +145,35 @@ class FluxTeacher(DiffusersTeacher):
     def check_scheduler(cls, config: dict) -> str | None:
         return cls.flow_match_scheduler_problem(config, "FluxTeacher")
 
+    @staticmethod
+    def _transformer_config(options) -> dict | None:
+        """The transformer's ``config.json`` from a local folder or a Hub id already in the cache
+        (no download at parse time); ``None`` where it cannot be read yet (loading checks it then)."""
+        from diffusers import FluxTransformer2DModel
+
+        source = str(options.get("pretrained_model_name_or_path") or "black-forest-labs/FLUX.1-dev")
+        try:
+            return dict(FluxTransformer2DModel.load_config(source, subfolder="transformer", local_files_only=True,
+                                                           revision=options.get("revision")))
+        except (OSError, ValueError):
+            return None
+
     @classmethod
     def check_options(cls, options, key: str = KEY) -> None:
-        """``guidance`` against the transformer's ``guidance_embeds`` (from a local folder's
-        ``transformer/config.json``; a hub id is checked when it loads) and the guidance values."""
-        source = options.get("pretrained_model_name_or_path")
-        index = Path(str(source)).expanduser() / "model_index.json" if source else None
-        index = json.loads(index.read_text()) if index is not None and index.is_file() else None
-        if index is not None and index.get("_class_name") not in (None, "FluxPipeline"):
-            raise ConfigError(f"{key}.pretrained_model_name_or_path", str(source),
-                              f"is a {index['_class_name']} folder", "FluxTeacher trains FluxPipeline folders: use "
-                              "the teacher class of this pipeline's family, or another folder.")
-        transformer = _local_config(source, "transformer") if source else None
+        """``guidance`` against the transformer's ``guidance_embeds`` and the guidance values (the
+        pipeline itself: the base's check)."""
+        transformer = cls._transformer_config(options)
         if transformer is not None:
             cls._check_guidance(options, bool(transformer.get("guidance_embeds")), key)
 
     @classmethod
     def guidance_from_options(cls, options) -> str | None:
-        """``guidance`` as set, else from the transformer's ``guidance_embeds`` in its config file (a
-        local folder, or a Hub id in the local cache); ``None`` where that file cannot be read yet."""
+        """``guidance`` as set, else from the transformer's ``guidance_embeds``; ``None`` where its
+        config file cannot be read yet."""
         if options.get("guidance"):
             return options["guidance"]
-        from diffusers import FluxTransformer2DModel
-
-        source = str(options.get("pretrained_model_name_or_path") or "black-forest-labs/FLUX.1-dev")
-        try:
-            config = FluxTransformer2DModel.load_config(source, subfolder="transformer",
-                                                        revision=options.get("revision"))
-        except (OSError, ValueError):
-            return None
-        return "embedded" if config.get("guidance_embeds") else "none"
+        transformer = cls._transformer_config(options)
+        return None if transformer is None else ("embedded" if transformer.get("guidance_embeds") else "none")
 
     @staticmethod
     def _check_guidance(options, embeds: bool, key: str = KEY) -> str:

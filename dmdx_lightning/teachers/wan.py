@@ -37,7 +37,6 @@ role (real score, fake score, student) is the teacher's score at every time, as 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -46,7 +45,7 @@ from torch import Tensor, nn
 from dmdx_lightning.errors import ConfigError
 from dmdx_lightning.schedules import FlowMatchSchedule
 from dmdx_lightning.teachers.base import Conditioning
-from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, DiffusersTeacher
+from dmdx_lightning.teachers.diffusers_base import CONFIG_KEY, DiffusersTeacher, RawConfig
 
 __all__ = ["CONFIG_KEY", "WanExperts", "WanTeacher", "wan_flow_scheduler"]
 
@@ -113,35 +112,9 @@ def wan_flow_scheduler(schedule: FlowMatchSchedule, timesteps: Sequence[float], 
     return FlowMatchEulerDiscreteScheduler.from_config(config), exact
 
 
-class _RawConfig:
-    """``from_pretrained`` giving a config file as stored, whatever class it names (for
-    :meth:`DiffusersTeacher.load_component`'s errors): the scheduler's (any scheduler class) or the
-    pipeline's ``model_index.json`` (``subfolder=None``)."""
-
-    @staticmethod
-    def from_pretrained(source: str, **kwargs) -> dict:
-        from diffusers import DDPMScheduler, DiffusionPipeline
-
-        reader = DDPMScheduler if kwargs.get("subfolder") else DiffusionPipeline
-        return dict(reader.load_config(source, **kwargs))
-
-
 def _has_second_expert(index: dict) -> bool:
     second = index.get("transformer_2") or [None, None]
     return isinstance(second, (list, tuple)) and bool(second[-1])
-
-
-def _pipeline_problem(index: dict) -> str | None:
-    """What in a pipeline's ``model_index.json`` WanTeacher cannot train (``None``: nothing)."""
-    name = index.get("_class_name", "WanPipeline")
-    if name != "WanPipeline":
-        return (f"is a {name} folder; WanTeacher distils text-to-video WanPipeline folders (Wan2.1-T2V-1.3B / -14B, "
-                "Wan2.2-TI2V-5B, Wan2.2-T2V-A14B)")
-    if _has_second_expert(index) != (index.get("boundary_ratio") is not None):
-        return (f"has {'a' if _has_second_expert(index) else 'no'} transformer_2 but boundary_ratio "
-                f"{index.get('boundary_ratio')}: a two-expert Wan 2.2 pipeline has both (which expert denoises "
-                "which time), a one-transformer pipeline neither")
-    return None
 
 
 class WanExperts(nn.Module):
@@ -200,11 +173,15 @@ class WanExperts(nn.Module):
         for _, expert in self.experts:
             expert.unload_lora()
 
+    def high_noise(self, timestep: Tensor) -> Tensor:
+        """Which samples ``transformer`` denoises: ``timestep`` (the network's, ``1000 t``; ``(B,)`` or
+        Wan 2.2's per-token ``(B, tokens)``, equal over a sample's tokens in text-to-video) at or above
+        the boundary, as ``WanPipeline`` chooses."""
+        return timestep.reshape(timestep.shape[0], -1)[:, 0] >= self.boundary_timestep
+
     def forward(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
                 return_dict: bool = False) -> tuple[Tensor]:
-        batch = hidden_states.shape[0]
-        # (B,) or Wan 2.2's per-token (B, tokens), equal over the tokens of a sample in text-to-video
-        high = timestep.reshape(batch, -1)[:, 0] >= self.boundary_timestep
+        high = self.high_noise(timestep)
         self.routing = {name: (take.nonzero().squeeze(1) if take.any() else None)
                         for name, take in (("transformer", high), ("transformer_2", ~high))}
         outputs, order, idle = [], [], []
@@ -309,6 +286,8 @@ class WanTeacher(DiffusersTeacher):
     prediction_type = "flow"
     pipeline_name = "Wan"
     pipeline_layout = "transformer/, vae/, text_encoder/, tokenizer/, scheduler/"
+    #: text-to-video only (WanImageToVideoPipeline, WanVACEPipeline, ... are other tasks)
+    pipeline_classes = ("WanPipeline",)
     export_formats = ("pipeline", "lora")
     # attn1 (self) and attn2 (cross) projections of every block: the modules diffusers' Wan LoRA
     # training targets, so the exported adapter loads with WanPipeline.load_lora_weights
@@ -336,24 +315,23 @@ class WanTeacher(DiffusersTeacher):
         return None
 
     @classmethod
+    def pipeline_problem(cls, index: dict) -> str | None:
+        """Another pipeline class (text-to-video ``WanPipeline`` only), or half a two-expert layout."""
+        problem = super().pipeline_problem(index)
+        if problem is None and _has_second_expert(index) != (index.get("boundary_ratio") is not None):
+            problem = (f"has {'a' if _has_second_expert(index) else 'no'} transformer_2 but boundary_ratio "
+                       f"{index.get('boundary_ratio')}: a two-expert Wan 2.2 pipeline has both (which expert denoises "
+                       "which time), a one-transformer pipeline neither")
+        return problem
+
+    @classmethod
     def check_options(cls, options, key: str = "model.init_args.teacher.init_args") -> None:
-        """A two-expert (Wan 2.2 A14B) or non-text-to-video pipeline, from its ``model_index.json``
-        alone, before any weight loads."""
-        source = options.get("pretrained_model_name_or_path")
-        if not source:
-            return
-        try:  # a local folder, or a Hub id already in the cache: no download at parse time
-            index = _RawConfig.from_pretrained(str(source), revision=options.get("revision"), local_files_only=True)
-        except (OSError, ValueError):
-            return  # not readable yet: loading the teacher reports that with its own message
-        problem = _pipeline_problem(index)
-        if problem:
-            raise ConfigError(f"{key}.pretrained_model_name_or_path", str(source), problem,
-                              "Point it at a text-to-video WanPipeline folder or Hub id.")
-        if options.get("cfg_scale_2") is not None and not _has_second_expert(index):
-            raise ConfigError(f"{key}.cfg_scale_2", options.get("cfg_scale_2"), f"{source} has one transformer, and "
-                              "cfg_scale_2 is the guidance of a two-expert pipeline's low-noise expert",
-                              "Remove cfg_scale_2 (the caller's guidance scale applies at every time).")
+        """``cfg_scale_2`` against the pipeline's ``model_index.json`` (the pipeline itself: the base's check)."""
+        index = cls.pipeline_index(options) if options.get("cfg_scale_2") is not None else None
+        if index is not None and not _has_second_expert(index):
+            raise ConfigError(f"{key}.cfg_scale_2", options.get("cfg_scale_2"), f"{options['pretrained_model_name_or_path']} "
+                              "has one transformer, and cfg_scale_2 is the guidance of a two-expert pipeline's "
+                              "low-noise expert", "Remove cfg_scale_2 (the caller's guidance scale applies at every time).")
 
     def __init__(
         self,
@@ -379,13 +357,13 @@ class WanTeacher(DiffusersTeacher):
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        index = self.load_component(_RawConfig, None, model=False)
-        problem = _pipeline_problem(index)
+        index = self.load_component(RawConfig, None, model=False)
+        problem = self.pipeline_problem(index)
         if problem:
             raise ValueError(f"{self.pretrained_model_name_or_path} {problem}")
         # Wan 2.2 TI2V-5B: the pipeline feeds one timestep per video token (equal ones for text-to-video)
         self.expand_timesteps = bool(index.get("expand_timesteps", False))
-        self.scheduler_config = self.load_component(_RawConfig, "scheduler", model=False)
+        self.scheduler_config = self.load_component(RawConfig, "scheduler", model=False)
         problem = self.check_scheduler(self.scheduler_config)
         if problem:
             raise ValueError(f"{self.pretrained_model_name_or_path}/scheduler {problem}")
@@ -470,7 +448,7 @@ class WanTeacher(DiffusersTeacher):
         """``cfg_scale`` above the experts' boundary, ``cfg_scale_2`` below (where set)."""
         if self.cfg_scale_2 is None:
             return cfg_scale
-        high = self.schedule.model_timestep(t).float() >= self.boundary_ratio * self.schedule.num_train_timesteps
+        high = self.denoiser.high_noise(self.schedule.model_timestep(t).float())
         return torch.where(high, torch.tensor(float(cfg_scale), device=t.device),
                            torch.tensor(self.cfg_scale_2, device=t.device))
 
@@ -546,24 +524,17 @@ class WanTeacher(DiffusersTeacher):
         return WanExperts(pipe.transformer, pipe.transformer_2,
                           pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps)
 
-    def export_lora(self, output, timesteps) -> dict:
-        """One LoRA file (a one-transformer pipeline), or one per expert: :data:`EXPERT_LORA_FILES`,
-        the second for ``load_lora_weights(..., load_into_transformer_2=True)``."""
+    def lora_files(self, state: dict) -> list[tuple[str | None, dict, dict]]:
+        """One file (a one-transformer pipeline), or one per expert: :data:`EXPERT_LORA_FILES`, the
+        second loaded with ``load_lora_weights(..., load_into_transformer_2=True)``."""
         if self.boundary_ratio is None:
-            return super().export_lora(output, timesteps)
-        from dmdx_lightning.export import student_lora_state
-
-        scheduler, info = self.student_scheduler(timesteps)
-        state, meta = student_lora_state(self)
+            return super().lora_files(state)
+        files = []
         for component, weight_name in EXPERT_LORA_FILES.items():
             prefix = f"{component}."
-            self.pipeline_class.save_lora_weights(
-                output, transformer_lora_layers={k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                transformer_lora_adapter_metadata=meta, weight_name=weight_name, safe_serialization=True)
-        scheduler.save_pretrained(Path(output) / "scheduler")
-        loads = [{"weight_name": EXPERT_LORA_FILES["transformer"]},
-                 {"weight_name": EXPERT_LORA_FILES["transformer_2"], "load_into_transformer_2": True}]
-        return {**info, "lora": meta, "load_lora_weights": loads}
+            entries = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            files.append((weight_name, entries, {"load_into_transformer_2": True} if component == "transformer_2" else {}))
+        return files
 
     def student_scheduler(self, timesteps: Sequence[float]):
         ts = [float(t) for t in timesteps]
